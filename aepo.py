@@ -1,0 +1,409 @@
+"""The shared vocabulary of the project: configuration, the policy, the trajectory type, and the pure
+entropy and branching rules of AEPO (arXiv 2510.14545; spec in AEPO.md sections 4.2-4.5).
+
+    from aepo import Config, load_policy, token_entropy, global_budget
+    cfg = Config(model="tiny")
+    model, tokenizer = load_policy(cfg.model, lora_r=cfg.lora_r)
+
+`python aepo.py --preset tiny` prints the resolved configuration.
+
+Deviations from the released AEPO code (each also listed in the README):
+  1. Token entropy is exact over the full vocabulary; the released code estimated it from the top-10
+     log-probs.
+  2. The entropy pre-monitoring probe is an ordinary global sample, counted as the first of the m global
+     rollouts; the released code ran a separate probe and threw it away.
+  3. All entropy state (H_init, the consecutive-branch counter l) is reset at the start of each rollout
+     call; the released code carried it across batches by accident.
+  4. LoRA adapters (optionally on a 4-bit NF4 base) instead of a full fine-tune, so the learning rate is
+     larger than the released 1e-6.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    """Every hyperparameter of a run. Paper symbols in brackets; defaults are the `tiny` CPU demo."""
+
+    # --- run ---
+    preset: str = field(default="tiny", metadata={"help": "Named overrides: tiny | smoke | qwen3-1.7b."})
+    algo: str = field(default="aepo", metadata={"help": "Algorithm preset (README table): " + " | ".join(
+        ["grpo", "dapo", "reinforce_pp", "gppo", "cispo", "arpo", "aepo", "aepo_no_dynamic_rollout",
+         "aepo_no_balanced_update"])})
+    output_dir: str = field(default="", metadata={"help": "Run folder; default runs/<timestamp>-<algo>."})
+    seed: int = field(default=0, metadata={"help": "Seed of everything; per-step seeds derive from it."})
+    stage: str = field(default="all", metadata={"help": "sft | rl | all (sft, then rl, then eval)."})
+    resume: bool = field(default=False, metadata={"help": "Continue from output_dir's last checkpoint."})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)."})
+
+    # --- policy ---
+    model: str = field(default="tiny", metadata={"help": "tiny | hub id | alias (Qwen3-1.7B) | local folder."})
+    init_from: str = field(default="", metadata={"help": "RL start: a model folder or adapter; default output_dir/sft."})
+    load_in_4bit: bool = field(default=False, metadata={"help": "bitsandbytes NF4 base (QLoRA); CUDA only."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank on all linear layers."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+
+    # --- data and tools ---
+    dataset: str = field(default="world:train", metadata={"help": "RL questions: world:train | file | hub id."})
+    eval_dataset: str = field(default="world:heldout", metadata={"help": "Held-out questions for eval."})
+    sft_dataset: str = field(default="world", metadata={"help": "Demonstrations: world (built-in) | jsonl."})
+    system_prompt: str = field(default="short", metadata={"help": "short (tiny model) | paper."})
+    search: str = field(default="bm25", metadata={"help": "bm25 (local corpus) | web (ddgs)."})
+    search_corpus: str = field(default="", metadata={"help": "jsonl corpus for bm25; default the world's docs."})
+    search_cache: str = field(default="", metadata={"help": "JSON query cache file ('' = no cache)."})
+    top_k: int = field(default=2, metadata={"help": "Search results per query (released: 10)."})
+    snippet_chars: int = field(default=1000, metadata={"help": "Characters per search snippet."})
+    python_timeout_s: float = field(default=5.0, metadata={"help": "Python sandbox wall-clock limit."})
+
+    # --- rollout [AEPO.md 4] ---
+    k: int = field(default=8, metadata={"help": "[k] trajectories per question (group size)."})
+    global_rollouts: int = field(default=4, metadata={"help": "[m] global rollouts when not pre-monitored."})
+    branching: bool = field(default=True, metadata={"help": "ARPO entropy-guided branching at tool results."})
+    pre_monitor: bool = field(default=True, metadata={"help": "AEPO (a): entropy pre-monitoring sets m."})
+    branch_penalty: bool = field(default=True, metadata={"help": "AEPO (b): consecutive-branch penalty."})
+    branch_z: int = field(default=2, metadata={"help": "[Z] paths per branch point (Z-1 children)."})
+    tau: float = field(default=0.5, metadata={"help": "[tau] branch threshold."})
+    gamma: float = field(default=0.2, metadata={"help": "[gamma] weight of the entropy change."})
+    beta: float = field(default=0.5, metadata={"help": "[beta] pre-monitoring sigmoid slope."})
+    penalty: float = field(default=0.05, metadata={"help": "Consecutive-branch penalty per step l."})
+    entropy_window: int = field(default=20, metadata={"help": "[w] tokens in a segment entropy."})
+    call_limit: int = field(default=3, metadata={"help": "Tool calls per trajectory (then forced EOS)."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut from the left."})
+    max_response_tokens: int = field(default=256, metadata={"help": "Response budget incl. tool results."})
+    segment_tokens: int = field(default=64, metadata={"help": "Max new tokens per generate call."})
+    max_rounds: int = field(default=12, metadata={"help": "Generate rounds per rollout call."})
+    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
+
+    # --- update [AEPO.md 5] ---
+    adv_estimator: str = field(default="grpo", metadata={"help": "grpo | reinforce_pp."})
+    entropy_adv_alpha: float = field(default=0.2, metadata={"help": "[alpha] entropy-aware advantage (0: off)."})
+    clip_mode: str = field(default="aepo", metadata={"help": "ppo | gppo | cispo | aepo."})
+    eps_low: float = field(default=0.2, metadata={"help": "[eps_low] lower clip."})
+    eps_high: float = field(default=0.2, metadata={"help": "[eps_high] upper clip (DAPO: 0.28)."})
+    dual_clip: float = field(default=3.0, metadata={"help": "[c] dual clip for A < 0."})
+    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL to the adapter-free reference (0: off)."})
+    recompute_old_logp: bool = field(default=False, metadata={
+        "help": "Recompute old log-probs with a forward pass instead of reusing the rollout's."})
+    steps: int = field(default=40, metadata={"help": "RL steps (rollout batch + one update epoch)."})
+    questions_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
+    mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step (one epoch)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per mini-batch (memory)."})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate on LoRA parameters."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
+
+    # --- cold-start SFT ---
+    sft_steps: int = field(default=1200, metadata={"help": "SFT optimizer steps."})
+    sft_batch: int = field(default=16, metadata={"help": "Demonstrations per SFT step."})
+    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (full fine-tune for tiny)."})
+    sft_demos: int = field(default=4000, metadata={"help": "Built-in demonstrations to generate."})
+    sft_bad_fraction: float = field(default=0.4, metadata={"help": "Share of imperfect demonstrations."})
+
+    # --- logging, checkpoints, evaluation ---
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every N RL steps."})
+    sample_every: int = field(default=10, metadata={"help": "Dump sample trajectories every N steps."})
+    eval_runs: int = field(default=1, metadata={"help": "Runs per held-out question (Pass@k)."})
+    eval_limit: int = field(default=0, metadata={"help": "First N held-out questions (0: all)."})
+    eval_temperature: float = field(default=1.0, metadata={"help": "Eval sampling temperature."})
+    eval_top_p: float = field(default=1.0, metadata={"help": "Eval nucleus sampling."})
+
+
+PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4, global_rollouts=2,
+                  save_every=1, sample_every=1, eval_limit=8, max_response_tokens=128),
+    "qwen3-1.7b": dict(model="Qwen3-1.7B", load_in_4bit=True, system_prompt="paper", search="web",
+                       search_cache="search_cache.json", dataset="dongguanting/ARPO-RL-DeepSearch-1K",
+                       eval_dataset="", sft_dataset="", stage="rl", top_k=10, k=8, global_rollouts=4,
+                       call_limit=6, max_prompt_tokens=2000, max_response_tokens=4096,
+                       segment_tokens=512, max_rounds=16, questions_per_step=4, mini_batches=4,
+                       grad_accum=4, gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
+                       steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5),
+}
+
+# Each algorithm is a handful of switches; each switch gates one code site (rollout.py or loss.py).
+ALGOS: dict[str, dict] = {
+    "grpo": dict(branching=False, pre_monitor=False, branch_penalty=False, adv_estimator="grpo",
+                 entropy_adv_alpha=0.0, clip_mode="ppo", eps_high=0.2),
+    "dapo": dict(branching=False, pre_monitor=False, branch_penalty=False, adv_estimator="grpo",
+                 entropy_adv_alpha=0.0, clip_mode="ppo", eps_high=0.28),
+    "reinforce_pp": dict(branching=False, pre_monitor=False, branch_penalty=False,
+                         adv_estimator="reinforce_pp", entropy_adv_alpha=0.0, clip_mode="ppo"),
+    "gppo": dict(branching=False, pre_monitor=False, branch_penalty=False, adv_estimator="grpo",
+                 entropy_adv_alpha=0.0, clip_mode="gppo"),
+    "cispo": dict(branching=False, pre_monitor=False, branch_penalty=False, adv_estimator="grpo",
+                  entropy_adv_alpha=0.0, clip_mode="cispo"),
+    "arpo": dict(branching=True, pre_monitor=False, branch_penalty=False, adv_estimator="grpo",
+                 entropy_adv_alpha=0.0, clip_mode="ppo"),
+    "aepo": dict(branching=True, pre_monitor=True, branch_penalty=True, adv_estimator="grpo",
+                 entropy_adv_alpha=0.2, clip_mode="aepo"),
+    "aepo_no_dynamic_rollout": dict(branching=True, pre_monitor=False, branch_penalty=False,
+                                    adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
+    "aepo_no_balanced_update": dict(branching=True, pre_monitor=True, branch_penalty=True,
+                                    adv_estimator="grpo", entropy_adv_alpha=0.0, clip_mode="ppo"),
+}
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """CLI -> Config. Precedence: dataclass defaults < --preset < --algo < flags given explicitly."""
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    return resolve(cfg, explicit=_explicit_fields(argv))
+
+
+def _explicit_fields(argv: list[str] | None) -> set[str]:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else argv
+    return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
+def resolve(cfg: Config, explicit: set[str] = frozenset()) -> Config:
+    """Apply the preset and the algorithm's switches, leaving explicitly given fields alone."""
+    if cfg.preset not in PRESETS:
+        raise SystemExit(f"--preset {cfg.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    if cfg.algo not in ALGOS:
+        raise SystemExit(f"--algo {cfg.algo!r} is unknown; choose one of {sorted(ALGOS)}")
+    overrides = {**PRESETS[cfg.preset], **ALGOS[cfg.algo]}
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in explicit})
+    if not cfg.output_dir:
+        import time
+
+        cfg.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algo}"
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trajectory type: everything the loss and the logs need, token ids carried end to end
+
+
+@dataclass
+class Trajectory:
+    question_idx: int                 # which question of the rollout batch (the advantage group)
+    prompt_ids: list[int]
+    response_ids: list[int] = field(default_factory=list)   # sampled tokens and tool-result tokens
+    loss_mask: list[int] = field(default_factory=list)      # 1 iff the policy sampled the token
+    logp: list[float] = field(default_factory=list)         # log pi_old(token), T = 1; 0 on tool tokens
+    entropy: list[float] = field(default_factory=list)      # exact token entropy (nats); 0 on tool tokens
+    text: str = ""                    # decoded response, tool results included
+    tool_calls: list[tuple[str, str, str]] = field(default_factory=list)  # (tool, input, result)
+    traj_id: int = 0                  # unique within the rollout call
+    parent_id: int | None = None      # the trajectory it branched from
+    is_global: bool = True            # started from the question (not a branch)
+    is_duplicate: bool = False        # pad-by-duplicate row (section 4.1)
+    finish: str = ""                  # eos | call_limit | length | rounds
+    seg_entropy: list[float] = field(default_factory=list)  # segment entropies, in order
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure rules (AEPO.md 4.2-4.5). No model, no config: numbers and tensors in, numbers out.
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Exact entropy H = -sum_v p_v log p_v of softmax(logits) over the full vocabulary.
+
+    logits: (..., V), any float dtype, may contain -inf. Returns (...) float32, in nats.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)                     # (..., V)
+    plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)        # 0 * log 0 = 0
+    return -plogp.sum(-1)
+
+
+def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
+    """Step entropy of a segment (section 4.2, released convention): sum_{t < w} H_t / log|V|."""
+    head = [float(h) for h in list(token_entropies)[:w]]
+    return sum(head) / math.log(vocab_size)
+
+
+def arpo_branch_probability(delta_h: float, tau: float, gamma: float) -> float:
+    """ARPO (section 4.3): P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
+    return min(1.0, max(0.0, tau + gamma * delta_h))
+
+
+def arpo_should_branch(u: float, delta_h: float, tau: float, gamma: float) -> bool:
+    """One draw of the ARPO rule: branch iff clip(u - gamma * delta_h, 0, 1) <= tau, u ~ U(0, 1)."""
+    return min(1.0, max(0.0, u - gamma * delta_h)) <= tau
+
+
+def aepo_branch_probability(delta_h: float, tau: float, gamma: float, l: int,
+                            penalty: float = 0.05) -> float:
+    """AEPO (section 4.5): with c = max(0, 1 - penalty * l), P = clip(1 + gamma * delta_h - tau / c, 0, 1)."""
+    c = max(0.0, 1.0 - penalty * l)
+    if c == 0.0:
+        return 0.0
+    return min(1.0, max(0.0, 1.0 + gamma * delta_h - tau / c))
+
+
+def aepo_should_branch(u: float, delta_h: float, tau: float, gamma: float, l: int,
+                       penalty: float = 0.05) -> bool:
+    """One draw of the AEPO rule: branch iff clip((u + gamma * delta_h) * c, 0, 1) >= tau."""
+    c = max(0.0, 1.0 - penalty * l)
+    return min(1.0, max(0.0, (u + gamma * delta_h) * c)) >= tau
+
+
+def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
+    """AEPO pre-monitoring (section 4.4, released formula): m = clamp(floor(k * sigmoid(beta *
+    (h_root - h_tool))) + 1, 1, k). More uncertainty at the root than after tools -> more global samples."""
+    m = math.floor(k / (1.0 + math.exp(-beta * (h_root - h_tool)))) + 1
+    return max(1, min(k, m))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The policy: the tiny offline model or a hub model, with LoRA adapters
+
+ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qwen3-4B": "Qwen/Qwen3-4B",
+           "Qwen3-8B": "Qwen/Qwen3-8B", "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct"}
+AGENT_TAGS = ["<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>",
+              "</result>", "<answer>", "</answer>"]
+CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, adapter: str = "",
+                load_in_4bit: bool = False, device: torch.device | None = None,
+                trainable: bool = True):
+    """Return (model, tokenizer). `name`: "tiny" | alias | hub id | local folder.
+
+    lora_r > 0 wraps the model in fresh LoRA adapters on all linear layers (or loads `adapter`, a PEFT
+    folder); lora_r = 0 returns the bare model (full fine-tuning, used for the tiny model's SFT).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or pick_device()
+    path = str(build_tiny()) if name == "tiny" else ALIASES.get(name, name)
+    _check_reachable(path)
+    kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
+    if load_in_4bit:
+        if device.type != "cuda":
+            raise SystemExit("--load_in_4bit needs a CUDA GPU (see the README: on CPU, 4-bit LoRA "
+                             "gradients are unreliable on AVX512-BF16 CPUs). Drop the flag.")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+        kwargs["device_map"] = {"": device.index or 0}
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if adapter or lora_r > 0:
+        model = _add_lora(model, adapter, lora_r, lora_alpha, trainable, load_in_4bit)
+    return model, tokenizer
+
+
+def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if kbit:
+        for module in model.modules():  # the AVX512-BF16 repacking trap (README); harmless on CUDA
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    if adapter:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                      task_type="CAUSAL_LM")
+    return get_peft_model(model, lora)
+
+
+def _check_reachable(path: str) -> None:
+    """Fail in seconds, with the fix, when a hub model is neither cached nor downloadable."""
+    if Path(path).is_dir():
+        return
+    if "/" not in path:
+        raise SystemExit(f"model {path!r}: no such folder, and not a hub id (owner/name) or an alias "
+                         f"({', '.join(ALIASES)}). Use --model tiny for the offline demo.")
+    from huggingface_hub import try_to_load_from_cache
+
+    if try_to_load_from_cache(path, "config.json") is None and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise SystemExit(f"model {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
+                         "Unset it on a machine with internet (the model downloads once), or use "
+                         "--model tiny for the offline demo.")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tiny offline policy: a Qwen3 architecture and a BPE tokenizer trained on the built-in world
+
+TINY_VOCAB = 3072
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
+    """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer."""
+    folder = Path(folder or CACHE_DIR / f"tiny-v1-seed{seed}")
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    import data
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(data.tokenizer_corpus(seed=seed), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", bos_token=None)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None)
+    model = Qwen3ForCausalLM(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder) if not folder.exists() else None
+    return folder
+
+
+def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:
+    """The chat prompt of one question, ending where the assistant starts to write."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS plus the tool closing tags when they are single tokens (they are in the tiny tokenizer)."""
+    ids = [tokenizer.eos_token_id]
+    for tag in ("</search>", "</python>"):
+        tid = tokenizer.convert_tokens_to_ids(tag)
+        if tid is not None and tid != tokenizer.unk_token_id and tokenizer.decode([tid]) == tag:
+            ids.append(tid)
+    return ids
+
+
+if __name__ == "__main__":
+    cfg = parse_config()
+    print(json.dumps(dataclasses.asdict(cfg), indent=2))

@@ -1,0 +1,434 @@
+"""The entropy-guided tree sampler: k tool-using trajectories per question, with GRPO chains, ARPO
+branching or AEPO's dynamic entropy-balanced rollout (AEPO.md sections 1, 2 and 4).
+
+    from rollout import rollout
+    result = rollout(model, tokenizer, questions, tools, cfg, seed=0)
+    result.trajectories  # k per question, grouped in question order
+    result.stats         # per-question counts: globals, branches, restarts, duplicates, m, ...
+
+How one rollout call runs (all active trajectories of all questions share one batch):
+  1. Each question starts with its global trajectories: m = k for GRPO, m = global_rollouts for ARPO,
+     and for AEPO one probe whose entropies set m (section 4.4); the probe counts as the first global.
+  2. Each round, one `generate` call continues every active row until a tool closing tag, EOS or the
+     segment budget. A logits processor records, from the raw temperature-1 logits, the exact entropy
+     and the log-prob of each sampled token.
+  3. Tool calls run in parallel threads; each result is appended as tokens with loss mask 0.
+  4. Rows that just received a tool result may branch (sections 4.3 and 4.5). A child is a copy of its
+     parent, KV cache included (`DynamicCache.batch_select_indices` with repeated rows), so the tool
+     result is the only new prefill.
+  5. Finished rows leave the batch; an idle question with fewer than k trajectories restarts one global
+     trajectory; at the end short questions are padded by duplicating their last trajectory.
+
+The batch keeps one KV cache across rounds. New tokens (prompts of new rows, tool results) are appended
+right-aligned in a block with filler pads before them; every filler is 0 in the attention mask, and
+position ids follow the mask's cumulative sum, so each row sees exactly its own sequence.
+"""
+from __future__ import annotations
+
+import copy
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers import DynamicCache, LogitsProcessor
+
+from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
+                  prompt_ids, segment_entropy, stop_token_ids, token_entropy)
+from tools import parse_tool_call, result_block
+
+Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
+
+
+@dataclass
+class QuestionStats:
+    m: int = 0                    # global budget (AEPO: from pre-monitoring)
+    h_root: float = 0.0           # segment entropy of the first segment from the question
+    h_tool: float = 0.0           # mean segment entropy after tool results (probe)
+    n_global: int = 0             # global trajectories started (restarts included)
+    n_branch: int = 0             # branch children created
+    n_restart: int = 0
+    n_duplicate: int = 0
+    consecutive_branch_steps: int = 0   # branch events while l > 0 (a streak of branching rounds)
+    branches_per_source: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class RolloutResult:
+    trajectories: list[Trajectory]      # k per question, in question order
+    stats: list[QuestionStats]
+    generated_tokens: int = 0           # tokens sampled by the policy
+    prefill_tokens: int = 0             # tokens the model encoded without sampling them
+
+
+@dataclass
+class _Row:
+    traj: Trajectory
+    pending: list[int]            # tokens to feed before the next sample (prompt or tool result)
+    h_init: float | None = None   # entropy of this trajectory's first (post-branch) segment
+    seg_start: int = 0            # index in response_ids where the current segment began
+    call: tuple[str, str] | None = None   # (tool, input) waiting to run
+    done: bool = False
+
+
+class _Recorder(LogitsProcessor):
+    """Records the exact entropy and the sampled token's log-prob from the raw logits of each step.
+
+    The processor sees logits before temperature / top-p, i.e. the temperature-1 policy. The token
+    sampled at step t is only known at step t + 1 (it is then the last input id), so the log-softmax of
+    one step is kept until the next: O(B x V) memory instead of all logits.
+    """
+
+    def __init__(self):
+        self.entropy, self.logp, self._prev = [], [], None
+
+    def __call__(self, input_ids, scores):
+        if self._prev is not None:
+            self.logp.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))   # (B,)
+        self._prev = torch.log_softmax(scores.float(), dim=-1)                     # (B, V)
+        self.entropy.append(token_entropy(scores))                                  # (B,)
+        return scores
+
+    def finish(self, last_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.logp.append(self._prev.gather(1, last_ids[:, None]).squeeze(1))
+        return torch.stack(self.logp, 1).cpu(), torch.stack(self.entropy, 1).cpu()  # (B, N) each
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rollout loop
+
+
+def rollout(model, tokenizer, questions: list[str], tools: Tools, cfg: Config, seed: int,
+            system_prompt: str, *, greedy: bool = False, top_p: float = 1.0,
+            temperature: float | None = None, cache_mode: str = "tree") -> RolloutResult:
+    """Sample cfg.k trajectories for each question. Same seed and inputs -> the same trajectories.
+
+    cache_mode: "tree" (one batch, KV cache kept across rounds and copied to branches), or the
+    baselines "batched" (one batch, full re-encode each round) and "naive" (one row at a time).
+    """
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        torch.manual_seed(seed)
+        sampler = _TreeSampler(model, tokenizer, tools, cfg, random.Random(seed), greedy, top_p,
+                               cfg.temperature if temperature is None else temperature, cache_mode)
+        return sampler.run(questions, system_prompt)
+
+
+class _TreeSampler:
+    def __init__(self, model, tokenizer, tools, cfg, rng, greedy, top_p, temperature, cache_mode):
+        assert cache_mode in ("tree", "batched", "naive"), cache_mode
+        self.model, self.tok, self.tools, self.cfg, self.rng = model, tokenizer, tools, cfg, rng
+        self.cache_mode = cache_mode
+        self.greedy, self.top_p, self.temperature = greedy, top_p, temperature
+        self.device = next(model.parameters()).device
+        self.pad = tokenizer.pad_token_id
+        self.stop_ids = set(stop_token_ids(tokenizer)) | {self.pad}
+        self.stop_strings = [t for t in ("</search>", "</python>")
+                             if tokenizer.convert_tokens_to_ids(t) not in self.stop_ids]
+        self.vocab = model.config.vocab_size if hasattr(model, "config") else len(tokenizer)
+        self.next_id = 0
+        self.generated = self.prefilled = 0
+
+    # -- bookkeeping helpers ------------------------------------------------------------------------
+    def _new_global(self, q: int) -> _Row:
+        traj = Trajectory(question_idx=q, prompt_ids=list(self.prompts[q]), traj_id=self.next_id)
+        self.next_id += 1
+        self.stats[q].n_global += 1
+        self.started[q] += 1
+        return _Row(traj=traj, pending=list(self.prompts[q]))
+
+    def _branch(self, row: _Row, l: int) -> _Row:
+        q = row.traj.question_idx
+        child = copy.deepcopy(row)
+        child.traj.traj_id, child.traj.parent_id, child.traj.is_global = self.next_id, row.traj.traj_id, False
+        child.h_init, child.seg_start = None, len(child.traj.response_ids)
+        self.next_id += 1
+        self.started[q] += 1
+        s = self.stats[q]
+        s.n_branch += 1
+        s.branches_per_source[row.traj.traj_id] = s.branches_per_source.get(row.traj.traj_id, 0) + 1
+        s.consecutive_branch_steps += int(l > 0)
+        return child
+
+    # -- main loop ---------------------------------------------------------------------------------
+    def run(self, questions: list[str], system_prompt: str) -> RolloutResult:
+        cfg = self.cfg
+        self.prompts = [prompt_ids(self.tok, q, system_prompt)[-cfg.max_prompt_tokens:] for q in questions]
+        nq = len(questions)
+        self.stats = [QuestionStats() for _ in range(nq)]
+        self.started = [0] * nq
+        self.finished: list[list[Trajectory]] = [[] for _ in range(nq)]
+        # m per question; None while an AEPO probe decides it.
+        self.m: list[int | None] = [None if cfg.pre_monitor else
+                                    (cfg.global_rollouts if cfg.branching else cfg.k)] * nq
+        for q in range(nq):
+            self.stats[q].m = self.m[q] or 0
+        rows = [self._new_global(q) for q in range(nq) for _ in range(self.m[q] or 1)]
+        self.l = [0] * nq              # consecutive rounds with a new trajectory (AEPO penalty)
+        self.owed: list[int] = []      # questions owed a global start (after an AEPO probe)
+        ids = mask = cache = None
+        for _ in range(cfg.max_rounds):
+            if not rows:
+                break
+            if self.cache_mode == "tree":
+                ids, mask, cache = self._append_pending(rows, ids, mask, cache)
+                ids, mask, cache, new_tokens = self._generate(rows, ids, mask, cache)
+            else:
+                new_tokens = self._generate_from_scratch(rows)
+            tool_rows = self._absorb(rows, new_tokens)
+            self._run_tools(tool_rows)
+            children = self._branch_all(tool_rows)
+            if self.cache_mode == "tree":
+                rows, ids, mask, cache = self._select(rows, children, ids, mask, cache)
+            else:
+                rows = [r for r in rows if not r.done] + [c for _, c in children]
+            rows += self._start_new(rows, children)
+        for row in rows:                                    # out of rounds: truncated
+            self._finish(row, "rounds")
+        return RolloutResult(self._pad_groups(), self.stats, self.generated, self.prefilled)
+
+    # -- 1. append each row's pending tokens, right-aligned -----------------------------------------
+    def _append_pending(self, rows, ids, mask, cache):
+        B = len(rows)
+        if ids is not None:
+            # The block's last column must be a real token of every row (generate samples from the last
+            # position). A row with nothing pending continues its segment: re-feed its last real token
+            # (masking out its old column); its position, the mask's cumulative sum, is unchanged.
+            for b, row in enumerate(rows[: ids.shape[0]]):
+                if not row.pending:
+                    j = int(mask[b].nonzero()[-1])
+                    row.pending = [int(ids[b, j])]
+                    mask[b, j] = 0
+            ids, mask, cache = _add_blank_rows(ids, mask, cache, B - ids.shape[0], self.pad)
+        N = max(len(r.pending) for r in rows)
+        block = torch.full((B, N), self.pad, dtype=torch.long)
+        block_mask = torch.zeros((B, N), dtype=torch.long)
+        for b, row in enumerate(rows):
+            n = len(row.pending)
+            block[b, N - n:] = torch.tensor(row.pending)
+            block_mask[b, N - n:] = 1
+            self.prefilled += n
+            row.pending = []
+        block, block_mask = block.to(self.device), block_mask.to(self.device)
+        if ids is None:
+            return block, block_mask, None
+        return torch.cat([ids, block], 1), torch.cat([mask, block_mask], 1), cache
+
+    # -- 2. one batched generate call ---------------------------------------------------------------
+    def _generate(self, rows, ids, mask, cache):
+        cfg = self.cfg
+        budget = max(cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)
+        recorder = _Recorder()
+        kwargs = dict(stop_strings=self.stop_strings, tokenizer=self.tok) if self.stop_strings else {}
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=max(1, min(cfg.segment_tokens, budget)),
+            do_sample=not self.greedy, temperature=self.temperature if not self.greedy else None,
+            top_k=0 if not self.greedy else None, top_p=self.top_p if not self.greedy else None,
+            eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad, logits_processor=[recorder],
+            return_dict_in_generate=True, **kwargs)
+        seq = out.sequences                                                  # (B, L + N)
+        new = seq[:, ids.shape[1]:]                                          # (B, N)
+        logp, entropy = recorder.finish(seq[:, -1])                          # (B, N) each
+        new_mask = torch.ones_like(new)
+        new_tokens = []
+        new_cpu = new.cpu().tolist()
+        for b, toks in enumerate(new_cpu):
+            n = next((i + 1 for i, t in enumerate(toks) if t in self.stop_ids), len(toks))
+            new_mask[b, n:] = 0
+            new_tokens.append((toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist()))
+            self.generated += n
+        return seq, torch.cat([mask, new_mask], 1), out.cache, new_tokens
+
+    def _generate_from_scratch(self, rows):
+        """The baselines of benchmarks/rollout.py: re-encode every full sequence each round, all rows in
+        one batch ("batched") or one row at a time ("naive")."""
+        groups = [rows] if self.cache_mode == "batched" else [[r] for r in rows]
+        new_tokens = []
+        for group in groups:
+            seqs = [r.traj.prompt_ids + r.traj.response_ids for r in group]
+            L = max(map(len, seqs))
+            ids = torch.tensor([[self.pad] * (L - len(s)) + s for s in seqs], device=self.device)
+            mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=self.device)
+            self.prefilled += sum(map(len, seqs))
+            new_tokens += self._generate(group, ids, mask, None)[3]
+        for r in rows:
+            r.pending = []
+        return new_tokens
+
+    # -- 3. record tokens, classify how each segment ended ------------------------------------------
+    def _absorb(self, rows, new_tokens) -> list[_Row]:
+        cfg, tool_rows = self.cfg, []
+        for row, (toks, logp, ent) in zip(rows, new_tokens):
+            t = row.traj
+            room = cfg.max_response_tokens - len(t.response_ids)
+            cut = len(toks) > room
+            toks, logp, ent = toks[:room], logp[:room], ent[:room]
+            t.response_ids += toks
+            t.loss_mask += [1] * len(toks)
+            t.logp += logp
+            t.entropy += ent
+            last = toks[-1] if toks else None
+            if cut:
+                self._end_segment(row)
+                self._finish(row, "length")
+                continue
+            call = None if last in (self.tok.eos_token_id, self.pad) else \
+                parse_tool_call(self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False))
+            if last in (self.tok.eos_token_id, self.pad):
+                self._end_segment(row)
+                self._finish(row, "eos")
+            elif call is not None:
+                self._end_segment(row)
+                if len(t.tool_calls) >= cfg.call_limit:          # released behaviour: force EOS
+                    self._append(row, [self.tok.eos_token_id])
+                    self._finish(row, "call_limit")
+                else:
+                    row.call = call
+                    tool_rows.append(row)
+            elif len(t.response_ids) >= cfg.max_response_tokens:
+                self._end_segment(row)
+                self._finish(row, "length")
+        return tool_rows
+
+    def _end_segment(self, row: _Row) -> None:
+        t = row.traj
+        h = segment_entropy(t.entropy[row.seg_start:], self.cfg.entropy_window, self.vocab)
+        t.seg_entropy.append(h)
+        if row.h_init is None:
+            row.h_init = h
+        row.seg_start = len(t.response_ids)
+
+    def _append(self, row: _Row, ids: list[int]) -> None:
+        """Forced tokens (tool results, a forced EOS): they condition later tokens but mask 0."""
+        t = row.traj
+        t.response_ids += ids
+        t.loss_mask += [0] * len(ids)
+        t.logp += [0.0] * len(ids)
+        t.entropy += [0.0] * len(ids)
+
+    def _finish(self, row: _Row, how: str) -> None:
+        t = row.traj
+        ids = [i for i in t.response_ids if i not in (self.pad, self.tok.eos_token_id)]
+        t.text, t.finish, row.done = self.tok.decode(ids, skip_special_tokens=False), how, True
+        self.finished[t.question_idx].append(t)
+        q = t.question_idx
+        if self.m[q] is None and t.parent_id is None:   # the AEPO probe ended: split the budget now
+            self._set_budget(q, t)
+
+    # -- 4. tools, in parallel ----------------------------------------------------------------------
+    def _run_tools(self, tool_rows: list[_Row]) -> None:
+        if not tool_rows:
+            return
+        calls = [row.call for row in tool_rows]
+        with ThreadPoolExecutor(max_workers=min(8, len(calls))) as pool:
+            outputs = list(pool.map(lambda c: self.tools[c[0]](c[1]), calls))
+        for row, (tool, arg), output in zip(tool_rows, calls, outputs):
+            block = self.tok.encode(result_block(output), add_special_tokens=False)
+            room = self.cfg.max_response_tokens - len(row.traj.response_ids)
+            row.traj.tool_calls.append((tool, arg, output))
+            row.call = None
+            self._append(row, block[:room])
+            row.pending = block[:room]
+            if len(block) >= room:
+                self._finish(row, "length")
+
+    # -- 5. branching (ARPO section 4.3, AEPO section 4.5) -------------------------------------------
+    def _branch_all(self, tool_rows: list[_Row]) -> list[tuple[int, _Row]]:
+        """Returns (parent's batch index, child) pairs; updates l for the AEPO penalty."""
+        cfg, children = self.cfg, []
+        if not cfg.branching:
+            return children
+        for row in tool_rows:
+            q = row.traj.question_idx
+            if row.done or self.m[q] is None:            # no branching before the budget is known
+                continue
+            delta_h = row.traj.seg_entropy[-1] - row.h_init
+            for _ in range(cfg.branch_z - 1):
+                if self.started[q] >= cfg.k:
+                    break
+                u = self.rng.random()
+                if cfg.branch_penalty:
+                    go = aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, self.l[q], cfg.penalty)
+                else:
+                    go = arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma)
+                if go:
+                    children.append((row, self._branch(row, self.l[q])))
+        return children
+
+    def _set_budget(self, q: int, probe: Trajectory) -> None:
+        s = self.stats[q]
+        s.h_root = probe.seg_entropy[0] if probe.seg_entropy else 0.0
+        after_tools = probe.seg_entropy[1:]
+        s.h_tool = sum(after_tools) / len(after_tools) if after_tools else s.h_root
+        self.m[q] = s.m = global_budget(self.cfg.k, s.h_root, s.h_tool, self.cfg.beta)
+        self.owed += [q] * (self.m[q] - 1)                  # the other globals start next round
+
+    # -- 6. keep live rows and their children in the batch; start new globals -------------------------
+    def _select(self, rows, children, ids, mask, cache):
+        """Batch index of every surviving row; a child repeats its parent's index (cache copy)."""
+        kids: dict[int, list[_Row]] = {}
+        for parent, child in children:
+            kids.setdefault(id(parent), []).append(child)
+        index, kept = [], []
+        for b, row in enumerate(rows):
+            for r in ([] if row.done else [row]) + kids.get(id(row), []):
+                index.append(b)
+                kept.append(r)
+        if not kept:
+            return [], None, None, None
+        idx = torch.tensor(index, device=ids.device)
+        cache.batch_select_indices(idx)
+        return (kept, *_trim_left(ids[idx], mask[idx], cache))
+
+    def _start_new(self, rows: list[_Row], children) -> list[_Row]:
+        """Globals owed by a fresh AEPO budget, then the restart rule (section 4.1); updates l."""
+        cfg, new = self.cfg, [self._new_global(q) for q in self.owed]
+        self.owed = []
+        active = {r.traj.question_idx for r in rows + new}
+        restarted = set()
+        for q in range(len(self.prompts)):
+            if q not in active and self.m[q] is not None and self.started[q] < cfg.k:
+                new.append(self._new_global(q))
+                self.stats[q].n_restart += 1
+                restarted.add(q)
+        created = restarted | {child.traj.question_idx for _, child in children}
+        self.l = [l + 1 if q in created else 0 for q, l in enumerate(self.l)]
+        return new
+
+    # -- 7. exactly k per question ------------------------------------------------------------------
+    def _pad_groups(self) -> list[Trajectory]:
+        out = []
+        for q, group in enumerate(self.finished):
+            group = sorted(group, key=lambda t: t.traj_id)[: self.cfg.k]
+            while len(group) < self.cfg.k:
+                dup = copy.deepcopy(group[-1])
+                dup.is_duplicate, dup.traj_id = True, self.next_id
+                self.next_id += 1
+                self.stats[q].n_duplicate += 1
+                group.append(dup)
+            out += group
+        return out
+
+
+def _trim_left(ids, mask, cache):
+    """Drop leading columns that no remaining row attends to (rows that left the batch owned them)."""
+    used = mask[:, :-1].any(0).nonzero()
+    c = int(used[0]) if len(used) else ids.shape[1] - 1
+    if c == 0:
+        return ids, mask, cache
+    for layer in cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, c:], layer.values[:, :, c:]
+    return ids[:, c:], mask[:, c:], cache
+
+
+def _add_blank_rows(ids, mask, cache, n: int, pad: int):
+    """Rows that join the batch mid-rollout: all-pad history (mask 0) and zero cache entries."""
+    if n == 0:
+        return ids, mask, cache
+    ids = torch.cat([ids, ids.new_full((n, ids.shape[1]), pad)])
+    mask = torch.cat([mask, mask.new_zeros((n, mask.shape[1]))])
+    for layer in cache.layers:
+        layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
+        layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+    return ids, mask, cache

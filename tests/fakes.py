@@ -1,0 +1,89 @@
+"""Test doubles: a small tokenizer with the agent tags, and a scripted policy that plays a known token
+script through Hugging Face `generate` (cache, batching and all).
+
+The scripted policy keeps each row's token ids in the KV cache itself (as the "keys"), so its next token
+is a function of the row's true history, read through the attention mask. If the sampler mixed up cache
+rows, padding or branch copies, the script would visibly derail.
+"""
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from aepo import AGENT_TAGS, TINY_CHAT_TEMPLATE
+
+_CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.", "The final answer is \\boxed{ x }",
+           "Page 1: some text about a city. Page 2: nothing", "print(1 + 2) 1987 - 1962 = 25", "user system assistant"]
+
+
+def toy_tokenizer() -> PreTrainedTokenizerFast:
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
+    bpe.train_from_iterator(_CORPUS * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    return tok
+
+
+class ScriptConfig(PreTrainedConfig):
+    model_type = "scripted"
+
+    def __init__(self, vocab_size=400, **kw):
+        self.vocab_size, self.num_hidden_layers, self.hidden_size = vocab_size, 1, 1
+        self.num_attention_heads, self.num_key_value_heads = 1, 1
+        super().__init__(**kw)
+
+
+class ScriptedPolicy(PreTrainedModel, GenerationMixin):
+    """Plays `segments[i]` after the i-th tool result (i = 0: after the prompt).
+
+    A segment is a list of steps; a step is a token id (deterministic) or a dict {token id: probability}.
+    Past the end of the last segment it emits EOS.
+    """
+
+    config_class = ScriptConfig
+    _supports_cache_class = True
+
+    def __init__(self, tokenizer, segments: list[list]):
+        super().__init__(ScriptConfig(vocab_size=len(tokenizer)))
+        self.tok, self.segments = tokenizer, segments
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.result_end = tokenizer.convert_tokens_to_ids("</result>")
+        self.start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+        self.role_len = len(tokenizer.encode("assistant\n"))
+        self.calls = 0   # forward calls
+
+    def forward(self, input_ids, attention_mask=None, cache=None, **kw):
+        self.calls += 1
+        B, n = input_ids.shape                                                   # (B, n)
+        keys, _ = cache.update(input_ids.float()[:, None, :, None], input_ids.float()[:, None, :, None], 0)
+        full = keys[:, 0, :, 0].long()                                            # (B, S + n)
+        logits = torch.zeros(B, n, self.config.vocab_size)
+        for b in range(B):
+            hist = full[b][attention_mask[b, -full.shape[1]:].bool()].tolist()
+            probs = self._next(hist)
+            row = torch.full((self.config.vocab_size,), float("-inf"))
+            for t, p in probs.items():
+                row[t] = torch.log(torch.tensor(p))
+            logits[b, -1] = row
+        return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+    def _next(self, hist: list[int]) -> dict[int, float]:
+        ends = [i for i, t in enumerate(hist) if t == self.result_end]
+        turn = len(ends)
+        begin = ends[-1] + 1 if ends else max(i for i, t in enumerate(hist) if t == self.start) + 1 + self.role_len
+        pos = len(hist) - begin
+        if turn >= len(self.segments) or pos >= len(self.segments[turn]):
+            return {self.tok.eos_token_id: 1.0}
+        step = self.segments[turn][pos]
+        return step if isinstance(step, dict) else {step: 1.0}
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
