@@ -168,7 +168,7 @@ class _TreeSampler:
         self.l = [0] * nq              # consecutive rounds with a new trajectory (AEPO penalty)
         self.owed: list[int] = []      # questions owed a global start (after an AEPO probe)
         ids = mask = cache = None
-        for _ in range(cfg.max_rounds):
+        for round_ in range(cfg.max_rounds):
             if not rows:
                 break
             if self.cache_mode == "tree":
@@ -183,7 +183,8 @@ class _TreeSampler:
                 rows, ids, mask, cache = self._select(rows, children, ids, mask, cache)
             else:
                 rows = [r for r in rows if not r.done] + [c for _, c in children]
-            rows += self._start_new(rows, children)
+            if round_ < cfg.max_rounds - 1:                  # a row started now could not generate
+                rows += self._start_new(rows, children)
         for row in rows:                                    # out of rounds: truncated
             self._finish(row, "rounds")
         return RolloutResult(self._pad_groups(), self.stats, self.generated, self.prefilled)

@@ -64,6 +64,8 @@ class ScriptedPolicy(PreTrainedModel, GenerationMixin):
         B, n = input_ids.shape                                                   # (B, n)
         keys, _ = cache.update(input_ids.float()[:, None, :, None], input_ids.float()[:, None, :, None], 0)
         full = keys[:, 0, :, 0].long()                                            # (B, S + n)
+        if attention_mask is None:                    # generate drops an all-ones mask
+            attention_mask = torch.ones_like(full)
         logits = torch.zeros(B, n, self.config.vocab_size)
         for b in range(B):
             hist = full[b][attention_mask[b, -full.shape[1]:].bool()].tolist()

@@ -1,0 +1,243 @@
+"""The policy-update math of AEPO.md section 5: advantages, surrogates, KL, token log-probs.
+
+Every function is pure (tensors and numbers in, tensors out) and imports nothing from the project.
+In: rewards and group ids per row (B,); per-token log-probs, advantages and `loss_mask` (B, T), where
+`loss_mask[b, t] = 1` iff the policy sampled token t. Out: advantages, or `(loss, stats)` with `stats`
+a dict of python floats. `token_logprobs` is the only place that shifts and gathers logits.
+
+How this deviates from the textbook (and from the released verl code):
+1. All surrogates are token means over every sampled token of the micro-batch (AEPO.md 5.3).
+2. The dual clip (c = 3) applies to ppo, gppo and aepo; CISPO has no min/max, so none there.
+3. log r is clamped to [-20, 20] before exp (as verl does), so a wild ratio cannot overflow; the
+   kept gradient of a clipped bound comes from r / sg(r) = exp(log pi - sg(log pi)), which the clamp
+   does not touch.
+4. REINFORCE++ normalises by the std over the rows of the batch; verl whitens over tokens.
+5. Entropies from `token_logprobs` are exact (full vocabulary) and carry no gradient (no entropy
+   bonus, AEPO.md 5.4).
+
+Example: python -m pytest tests/test_loss.py -q
+"""
+import torch
+from torch.utils.checkpoint import checkpoint
+
+Tensor = torch.Tensor
+CLIP_MODES = ("ppo", "gppo", "cispo", "aepo")  # DAPO is "ppo" with eps_high = 0.28
+
+# --------------------------------------------------------------------------------------------------
+# Group advantages (AEPO.md 5.1)
+
+
+def _group_centred(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """R_i - mean(R_group) and the group's unbiased std, per row (B,). Exactly 0 when a group is a
+    singleton or all its rewards are equal (a float mean of equal values can be off by one ulp)."""
+    labels, g = torch.unique(group_ids, return_inverse=True)  # (B,) any labels -> 0..G-1
+    zeros = rewards.new_zeros(labels.numel())  # (G,)
+    n = zeros.index_add(0, g, torch.ones_like(rewards))  # (G,) group sizes
+    mean = zeros.index_add(0, g, rewards) / n  # (G,)
+    centred = rewards - mean[g]  # (B,)
+    var = zeros.index_add(0, g, centred**2) / (n - 1).clamp(min=1)  # (G,) unbiased
+    r_max = zeros.scatter_reduce(0, g, rewards, "amax", include_self=False)  # (G,)
+    r_min = zeros.scatter_reduce(0, g, rewards, "amin", include_self=False)  # (G,)
+    flat = (r_max == r_min)[g]  # (B,) nothing to learn from this group
+    return torch.where(flat, 0.0, centred), var.sqrt()[g]
+
+
+def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    """GRPO: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), unbiased std (AEPO.md 5.1).
+
+    rewards (B,) float; group_ids (B,) integer labels, one per question. Returns A (B,); singleton
+    groups and groups of equal rewards give 0. The caller broadcasts A to the tokens of row i."""
+    centred, std = _group_centred(rewards, group_ids)  # (B,), (B,)
+    return centred / (std + eps)  # (B,)
+
+
+def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ baseline: A_i = (R_i - mean(R_group)) / (std_batch + eps) (AEPO.md 5.1), where
+    std_batch is the unbiased std of the centred rewards over all B rows. rewards, group_ids (B,)."""
+    centred, _ = _group_centred(rewards, group_ids)  # (B,)
+    std = centred.std() if centred.numel() > 1 else centred.new_zeros(())  # ()
+    return centred / (std + eps)  # (B,)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entropy-aware advantage (AEPO.md 5.2)
+
+
+def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor, alpha: float = 0.2) -> Tensor:
+    """AEPO: A~_t = A * (1 + alpha * sg(z_t)), z_t = (H_t - mean H) / std H (AEPO.md 5.2).
+
+    adv (B,) or (B, T); entropy (B, T), the current policy's token entropy; loss_mask (B, T).
+    Mean and unbiased std run over the mask-1 tokens of the batch; std 0 (or one token) -> z = 0.
+    Returns A~ (B, T), 0 at masked positions. No gradient reaches `entropy`."""
+    valid = loss_mask > 0  # (B, T)
+    H = entropy.detach()  # (B, T) stop-gradient: z only reweights the signal
+    h = H[valid]  # (N,) entropies of sampled tokens
+    if h.numel() > 1 and h.max() > h.min():
+        z = (H - h.mean()) / h.std()  # (B, T)
+    else:
+        z = torch.zeros_like(H)  # (B, T) std 0 -> 1, and H - mean = 0
+    adv = adv[:, None] if adv.dim() == 1 else adv  # (B, 1) or (B, T)
+    return torch.where(valid, adv * (1 + alpha * z), 0.0)  # (B, T)
+
+
+# --------------------------------------------------------------------------------------------------
+# Surrogates (AEPO.md 5.3)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    loss_mask: Tensor,
+    *,
+    clip_mode: str,
+    eps_low: float = 0.2,
+    eps_high: float = 0.2,
+    dual_clip: float | None = 3.0,
+    entropy: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    """Clipped surrogate L = mean_t max(-A_t r_t, -A_t clip_r_t), r = pi_theta / pi_old (AEPO.md 5.3);
+    dual clip for A < 0: L_t = min(L_t, -A_t c) with c = `dual_clip` (None turns it off).
+
+    clip_r per `clip_mode` (sg = stop-gradient; a bound written b * r / sg(r) has value b and
+    gradient b * d log pi, so the clipped token keeps its gradient):
+      ppo    clip(r, 1 - eps_low, 1 + eps_high)                     (DAPO: eps_high = 0.28)
+      gppo   both bounds as b * r / sg(r)
+      aepo   lower bound 1 - eps_low; upper bound (1 + eps_high) * r / sg(r)
+      cispo  no max: L_t = -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A_t * log pi_t, no dual clip
+    Per-token weight F in d L_t = -A_t F d log pi_t: r inside the trust region; 0 for ppo where aepo
+    gives 1 + eps_high (A > 0, r > 1 + eps_high); 0 for both when A < 0 and r < 1 - eps_low (gppo:
+    1 - eps_low) and under the dual clip; cispo: sg(clip(r)) everywhere.
+
+    logp (B, T) with gradient; old_logp, adv (per token), loss_mask (B, T); entropy (B, T) optional,
+    for stats only. Returns (loss, stats): loss = sum of L_t over mask-1 tokens / their count.
+    stats: clip_frac_low, clip_frac_high (share of sampled tokens whose clipped branch is active;
+    cispo: whose weight is clipped), clip_kept_frac (share of clipped tokens that keep a gradient),
+    dual_clip_frac, ratio_mean, approx_kl (k3 estimate of KL(pi_old || pi_theta) on tokens sampled
+    from pi_old: (r - 1) - log r), entropy_mean (if entropy is given)."""
+    if clip_mode not in CLIP_MODES:
+        raise ValueError(f"clip_mode={clip_mode!r}; choose one of {CLIP_MODES}")
+    keeps_low = clip_mode in ("gppo", "cispo")  # a token clipped below keeps its gradient
+    keeps_high = clip_mode in ("gppo", "aepo", "cispo")  # a token clipped above keeps its gradient
+    valid = loss_mask > 0  # (B, T)
+    n_tokens = valid.sum().clamp(min=1)  # ()
+    logp = torch.where(valid, logp, 0.0)  # (B, T) masked tokens leave the graph: -inf there is harmless
+    old_logp = torch.where(valid, old_logp.detach(), 0.0)  # (B, T)
+    adv = adv.detach()  # (B, T)
+    log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # (B, T) log r
+    ratio = log_ratio.exp()  # (B, T) r
+    r_over_sg_r = torch.exp(logp - logp.detach())  # (B, T) value 1, gradient d log pi
+    lo, hi = 1 - eps_low, 1 + eps_high
+    dual = torch.zeros_like(valid)  # (B, T) tokens under the dual clip
+
+    if clip_mode == "cispo":
+        clipped_low, clipped_high = valid & (ratio < lo), valid & (ratio > hi)  # (B, T)
+        loss_t = -ratio.detach().clamp(lo, hi) * adv * logp  # (B, T)
+    else:
+        # The clipped branch wins the max exactly when A > 0, r > hi or A < 0, r < lo.
+        clipped_low = valid & (adv < 0) & (ratio < lo)  # (B, T)
+        clipped_high = valid & (adv > 0) & (ratio > hi)  # (B, T)
+        low = lo * r_over_sg_r if keeps_low else lo
+        high = hi * r_over_sg_r if keeps_high else hi
+        clip_r = torch.where(ratio > hi, high, torch.where(ratio < lo, low, ratio))  # (B, T)
+        loss_t = torch.maximum(-adv * ratio, -adv * clip_r)  # (B, T)
+        if dual_clip is not None:
+            dual = valid & (adv < 0) & (loss_t > -adv * dual_clip)  # (B, T)
+            loss_t = torch.where(dual, -adv * dual_clip, loss_t)  # (B, T) constant: no gradient
+    loss = torch.where(valid, loss_t, 0.0).sum() / n_tokens  # ()
+
+    with torch.no_grad():
+        clipped = clipped_low | clipped_high  # (B, T)
+        kept = (clipped_low & keeps_low) | (clipped_high & keeps_high)  # (B, T)
+        n = n_tokens.float()
+        stats = {
+            "clip_frac_low": (clipped_low.sum() / n).item(),
+            "clip_frac_high": (clipped_high.sum() / n).item(),
+            "clip_kept_frac": (kept.sum() / clipped.sum().clamp(min=1)).item(),
+            "dual_clip_frac": (dual.sum() / n).item(),
+            "ratio_mean": (torch.where(valid, ratio, 0.0).sum() / n).item(),
+            "approx_kl": (torch.where(valid, ratio - 1 - log_ratio, 0.0).sum() / n).item(),
+        }
+        if entropy is not None:
+            stats["entropy_mean"] = (torch.where(valid, entropy, 0.0).sum() / n).item()
+    return loss, stats
+
+
+def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
+    """k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta, token mean:
+    mean_t exp(d_t) - d_t - 1 with d_t = log pi_ref - log pi_theta (>= 0; AEPO.md 5.4 sets its
+    coefficient to 0). logp (B, T) with gradient; ref_logp, loss_mask (B, T). Returns ()."""
+    valid = loss_mask > 0  # (B, T)
+    d = torch.where(valid, ref_logp.detach() - logp, 0.0)  # (B, T) 0 at masked tokens -> k3 = 0
+    return (d.exp() - d - 1).sum() / valid.sum().clamp(min=1)  # ()
+
+
+# --------------------------------------------------------------------------------------------------
+# Token log-probs and exact entropy from a causal LM
+
+
+def _gather_logp(logits: Tensor, target: Tensor) -> Tensor:
+    """log softmax(logits)[target] in float32. logits (..., V), target (...) -> (...)."""
+    logits = logits.float()  # (..., V)
+    return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (...)
+
+
+def _logp(logits: Tensor, target: Tensor) -> Tensor:
+    """_gather_logp, recomputed in backward so no float32 (B, T, V) copy stays alive for autograd."""
+    if logits.requires_grad:
+        return checkpoint(_gather_logp, logits, target, use_reentrant=False)
+    return _gather_logp(logits, target)
+
+
+@torch.no_grad()
+def _entropy(logits: Tensor) -> Tensor:
+    """Exact entropy -sum_v p_v log p_v over the full vocabulary, float32; -inf logits add 0.
+    logits (..., V) -> (...)."""
+    logp_v = logits.float().log_softmax(-1)  # (..., V)
+    return -(logp_v.exp() * logp_v).nan_to_num(nan=0.0).sum(-1)  # (...) 0 * -inf -> 0
+
+
+def token_logprobs(
+    model, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False, chunk_size: int = 128
+) -> Tensor | tuple[Tensor, Tensor]:
+    """logp[b, t] = log pi(ids[b, t] | the real tokens before t), aligned with `loss_mask` on the same
+    (B, T) ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that predicted
+    token t (AEPO.md 4.2). Both are 0 at padding and at each row's first real token.
+
+    input_ids, attention_mask (B, T), any padding layout (left, right, or gaps in the middle).
+    Positions follow the mask: position_ids = cumsum(mask) - 1, so real tokens keep their positions.
+    The model is called as model(input_ids=, attention_mask=, position_ids=, use_cache=False).logits.
+    Float32 work runs over chunks of `chunk_size` positions; entropy carries no gradient."""
+    B, T = input_ids.shape
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).logits  # (B, T, V) model dtype
+
+    # Logits at position t predict token t + 1; chunk over T with split, whose backward is one concat.
+    next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # (B, T) the token each position predicts
+    chunks = list(zip(logits.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1)))
+    logp = torch.cat([_logp(lg, y) for lg, y in chunks], dim=1)  # (B, T) log pi(ids[t + 1])
+    logp = torch.nn.functional.pad(logp[:, :-1], (1, 0))  # (B, T) log pi(ids[t])
+    if with_entropy:
+        entropy = torch.cat([_entropy(lg) for lg, _ in chunks], dim=1)  # (B, T)
+        entropy = torch.nn.functional.pad(entropy[:, :-1], (1, 0))  # (B, T)
+
+    # Token t is predicted by the last real token before it; after a gap of padding that is not t - 1.
+    real = attention_mask > 0  # (B, T)
+    t_idx = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
+    last_real = torch.where(real, t_idx, -1).cummax(dim=1).values  # (B, T) last real index <= t
+    prev = torch.nn.functional.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, T) last real index < t
+    scored = real & (prev >= 0)  # (B, T) real tokens with a real context
+    after_gap = scored & (prev != t_idx - 1)  # (B, T) few: the first token after each gap
+    if after_gap.any():
+        b, t = after_gap.nonzero(as_tuple=True)  # (K,), (K,)
+        gap_logits = logits[b, prev[b, t]]  # (K, V)
+        logp = logp.index_put((b, t), _logp(gap_logits, input_ids[b, t]))  # (B, T)
+        if with_entropy:
+            entropy = entropy.index_put((b, t), _entropy(gap_logits))  # (B, T)
+
+    logp = torch.where(scored, logp, 0.0)  # (B, T)
+    if not with_entropy:
+        return logp
+    return logp, torch.where(scored, entropy, 0.0)  # (B, T), (B, T)

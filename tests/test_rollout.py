@@ -1,0 +1,168 @@
+"""The tree sampler: masks, call limit, restart and duplicate rules, branching limits, KV-cache
+correctness (greedy tree == recompute from scratch) and determinism."""
+import dataclasses
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from aepo import Config
+from fakes import ScriptedPolicy, ids, toy_tokenizer
+from rollout import rollout
+from tools import result_block
+
+TOOLS = {"search": lambda q: f"Page 1: {q} was born in Vantor.", "python": lambda c: "25"}
+CHAIN = dict(branching=False, pre_monitor=False, branch_penalty=False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return toy_tokenizer()
+
+
+def cfg_with(**kw):
+    return dataclasses.replace(Config(), **kw)
+
+
+def test_masks_results_and_text(tok):
+    seg0 = ids(tok, "<think> a </think> <search> Mira Quell </search>")
+    seg1 = ids(tok, " <think> b </think> <answer> The final answer is \\boxed{ Vantor } </answer>")
+    model = ScriptedPolicy(tok, [seg0, seg1])
+    res = rollout(model, tok, ["Where was Mira Quell born?", "Q2?"], TOOLS, cfg_with(k=3, **CHAIN),
+                  seed=0, system_prompt="sys")
+    assert len(res.trajectories) == 6
+    block = ids(tok, result_block(TOOLS["search"]("Mira Quell")))
+    for t in res.trajectories:
+        assert t.finish == "eos" and t.tool_calls == [("search", "Mira Quell", TOOLS["search"]("Mira Quell"))]
+        expected = seg0 + block + seg1 + [tok.eos_token_id]
+        assert t.response_ids == expected
+        assert t.loss_mask == [1] * len(seg0) + [0] * len(block) + [1] * (len(seg1) + 1)
+        assert len(t.logp) == len(t.entropy) == len(t.response_ids)
+        assert all(lp == 0.0 for lp, m in zip(t.logp, t.loss_mask) if m == 1)   # deterministic script
+        assert "<result>\nPage 1: Mira Quell was born in Vantor.\n</result>" in t.text
+        assert t.text.endswith("</answer>")
+
+
+def test_call_limit_forces_eos(tok):
+    search = ids(tok, "<think> a </think> <search> x </search>")
+    model = ScriptedPolicy(tok, [search, search, search, ids(tok, " <answer> y </answer>")])
+    res = rollout(model, tok, ["Q?"], TOOLS, cfg_with(k=2, call_limit=2, **CHAIN), seed=0,
+                  system_prompt="sys")
+    for t in res.trajectories:
+        assert t.finish == "call_limit" and len(t.tool_calls) == 2
+        assert t.response_ids[-1] == tok.eos_token_id and t.loss_mask[-1] == 0   # forced, not sampled
+        assert t.response_ids[-1 - len(search):-1] == search                      # third call not run
+
+
+def test_length_budget_truncates(tok):
+    model = ScriptedPolicy(tok, [ids(tok, " a b c d e f g h i j k l m n o p")])
+    res = rollout(model, tok, ["Q?"], TOOLS, cfg_with(k=1, max_response_tokens=5, segment_tokens=3, **CHAIN),
+                  seed=0, system_prompt="sys")
+    (t,) = res.trajectories
+    assert t.finish == "length" and len(t.response_ids) == 5 and t.loss_mask == [1] * 5
+
+
+def test_restart_then_duplicate(tok):
+    """No branching (P = 0): an idle question restarts one global per round; what is still short at the
+    end is padded by duplicating its last trajectory."""
+    model = ScriptedPolicy(tok, [ids(tok, " <answer> y </answer>")])
+    cfg = cfg_with(k=4, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=False,
+                   tau=0.0, gamma=0.0, max_rounds=2)
+    res = rollout(model, tok, ["Q1?", "Q2?"], TOOLS, cfg, seed=0, system_prompt="sys")
+    assert len(res.trajectories) == 8
+    for q, s in enumerate(res.stats):
+        group = res.trajectories[4 * q: 4 * q + 4]
+        assert (s.n_global, s.n_restart, s.n_branch, s.n_duplicate) == (2, 1, 0, 2)
+        assert [t.is_duplicate for t in group] == [False, False, True, True]
+        assert all(t.question_idx == q for t in group)
+        assert group[3].response_ids == group[1].response_ids
+
+
+def test_branching_never_exceeds_k_and_children_diverge_after_result(tok):
+    """tau = 1, gamma = 0: ARPO always branches. Every child equals its parent up to and including the
+    tool result, and a question never holds more than k trajectories."""
+    a, b = ids(tok, " a")[0], ids(tok, " b")[0]
+    seg0 = ids(tok, "<think>") + [{a: 0.5, b: 0.5}] + ids(tok, " </think> <search> x </search>")
+    seg1 = [{a: 0.5, b: 0.5}, {a: 0.5, b: 0.5}, {a: 0.5, b: 0.5}] + ids(tok, " <search> z </search>")
+    seg2 = [{a: 0.5, b: 0.5}, {a: 0.5, b: 0.5}] + ids(tok, " <answer> y </answer>")
+    model = ScriptedPolicy(tok, [seg0, seg1, seg2])
+    cfg = cfg_with(k=6, global_rollouts=2, branching=True, pre_monitor=False, branch_penalty=False,
+                   tau=1.0, gamma=0.0, branch_z=3)
+    res = rollout(model, tok, ["Q1?", "Q2?", "Q3?"], TOOLS, cfg, seed=3, system_prompt="sys")
+    assert len(res.trajectories) == 18
+    by_id = {t.traj_id: t for t in res.trajectories}
+    n_children = 0
+    for s in res.stats:
+        assert s.n_global + s.n_branch <= cfg.k and s.n_branch > 0
+        assert max(s.branches_per_source.values()) <= cfg.branch_z - 1 or len(s.branches_per_source) > 0
+    for t in res.trajectories:
+        if t.parent_id is None or t.is_duplicate:
+            continue
+        n_children += 1
+        parent = by_id[t.parent_id]
+        # the branch point: the end of some tool result both share
+        n_results = sum(1 for x in t.response_ids if x == tok.convert_tokens_to_ids("</result>"))
+        ends = [i for i, x in enumerate(parent.response_ids) if x == tok.convert_tokens_to_ids("</result>")]
+        assert ends, "a child's parent made a tool call"
+        shared = next(i + 1 for i in ends if t.response_ids[: i + 1] == parent.response_ids[: i + 1])
+        assert t.response_ids[:shared] == parent.response_ids[:shared]
+        assert n_results >= 1
+    assert n_children > 0
+
+
+def test_aepo_probe_sets_the_budget(tok):
+    seg0 = ids(tok, "<think> a </think> <search> x </search>")
+    model = ScriptedPolicy(tok, [seg0, ids(tok, " <answer> y </answer>")])
+    cfg = cfg_with(k=8, branching=True, pre_monitor=True, branch_penalty=True, beta=0.5)
+    res = rollout(model, tok, ["Q1?", "Q2?"], TOOLS, cfg, seed=0, system_prompt="sys")
+    for s in res.stats:
+        # deterministic script: every entropy is 0, so m = floor(8 * sigmoid(0)) + 1 = 5
+        assert (s.h_root, s.h_tool, s.m) == (0.0, 0.0, 5)
+        assert s.n_global >= 5 and s.n_global + s.n_branch + s.n_duplicate == 8
+
+
+def _biased_random_qwen(tok, seed=1):
+    """A random tiny Qwen3 whose greedy output opens and closes searches and sometimes ends: enough to
+    exercise branching, restarts, duplicates and the call limit with real attention and KV caches."""
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    with torch.no_grad():
+        model.model.norm.weight[:3] = 2.0
+        for dim, tag in enumerate(["<search>", "</search>", "<|im_end|>"]):
+            i = tok.convert_tokens_to_ids(tag)
+            model.lm_head.weight[i] = 0.0
+            model.lm_head.weight[i, dim] = 0.5 if tag == "<|im_end|>" else 1.0
+    return model
+
+
+@pytest.mark.parametrize("algo", ["arpo", "aepo"])
+def test_greedy_cached_tree_equals_recompute_from_scratch(tok, algo):
+    model = _biased_random_qwen(tok)
+    rules = dict(pre_monitor=algo == "aepo", branch_penalty=algo == "aepo")
+    cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=120, call_limit=2, **rules)
+    questions = ["Where was Mira Quell born?", "Q2 long question about a city?", "x?", "Which company?"]
+    runs = {mode: rollout(model, tok, questions, TOOLS, cfg, seed=1, system_prompt="sys", greedy=True,
+                          cache_mode=mode) for mode in ("tree", "batched", "naive")}
+    tree = runs["tree"]
+    assert sum(s.n_branch for s in tree.stats) > 0 and sum(s.n_duplicate for s in tree.stats) > 0
+    assert any(t.finish == "call_limit" for t in tree.trajectories)
+    if algo == "arpo":
+        assert sum(s.n_restart for s in tree.stats) > 0
+    for mode in ("batched", "naive"):
+        for a, b in zip(tree.trajectories, runs[mode].trajectories):
+            assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask
+            torch.testing.assert_close(torch.tensor(a.logp), torch.tensor(b.logp), atol=1e-4, rtol=0)
+            torch.testing.assert_close(torch.tensor(a.entropy), torch.tensor(b.entropy), atol=1e-4, rtol=0)
+    assert tree.prefill_tokens * 3 < runs["batched"].prefill_tokens
+
+
+def test_same_seed_same_trajectories(tok):
+    model = _biased_random_qwen(tok, seed=2)
+    cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=80)
+    run = lambda seed: rollout(model, tok, ["Q1?", "Q2?"], TOOLS, cfg, seed=seed, system_prompt="sys")
+    a, b, c = run(0), run(0), run(1)
+    assert [t.response_ids for t in a.trajectories] == [t.response_ids for t in b.trajectories]
+    assert [t.response_ids for t in a.trajectories] != [t.response_ids for t in c.trajectories]
