@@ -34,11 +34,29 @@ from typing import Callable
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+import data
+import tools as tool_lib
 from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
                   prompt_ids, segment_entropy, stop_token_ids, token_entropy)
 from tools import parse_tool_call, result_block
 
 Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
+
+
+def make_tools(cfg: Config) -> Tools:
+    """The search backend and the Python sandbox named by the config, as name -> function."""
+    if cfg.search == "web":
+        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars)
+    elif cfg.search == "bm25":
+        backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
+                   if cfg.search_corpus else
+                   tool_lib.BM25Search(data.world_corpus(), snippet_chars=cfg.snippet_chars))
+    else:
+        raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
+    if cfg.search_cache:
+        backend = tool_lib.CachedSearch(backend, cfg.search_cache)
+    return {"search": lambda query: backend.search(query, cfg.top_k),
+            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s)}
 
 
 @dataclass

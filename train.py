@@ -1,0 +1,375 @@
+"""Cold-start SFT, then RL with AEPO (or a baseline), then evaluation: the project's main job.
+
+    python train.py                                   # the offline CPU demo on the built-in world
+    python train.py --algo grpo --output_dir runs/g   # a baseline, same everything else
+    python train.py --preset qwen3-1.7b               # one CUDA GPU: Qwen3-1.7B, 4-bit + LoRA, web search
+    python train.py --output_dir runs/x --resume      # continue a run from its last checkpoint
+
+Data flows one way: questions -> rollout.py (tree sampler with tools) -> data.reward -> loss.py
+advantages -> old log-probs -> one epoch of mini-batch updates -> logs, plots, checkpoints -> eval.py.
+Everything a run writes goes into its folder (`--output_dir`): config.json, metrics.jsonl, curves.png,
+samples.jsonl, checkpoint-<step>/ (LoRA adapter + optimizer + RNG), sft/, eval-*/ and report.md.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import loss as L
+from aepo import Config, load_policy, parse_config, pick_device, prompt_ids, save_config
+from rollout import make_tools, rollout
+
+# ----------------------------------------------------------------------------------------------------
+# Cold-start SFT on demonstration trajectories (tool results masked out, as in RL)
+
+
+def system_prompt_of(cfg: Config) -> str:
+    return data.SHORT_SYSTEM_PROMPT if cfg.system_prompt == "short" else data.SYSTEM_PROMPT
+
+
+def demo_tensors(tokenizer, demo, system_prompt: str) -> tuple[list[int], list[int]]:
+    """(ids, loss_mask) of one demonstration: prompt 0, model text 1, tool results 0, EOS 1. Each piece
+    is tokenised on its own, exactly as the rollout appends tool results."""
+    ids = prompt_ids(tokenizer, demo.question, system_prompt)
+    mask = [0] * len(ids)
+    for text, is_result in data.split_response(demo.response):
+        piece = tokenizer.encode(text, add_special_tokens=False)
+        ids += piece
+        mask += [0 if is_result else 1] * len(piece)
+    return ids + [tokenizer.eos_token_id], mask + [1]
+
+
+def pad_right(rows: list[list], value) -> torch.Tensor:
+    T = max(map(len, rows))
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows])                # (B, T)
+
+
+def sft(cfg: Config, run: Path) -> Path:
+    """Train on demonstrations; returns the folder the RL stage starts from."""
+    device = pick_device()
+    full = cfg.model == "tiny"                       # a random-weight model needs every parameter
+    model, tok = load_policy(cfg.model, lora_r=0 if full else cfg.lora_r, device=device,
+                             load_in_4bit=cfg.load_in_4bit)
+    if cfg.sft_dataset == "world":
+        search = lambda docs: _bm25(docs, cfg).search
+        demos = data.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search, top_k=cfg.top_k,
+                                    bad_fraction=cfg.sft_bad_fraction)
+    else:
+        demos = data.load_demos(cfg.sft_dataset)
+    rows = [demo_tensors(tok, d, system_prompt_of(cfg)) for d in demos]
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
+    warmup = max(1, cfg.sft_steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.sft_steps)))))
+    rng = random.Random(cfg.seed)
+    model.train()
+    bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
+    with open(run / "sft_metrics.jsonl", "w") as log:
+        for step in bar:
+            batch = rng.sample(rows, min(cfg.sft_batch, len(rows)))
+            ids = pad_right([r[0] for r in batch], tok.pad_token_id).to(device)        # (B, T)
+            mask = pad_right([r[1] for r in batch], 0).to(device).float()               # (B, T)
+            logp = L.token_logprobs(model, ids, (ids != tok.pad_token_id).long() | mask.long())
+            nll = -(logp * mask).sum() / mask.sum()
+            opt.zero_grad(set_to_none=True)
+            nll.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            bar.set_postfix(loss=f"{nll.item():.3f}")
+            log.write(json.dumps({"step": step, "loss": nll.item()}) + "\n")
+    out = run / "sft"
+    _atomic_save(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    return out
+
+
+def _bm25(docs, cfg):
+    from tools import BM25Search
+
+    return BM25Search(docs, snippet_chars=cfg.snippet_chars)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One RL step: rollout -> rewards -> advantages -> one epoch of mini-batch updates
+
+
+def trajectory_tensors(trajs, pad: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded (B, T) tensors of prompt + response; old_logp from the rollout (exact: same
+    weights, temperature-1 logits), 0 on prompt, tool and pad tokens."""
+    seqs = [t.prompt_ids + t.response_ids for t in trajs]
+    masks = [[0] * len(t.prompt_ids) + t.loss_mask for t in trajs]
+    old = [[0.0] * len(t.prompt_ids) + t.logp for t in trajs]
+    ids = pad_right(seqs, pad)
+    attn = pad_right([[1] * len(s) for s in seqs], 0)
+    return {"ids": ids.to(device), "attn": attn.to(device), "loss_mask": pad_right(masks, 0).to(device),
+            "old_logp": pad_right(old, 0.0).float().to(device)}
+
+
+def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int) -> tuple[dict, list]:
+    device = next(model.parameters()).device
+    rng = random.Random(hash((cfg.seed, step)) & 0xFFFFFFFF)
+    batch = rng.sample(examples, min(cfg.questions_per_step, len(examples)))
+    t0 = time.time()
+    model.eval()
+    res = rollout(model, tok, [e.question for e in batch], tools, cfg, seed=cfg.seed * 100003 + step,
+                  system_prompt=system_prompt_of(cfg))
+    t_rollout = time.time() - t0
+    trajs = res.trajectories
+    golds = [batch[t.question_idx].golds for t in trajs]
+    rewards = torch.tensor([data.reward(t.text, g) for t, g in zip(trajs, golds)])            # (B,)
+    group = torch.tensor([t.question_idx for t in trajs])                                   # (B,)
+    adv_fn = L.group_advantages if cfg.adv_estimator == "grpo" else L.reinforce_pp_advantages
+    adv = adv_fn(rewards, group).to(device)                                                 # (B,)
+    tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
+    if cfg.recompute_old_logp:
+        with torch.no_grad():
+            tensors["old_logp"] = L.token_logprobs(model, tensors["ids"], tensors["attn"])
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    order = torch.randperm(len(trajs), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    stats, skipped = [], 0
+    for mb in order.chunk(cfg.mini_batches):
+        n_tokens = tensors["loss_mask"][mb].sum().clamp(min=1)
+        opt.zero_grad(set_to_none=True)
+        for micro in mb.chunk(cfg.grad_accum):
+            t = {k: v[micro] for k, v in tensors.items()}
+            logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True)   # (b, T)
+            tok_adv = adv[micro, None] * t["loss_mask"]                                     # (b, T)
+            if cfg.entropy_adv_alpha > 0:
+                tok_adv = L.entropy_aware_advantages(adv[micro], entropy, t["loss_mask"], cfg.entropy_adv_alpha)
+            loss, s = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"], clip_mode=cfg.clip_mode,
+                                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+                                    entropy=entropy)
+            if cfg.kl_coef > 0:
+                with torch.no_grad(), model.disable_adapter():
+                    ref = L.token_logprobs(model, t["ids"], t["attn"])
+                loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
+            (loss * t["loss_mask"].sum() / n_tokens).backward()
+            stats.append(s)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if torch.isfinite(grad_norm):
+            opt.step()
+        else:                                            # never write a poisoned adapter
+            skipped += 1
+        opt.zero_grad(set_to_none=True)
+
+    n_search = [sum(c[0] == "search" for c in t.tool_calls) for t in trajs]
+    n_python = [sum(c[0] == "python" for c in t.tool_calls) for t in trajs]
+    ems = [data.exact_match(data.extract_answer(t.text) or "", g) for t, g in zip(trajs, golds)]
+    sampled = [e for t in trajs for e, m in zip(t.entropy, t.loss_mask) if m]
+    n_branch = sum(s.n_branch for s in res.stats)
+    by_kind = {}
+    for t, ns in zip(trajs, n_search):
+        by_kind.setdefault(batch[t.question_idx].kind or "other", []).append(ns > 0)
+    metrics = {
+        "step": step, "reward": rewards.mean().item(), "acc": sum(ems) / len(ems),
+        "format_fail": sum(data.format_error(t.text) is not None for t in trajs) / len(trajs),
+        "entropy": sum(sampled) / max(1, len(sampled)),
+        **{k: sum(s[k] for s in stats) / len(stats) for k in
+           ("clip_frac_low", "clip_frac_high", "clip_kept_frac", "ratio_mean", "approx_kl")},
+        "grad_norm": float(grad_norm), "skipped": skipped,
+        "search_calls": sum(n_search) / len(trajs), "python_calls": sum(n_python) / len(trajs),
+        **{f"search_rate_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        "globals_per_q": sum(s.n_global for s in res.stats) / len(batch),
+        "branches_per_q": n_branch / len(batch),
+        "consecutive_branch_share": sum(s.consecutive_branch_steps for s in res.stats) / max(1, n_branch),
+        "response_tokens": sum(len(t.response_ids) for t in trajs) / len(trajs),
+        "rollout_s": t_rollout, "step_s": time.time() - t0,
+    }
+    samples = [{"step": step, "question": batch[t.question_idx].question, "golds": list(golds[i]),
+                "reward": rewards[i].item(), "text": t.text} for i, t in enumerate(trajs[:: cfg.k][:4])]
+    return metrics, samples
+
+
+def log_line(m: dict, steps: int) -> str:
+    return (f"step {m['step'] + 1}/{steps} | reward {m['reward']:.2f} | acc {m['acc']:.2f} | "
+            f"ent {m['entropy']:.2f} | clip {m['clip_frac_low'] + m['clip_frac_high']:.3f} | "
+            f"tools {m['search_calls'] + m['python_calls']:.2f} | branches {m['branches_per_q']:.1f} | "
+            f"{m['step_s']:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed, so a kill never leaves a broken one
+
+
+def _atomic_save(folder: Path, write) -> None:
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(run: Path, step: int, model, opt, keep: int = 2) -> None:
+    def write(tmp: Path):
+        model.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()},
+                   tmp / "state.pt")
+    _atomic_save(run / f"checkpoint-{step}", write)
+    for old in checkpoints(run)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder only gets its final name once fully written)."""
+    done = [p for p in run.glob("checkpoint-*") if (p / "state.pt").exists()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(ckpt: Path, model, opt) -> int:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+    state = torch.load(ckpt / "state.pt", weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"] + 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Plots, regenerated during the run
+
+
+PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM)"), ("entropy", "policy entropy (sampled)"),
+          (("clip_frac_low", "clip_frac_high"), "clip fractions"), (("search_calls", "python_calls"), "tool calls / traj"),
+          ("branches_per_q", "branches / question"), ("consecutive_branch_share", "consecutive branching share"),
+          ("response_tokens", "response tokens")]
+
+
+def plot_curves(run: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
+    for ax, (keys, title) in zip(axes.flat, PANELS):
+        for key in (keys if isinstance(keys, tuple) else (keys,)):
+            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if isinstance(keys, tuple):
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(run / ".curves.png")
+    plt.close(fig)
+    os.replace(run / ".curves.png", run / "curves.png")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The RL stage and the whole job
+
+
+def rl_start(cfg: Config, run: Path) -> str:
+    """Where RL starts: --init_from, else this run's SFT output, else the base model."""
+    if cfg.init_from:
+        return cfg.init_from
+    return str(run / "sft") if (run / "sft").exists() else cfg.model
+
+
+def load_rl_policy(cfg: Config, run: Path):
+    start = rl_start(cfg, run)
+    if (Path(start) / "adapter_config.json").exists():          # LoRA SFT: keep training that adapter
+        return load_policy(cfg.model, adapter=start, load_in_4bit=cfg.load_in_4bit)
+    return load_policy(start, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, load_in_4bit=cfg.load_in_4bit)
+
+
+def rl(cfg: Config, run: Path, model=None, tok=None) -> tuple:
+    if model is None:
+        model, tok = load_rl_policy(cfg, run)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    examples = data.load_examples(cfg.dataset)
+    tools = make_tools(cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if cfg.resume and checkpoints(run):
+        ckpt = checkpoints(run)[-1]
+        start = load_checkpoint(ckpt, model, opt)
+        _truncate_metrics(run, start)
+        print(f"resumed from {ckpt} (next step {start + 1})")
+    bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start, total=cfg.steps)
+    for step in bar:
+        metrics, samples = rl_step(model, tok, opt, examples, tools, cfg, step)
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        tqdm.write(log_line(metrics, cfg.steps))
+        if step % cfg.sample_every == 0 or step == cfg.steps - 1:
+            with open(run / "samples.jsonl", "a") as f:
+                f.writelines(json.dumps(s) + "\n" for s in samples)
+        if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
+            save_checkpoint(run, step, model, opt)
+            plot_curves(run)
+    return model, tok
+
+
+def _truncate_metrics(run: Path, next_step: int) -> None:
+    """Drop log lines of steps after the checkpoint: they are about to be redone."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run / name
+        if path.exists():
+            keep = [l for l in open(path) if json.loads(l)["step"] < next_step]
+            path.write_text("".join(keep))
+
+
+def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
+    from eval import evaluate
+
+    examples = data.load_examples(cfg.eval_dataset, limit=cfg.eval_limit or None)
+    return evaluate(model, tok, examples, make_tools(cfg), cfg, runs=cfg.eval_runs,
+                    temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
+                    system_prompt=system_prompt_of(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")
+
+
+REPORT_ROWS = [("pass1", "Pass@1"), ("mean_reward", "mean reward"), ("search_calls", "search calls / answer"),
+               ("python_calls", "python calls / answer"), ("format_fail", "format failures")]
+
+
+def report(before: dict, after: dict, cfg: Config, run: Path) -> str:
+    lines = [f"# {cfg.algo} on {cfg.eval_dataset} ({after['n']} questions x {cfg.eval_runs} runs, "
+             f"T={cfg.eval_temperature})", "", "| metric | SFT start | after RL |", "|---|---|---|"]
+    lines += [f"| {label} | {before[k]:.3f} | {after[k]:.3f} |" for k, label in REPORT_ROWS]
+    text = "\n".join(lines) + "\n"
+    (run / "report.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = Path(cfg.output_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run / "config.json")
+    print(json.dumps(vars(cfg), indent=1))
+    if cfg.stage in ("sft", "all") and cfg.sft_dataset and not (cfg.resume and (run / "sft").exists()):
+        sft(cfg, run)
+    if cfg.stage in ("rl", "all"):
+        model, tok = load_rl_policy(cfg, run)
+        before = evaluate_policy(model, tok, cfg, run, "sft") if cfg.stage == "all" and cfg.eval_dataset else None
+        model, tok = rl(cfg, run, model, tok)
+        if before is not None:
+            after = evaluate_policy(model, tok, cfg, run, "rl")
+            print(report(before, after, cfg, run))
+    print(f"run folder: {run}")
+
+
+if __name__ == "__main__":
+    main()
