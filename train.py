@@ -187,8 +187,8 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int) -> tuple[d
         "response_tokens": sum(len(t.response_ids) for t in trajs) / len(trajs),
         "rollout_s": t_rollout, "step_s": time.time() - t0,
     }
-    samples = [{"step": step, "question": batch[t.question_idx].question, "golds": list(golds[i]),
-                "reward": rewards[i].item(), "text": t.text} for i, t in enumerate(trajs[:: cfg.k][:4])]
+    samples = [{"step": step, "question": batch[trajs[i].question_idx].question, "golds": list(golds[i]),
+                "reward": rewards[i].item(), "text": trajs[i].text} for i in range(0, len(trajs), cfg.k)][:4]
     return metrics, samples
 
 
