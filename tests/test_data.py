@@ -251,7 +251,7 @@ def test_tokenizer_corpus_covers_names_numbers_and_demos():
 def test_system_prompts(arpo_data):
     prompt = pd.read_parquet(arpo_data / "valid.parquet").prompt[0][0]["content"]
     assert data.SYSTEM_PROMPT == prompt.replace("\x08", "\\b")
-    assert all(tag in data.SHORT_SYSTEM_PROMPT for tag in ["<think>", "<search>", "<python>", "<result>", "\\boxed{"])
+    assert all(tag in data.SHORT_SYSTEM_PROMPT for tag in ["<search>", "<python>", "<answer>"])
 
 
 # ------------------------------------------------------------------------------------------------ loaders
