@@ -208,7 +208,7 @@ class Trajectory:
     parent_id: int | None = None      # the trajectory it branched from
     is_global: bool = True            # started from the question (not a branch)
     is_duplicate: bool = False        # pad-by-duplicate row (section 4.1)
-    finish: str = ""                  # eos | call_limit | length | rounds
+    finish: str = ""                  # eos | call_limit | length | rounds | malformed
     seg_entropy: list[float] = field(default_factory=list)  # segment entropies, in order
 
 

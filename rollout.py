@@ -292,14 +292,16 @@ class _TreeSampler:
                 self._end_segment(row)
                 self._finish(row, "length")
                 continue
-            call = None if last in (self.tok.eos_token_id, self.pad) else \
-                parse_tool_call(self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False))
+            segment = self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False)
             if last in (self.tok.eos_token_id, self.pad):
                 self._end_segment(row)
                 self._finish(row, "eos")
-            elif call is not None:
+            elif segment.rstrip().endswith(("</search>", "</python>")):
                 self._end_segment(row)
-                if len(t.tool_calls) >= cfg.call_limit:          # released behaviour: force EOS
+                call = parse_tool_call(segment)
+                if call is None:            # a closing tag without its opening tag: nothing to run
+                    self._finish(row, "malformed")
+                elif len(t.tool_calls) >= cfg.call_limit:        # released behaviour: force EOS
                     self._append(row, [self.tok.eos_token_id])
                     self._finish(row, "call_limit")
                 else:

@@ -115,13 +115,17 @@ def trajectory_tensors(trajs, pad: int, device) -> dict[str, torch.Tensor]:
             "old_logp": pad_right(old, 0.0).float().to(device)}
 
 
-def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int) -> tuple[dict, list]:
-    device = next(model.parameters()).device
-    rng = random.Random(hash((cfg.seed, step)) & 0xFFFFFFFF)
+def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tuple[dict, list]:
+    """`acc` is the accelerate.Accelerator: with N processes each rolls out its share of the questions
+    and DDP averages the gradients; with one process it changes nothing."""
+    device = acc.device
+    rng = random.Random(cfg.seed * 1_000_003 + step)
     batch = rng.sample(examples, min(cfg.questions_per_step, len(examples)))
+    batch = batch[acc.process_index:: acc.num_processes]
     t0 = time.time()
     model.eval()
-    res = rollout(model, tok, [e.question for e in batch], tools, cfg, seed=cfg.seed * 100003 + step,
+    res = rollout(acc.unwrap_model(model), tok, [e.question for e in batch], tools, cfg,
+                  seed=(cfg.seed * 1_000_003 + step) * 64 + acc.process_index,
                   system_prompt=system_prompt_of(cfg))
     t_rollout = time.time() - t0
     trajs = res.trajectories
@@ -152,12 +156,12 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int) -> tuple[d
                                     eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
                                     entropy=entropy)
             if cfg.kl_coef > 0:
-                with torch.no_grad(), model.disable_adapter():
+                with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
                     ref = L.token_logprobs(model, t["ids"], t["attn"])
                 loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
-            (loss * t["loss_mask"].sum() / n_tokens).backward()
+            acc.backward(loss * t["loss_mask"].sum() / n_tokens)
             stats.append(s)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
         if torch.isfinite(grad_norm):
             opt.step()
         else:                                            # never write a poisoned adapter
@@ -187,6 +191,10 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int) -> tuple[d
         "response_tokens": sum(len(t.response_ids) for t in trajs) / len(trajs),
         "rollout_s": t_rollout, "step_s": time.time() - t0,
     }
+    if acc.num_processes > 1:   # the mean over processes (per-kind rates: the main process's own)
+        shared = [k for k in metrics if not k.startswith("search_rate_")]
+        values = acc.reduce(torch.tensor([metrics[k] for k in shared], device=device, dtype=torch.float64), "mean")
+        metrics |= dict(zip(shared, values.tolist())) | {"step": step}
     samples = [{"step": step, "question": batch[trajs[i].question_idx].question, "golds": list(golds[i]),
                 "reward": rewards[i].item(), "text": trajs[i].text} for i in range(0, len(trajs), cfg.k)][:4]
     return metrics, samples
@@ -283,16 +291,15 @@ def rl_start(cfg: Config, run: Path) -> str:
     return str(run / "sft") if (run / "sft").exists() else cfg.model
 
 
-def load_rl_policy(cfg: Config, run: Path):
+def load_rl_policy(cfg: Config, run: Path, device=None):
     start = rl_start(cfg, run)
     if (Path(start) / "adapter_config.json").exists():          # LoRA SFT: keep training that adapter
-        return load_policy(cfg.model, adapter=start, load_in_4bit=cfg.load_in_4bit)
-    return load_policy(start, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, load_in_4bit=cfg.load_in_4bit)
+        return load_policy(cfg.model, adapter=start, load_in_4bit=cfg.load_in_4bit, device=device)
+    return load_policy(start, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, load_in_4bit=cfg.load_in_4bit,
+                       device=device)
 
 
-def rl(cfg: Config, run: Path, model=None, tok=None) -> tuple:
-    if model is None:
-        model, tok = load_rl_policy(cfg, run)
+def rl(cfg: Config, run: Path, model, tok, acc) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = data.load_examples(cfg.dataset)
@@ -303,21 +310,27 @@ def rl(cfg: Config, run: Path, model=None, tok=None) -> tuple:
     if cfg.resume and checkpoints(run):
         ckpt = checkpoints(run)[-1]
         start = load_checkpoint(ckpt, model, opt)
-        _truncate_metrics(run, start)
+        if acc.is_main_process:
+            _truncate_metrics(run, start)
         print(f"resumed from {ckpt} (next step {start + 1})")
-    bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start, total=cfg.steps)
+    ddp_model, opt = acc.prepare(model, opt)
+    main = acc.is_main_process
+    bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start, total=cfg.steps,
+               disable=not main)
     for step in bar:
-        metrics, samples = rl_step(model, tok, opt, examples, tools, cfg, step)
-        with open(run / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        tqdm.write(log_line(metrics, cfg.steps))
-        if step % cfg.sample_every == 0 or step == cfg.steps - 1:
-            with open(run / "samples.jsonl", "a") as f:
-                f.writelines(json.dumps(s) + "\n" for s in samples)
+        metrics, samples = rl_step(ddp_model, tok, opt, examples, tools, cfg, step, acc)
+        if main:
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            tqdm.write(log_line(metrics, cfg.steps))
+            if step % cfg.sample_every == 0 or step == cfg.steps - 1:
+                with open(run / "samples.jsonl", "a") as f:
+                    f.writelines(json.dumps(s) + "\n" for s in samples)
         if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
-            save_checkpoint(run, step, model, opt)
-            plot_curves(run)
-    return model, tok
+            if main:
+                save_checkpoint(run, step, model, opt)
+                plot_curves(run)
+            acc.wait_for_everyone()
 
 
 def _truncate_metrics(run: Path, next_step: int) -> None:
@@ -352,23 +365,34 @@ def report(before: dict, after: dict, cfg: Config, run: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from accelerate import Accelerator
+
     cfg = parse_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = acc.is_main_process
     run = Path(cfg.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.json")
-    print(json.dumps(vars(cfg), indent=1))
-    if cfg.stage in ("sft", "all") and cfg.sft_dataset and not (cfg.resume and (run / "sft").exists()):
-        sft(cfg, run)
+    if main_process:                          # one writer; under accelerate the others wait for it
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.json")
+        print(json.dumps(vars(cfg), indent=1))
+        if cfg.stage in ("sft", "all") and cfg.sft_dataset and not (cfg.resume and (run / "sft").exists()):
+            sft(cfg, run)
+    acc.wait_for_everyone()
     if cfg.stage in ("rl", "all"):
-        model, tok = load_rl_policy(cfg, run)
-        before = evaluate_policy(model, tok, cfg, run, "sft") if cfg.stage == "all" and cfg.eval_dataset else None
-        model, tok = rl(cfg, run, model, tok)
+        torch.manual_seed(cfg.seed)           # the same fresh LoRA weights in every process
+        model, tok = load_rl_policy(cfg, run, acc.device)
+        wants_eval = cfg.stage == "all" and cfg.eval_dataset and main_process
+        before = evaluate_policy(model, tok, cfg, run, "sft") if wants_eval else None
+        acc.wait_for_everyone()
+        rl(cfg, run, model, tok, acc)
         if before is not None:
             after = evaluate_policy(model, tok, cfg, run, "rl")
             print(report(before, after, cfg, run))
-    print(f"run folder: {run}")
+        acc.wait_for_everyone()
+    if main_process:
+        print(f"run folder: {run}")
 
 
 if __name__ == "__main__":

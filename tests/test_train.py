@@ -1,0 +1,169 @@
+"""train.py end to end: smoke runs in a subprocess, resume equality, kill-safe checkpoints, and LoRA
+gradients after a rollout."""
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import loss as L
+import train
+from aepo import Config, load_policy
+from rollout import make_tools, rollout
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def sft_start(tmp_path_factory) -> Path:
+    """A short SFT, shared by the RL tests below (they start from it with --init_from)."""
+    run = tmp_path_factory.mktemp("sft")
+    train.main(["--preset", "smoke", "--stage", "sft", "--output_dir", str(run)])
+    return run / "sft"
+
+
+@pytest.mark.parametrize("algo", ["aepo", "grpo"])
+def test_smoke_run_writes_everything(tmp_path, algo):
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "train.py", "--preset", "smoke", "--algo", algo,
+                          "--output_dir", str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 2/2 | reward" in out.stdout and "after RL" in out.stdout
+    for name in ("config.json", "metrics.jsonl", "curves.png", "samples.jsonl", "report.md",
+                 "sft/model.safetensors", "checkpoint-1/adapter_model.safetensors",
+                 "checkpoint-1/state.pt", "eval-sft/summary.json", "eval-rl/examples.jsonl"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text())["algo"] == algo
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert all(math.isfinite(v) for r in rows for v in r.values())
+    if algo == "grpo":
+        assert all(r["branches_per_q"] == 0 for r in rows)
+
+
+def _adapter(run: Path, step: int) -> dict:
+    return load_file(run / f"checkpoint-{step}" / "adapter_model.safetensors")
+
+
+def test_resume_ends_with_the_same_adapter(tmp_path, sft_start):
+    common = ["--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start), "--save_every", "1"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    train.main(common + ["--steps", "4", "--output_dir", str(a)])
+    train.main(common + ["--steps", "2", "--output_dir", str(b)])                 # "interrupted"
+    train.main(common + ["--steps", "4", "--output_dir", str(b), "--resume"])
+    wa, wb = _adapter(a, 3), _adapter(b, 3)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    ra = [json.loads(l) for l in open(a / "metrics.jsonl")]
+    rb = [json.loads(l) for l in open(b / "metrics.jsonl")]
+    assert [r["step"] for r in rb] == [0, 1, 2, 3]
+    assert [r["reward"] for r in ra] == [r["reward"] for r in rb]
+
+
+def test_sigkill_during_save_leaves_only_loadable_checkpoints(tmp_path):
+    """Kill a process in the middle of writing checkpoint-1: checkpoint-0 stays complete and loadable,
+    the half-written one is invisible, and the next save succeeds."""
+    run, marker = tmp_path / "run", tmp_path / "marker"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from pathlib import Path
+        import train
+        from aepo import load_policy
+        torch.manual_seed(0)
+        model, tok = load_policy("tiny", lora_r=4)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        run = Path({str(run)!r}); run.mkdir()
+        train.save_checkpoint(run, 0, model, opt)
+        real_save = torch.save
+        def slow_save(*args, **kwargs):          # the adapter is written; state.pt is half done
+            Path({str(marker)!r}).touch()
+            time.sleep(120)
+        torch.save = slow_save
+        train.save_checkpoint(run, 1, model, opt)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=ENV)
+    deadline = time.time() + 120
+    while not marker.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), "the child never reached the save"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p.name for p in train.checkpoints(run)] == ["checkpoint-0"]
+    model, _ = load_policy("tiny", lora_r=4)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    assert train.load_checkpoint(run / "checkpoint-0", model, opt) == 1
+    train.save_checkpoint(run, 1, model, opt)
+    assert [p.name for p in train.checkpoints(run)] == ["checkpoint-0", "checkpoint-1"]
+
+
+def test_killed_run_resumes_without_losing_or_repeating_steps(tmp_path, sft_start):
+    run = tmp_path / "run"
+    args = [sys.executable, "train.py", "--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start),
+            "--steps", "6", "--save_every", "1", "--output_dir", str(run)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not train.checkpoints(run) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = train.checkpoints(run)
+    assert done, "no checkpoint before the kill"
+    out = subprocess.run(args + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    steps = [json.loads(l)["step"] for l in open(run / "metrics.jsonl")]
+    assert steps == list(range(6))
+
+
+def test_every_lora_parameter_gets_a_correct_gradient_after_a_rollout():
+    """A rollout runs the model in eval mode under no_grad; afterwards every LoRA parameter must get a
+    finite, non-zero gradient equal to that of a copy that never ran a rollout."""
+    torch.manual_seed(0)
+    model, tok = load_policy("tiny", lora_r=4)
+    with torch.no_grad():                       # fresh LoRA has B = 0, which zeroes A's gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    twin = copy.deepcopy(model)
+    cfg = Config(k=2, branching=False, pre_monitor=False, max_response_tokens=48)
+    model.eval()
+    res = rollout(model, tok, ["Where was Abrin Quell born?", "Which company does Mirel Brask work for?"],
+                  make_tools(cfg), cfg, seed=0, system_prompt=data.SHORT_SYSTEM_PROMPT)
+    t = train.trajectory_tensors(res.trajectories, tok.pad_token_id, torch.device("cpu"))
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * t["loss_mask"]
+    grads = []
+    for m in (model, twin):
+        m.train()
+        logp = L.token_logprobs(m, t["ids"], t["attn"])
+        loss, _ = L.policy_loss(logp, t["old_logp"], adv, t["loss_mask"], clip_mode="aepo")
+        loss.backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if "lora_" in n})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0, name
+        torch.testing.assert_close(g, grads[1][name])
+
+
+def test_demo_tensors_mask_tool_results():
+    from tools import result_block
+    tok = load_policy("tiny", lora_r=0)[1]
+    response = ("<think> x </think> <search> Abrin Quell </search>" + result_block("Page 1: hi")
+                + " <think> y </think> <answer> The final answer is \\boxed{ Vantor} </answer>")
+    demo = data.Demo(question="Q?", response=response, golds=("Vantor",), kind="1hop", quality="good")
+    ids, mask = train.demo_tensors(tok, demo, "sys")
+    assert len(ids) == len(mask) and ids[-1] == tok.eos_token_id and mask[-1] == 1
+    decoded_masked = tok.decode([i for i, m in zip(ids, mask) if m == 0], skip_special_tokens=False)
+    assert result_block("Page 1: hi") in decoded_masked
+    assert "<answer>" not in decoded_masked and "Abrin" not in decoded_masked.split("assistant")[-1]
