@@ -100,12 +100,12 @@ class Config:
     questions_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
     mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step (one epoch)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per mini-batch (memory)."})
-    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate on LoRA parameters."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate on LoRA parameters."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
 
     # --- cold-start SFT ---
-    sft_steps: int = field(default=1200, metadata={"help": "SFT optimizer steps."})
+    sft_steps: int = field(default=800, metadata={"help": "SFT optimizer steps."})
     sft_batch: int = field(default=16, metadata={"help": "Demonstrations per SFT step."})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (full fine-tune for tiny)."})
     sft_demos: int = field(default=4000, metadata={"help": "Built-in demonstrations to generate."})
@@ -114,7 +114,7 @@ class Config:
     # --- logging, checkpoints, evaluation ---
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N RL steps."})
     sample_every: int = field(default=10, metadata={"help": "Dump sample trajectories every N steps."})
-    eval_runs: int = field(default=1, metadata={"help": "Runs per held-out question (Pass@k)."})
+    eval_runs: int = field(default=4, metadata={"help": "Runs per held-out question (Pass@k)."})
     eval_limit: int = field(default=0, metadata={"help": "First N held-out questions (0: all)."})
     eval_temperature: float = field(default=1.0, metadata={"help": "Eval sampling temperature."})
     eval_top_p: float = field(default=1.0, metadata={"help": "Eval nucleus sampling."})
@@ -123,7 +123,7 @@ class Config:
 PRESETS: dict[str, dict] = {
     "tiny": {},
     "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4, global_rollouts=2,
-                  save_every=1, sample_every=1, eval_limit=8, max_response_tokens=128),
+                  save_every=1, sample_every=1, eval_limit=8, eval_runs=2, max_response_tokens=128),
     "qwen3-1.7b": dict(model="Qwen3-1.7B", load_in_4bit=True, system_prompt="paper", search="web",
                        search_cache="search_cache.json", dataset="dongguanting/ARPO-RL-DeepSearch-1K",
                        eval_dataset="", sft_dataset="", stage="rl", top_k=10, k=8, global_rollouts=4,
