@@ -359,7 +359,7 @@ def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
-    import data
+    import world
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
     bpe = Tokenizer(models.BPE())
@@ -368,7 +368,7 @@ def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, min_frequency=2,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    bpe.train_from_iterator(data.tokenizer_corpus(seed=seed), trainer=trainer)
+    bpe.train_from_iterator(world.tokenizer_corpus(seed=seed), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
                                         pad_token="<|endoftext|>", bos_token=None)
     tokenizer.chat_template = TINY_CHAT_TEMPLATE

@@ -34,8 +34,8 @@ from typing import Callable
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-import data
 import tools as tool_lib
+import world
 from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
                   prompt_ids, segment_entropy, stop_token_ids, token_entropy)
 from tools import parse_tool_call, result_block
@@ -50,7 +50,7 @@ def make_tools(cfg: Config) -> Tools:
     elif cfg.search == "bm25":
         backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
                    if cfg.search_corpus else
-                   tool_lib.BM25Search(data.world_corpus(), snippet_chars=cfg.snippet_chars))
+                   tool_lib.BM25Search(world.world_corpus(), snippet_chars=cfg.snippet_chars))
     else:
         raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
     if cfg.search_cache:

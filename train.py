@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 import data
 import loss as L
+import world
 from aepo import Config, load_policy, parse_config, pick_device, prompt_ids, save_config
 from rollout import make_tools, rollout
 
@@ -61,8 +62,8 @@ def sft(cfg: Config, run: Path) -> Path:
                              load_in_4bit=cfg.load_in_4bit)
     if cfg.sft_dataset == "world":
         search = lambda docs: _bm25(docs, cfg).search
-        demos = data.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search, top_k=cfg.top_k,
-                                    bad_fraction=cfg.sft_bad_fraction)
+        demos = world.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search, top_k=cfg.top_k,
+                                     bad_fraction=cfg.sft_bad_fraction)
     else:
         demos = data.load_demos(cfg.sft_dataset)
     rows = [demo_tensors(tok, d, system_prompt_of(cfg)) for d in demos]

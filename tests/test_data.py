@@ -1,8 +1,7 @@
-"""Tests for data.py: grading by hand-computed cases and properties, the world, demonstrations, loaders."""
+"""Tests for data.py: grading by hand-computed cases and properties, the system prompts, loaders."""
 import json
 import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -11,9 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import data
-from data import (Example, build_world, demonstrations, exact_match, extract_answer, f1_score, format_error,
-                  load_demos, load_examples, normalize_answer, reward, save_jsonl, split_response, tool_counts,
-                  world_questions, world_splits)
+from data import (Example, exact_match, extract_answer, f1_score, format_error, load_demos, load_examples,
+                  normalize_answer, reward, split_response, tool_counts)
 
 
 def result(output: str) -> str:
@@ -137,117 +135,6 @@ def test_split_response_marks_exactly_the_tool_results():
     assert split_response("") == [] and split_response("plain") == [("plain", False)]
 
 
-# ------------------------------------------------------------------------------------------ built-in world
-def test_lexicons_are_distinct_short_invented_words():
-    words = data.FIRST_NAMES + data.LAST_NAMES + data.CITIES + data.COUNTRIES + data.COMPANIES
-    assert len(words) == len(set(words))
-    assert all(re.fullmatch(r"[A-Z][a-z]{3,5}", w) for w in words)
-
-
-def test_world_is_deterministic_and_sized():
-    world = build_world(3)
-    assert world.docs == build_world(3).docs and world.docs != build_world(4).docs
-    assert (len(world.people), len(world.cities), len(world.countries), len(world.companies)) == (200, 40, 10, 40)
-    assert len(world.docs) == 290 and len({d["id"] for d in world.docs}) == 290
-    assert len({p.name for p in world.people}) == 200
-    assert all(1900 <= p.birth_year <= 1999 for p in world.people)
-    assert all(1900 <= c.founded <= 1999 for c in world.companies)
-    assert set(world.cities.values()) == set(world.countries)  # every country has a city
-    assert all(len(re.split(r"(?<=\.) ", d["text"])) <= 2 for d in world.docs)  # one or two sentences
-
-
-def test_every_world_question_is_answerable_from_the_docs():
-    world = build_world(0)
-    text = {d["title"]: d["text"] for d in world.docs}
-    questions = world_questions(world)
-    assert Counter(q.kind for q in questions) == {"1hop": 600, "2hop": 80, "math": 100}
-    for q in questions:
-        gold = q.golds[0]
-        if m := re.fullmatch(r"(?:Where was|In which year was|Which company does) (\w+ \w+) (?:born|work for)\?",
-                             q.question):
-            assert gold in text[m[1]]
-        elif m := re.fullmatch(r"In which country was the founder of (\w+) born\?", q.question):
-            founder = re.search(r"by (\w+ \w+)\.", text[m[1]])[1]
-            assert f"a city in {gold}." in text[founder]
-        elif m := re.fullmatch(r"In which country are the headquarters of (\w+)\?", q.question):
-            city = re.search(r"headquarters in (\w+)\.", text[m[1]])[1]
-            assert text[city] == f"{city} is a city in {gold}."
-        else:
-            x, z = re.fullmatch(r"How many years older is (\w+ \w+) than (\w+ \w+)\?", q.question).groups()
-            year = lambda name: int(re.search(r"born in (\d{4})", text[name])[1])
-            assert int(gold) == year(z) - year(x) > 0
-
-
-def test_world_splits_are_disjoint_by_subject():
-    train, heldout = world_splits(0, n_heldout=150)
-    assert len(heldout) == 150 and len(train) > 500
-    assert {q.source for q in train} == {"world:train"} and {q.source for q in heldout} == {"world:heldout"}
-    assert set(Counter(q.kind for q in heldout)) == {"1hop", "2hop", "math"}
-    assert not {q.question for q in train} & {q.question for q in heldout}
-    world = build_world(0)
-    founder = {c.name: c.founder for c in world.companies}
-    names = re.compile("|".join([p.name for p in world.people] + list(founder)))
-
-    def subjects(questions):  # people and companies a question names, plus the founder a 2-hop needs
-        found = {n for q in questions for n in names.findall(q.question)}
-        return found | {founder[n] for n in found if n in founder}
-
-    assert not subjects(train) & subjects(heldout)
-    assert world_splits(0) == (train, heldout)
-
-
-# ----------------------------------------------------------------------------------------- demonstrations
-def fake_search(docs):
-    def search(query, top_k):
-        hits = [d for d in docs if d["title"] in query][:top_k]
-        return "\n".join(f"Page {i}: {d['text']}" for i, d in enumerate(hits, 1))
-    return search
-
-
-def test_demonstrations():
-    demos = demonstrations(60, seed=1, make_search=fake_search)
-    assert demos == demonstrations(60, seed=1, make_search=fake_search)
-    quality = Counter(d.quality for d in demos)
-    assert quality["good"] == 60 - round(60 * 0.4)
-    assert set(quality) == {"good", "no_search", "wasted_search", "guessed_math"}
-    assert {d.kind for d in demos} == {"1hop", "2hop", "math"}
-    assert len({d.question for d in demos}) == 60  # a fresh world each: names recombine
-    for d in demos:
-        assert format_error(d.response) is None, d.response
-        assert re.search(r"<(search|python)>(?! )|\\boxed\{(?! )", d.response) is None  # content starts with a space
-        searches, pythons = tool_counts(d.response)
-        r = reward(d.response, d.golds)
-        if d.quality == "good":
-            assert r == pytest.approx(1.1 if d.kind == "math" else 1.0), d.response
-            assert searches == {"1hop": 1, "2hop": 2, "math": 2}[d.kind] and pythons == (d.kind == "math")
-        elif d.quality == "no_search":
-            assert searches == pythons == 0
-        elif d.quality == "wasted_search":
-            assert r >= 1.0 and searches == {"1hop": 2, "2hop": 3, "math": 3}[d.kind]
-        else:
-            assert d.kind == "math" and searches == 2 and pythons == 0 and r == 0.0
-    assert sum(reward(d.response, d.golds) for d in demos if d.quality == "no_search") < quality["no_search"] / 2
-
-
-def test_math_demo_reads_like_the_template():
-    demo = next(d for d in demonstrations(30, 2, fake_search) if d.kind == "math" and d.quality == "good")
-    old, young = re.fullmatch(r"How many years older is (\w+ \w+) than (\w+ \w+)\?", demo.question).groups()
-    years = re.search(r"<python> (\d{4}) - (\d{4}) </python> <result>\n(\d+)\n</result>", demo.response).groups()
-    assert int(years[0]) - int(years[1]) == int(years[2]) == int(demo.golds[0])
-    assert demo.response.endswith(f"<answer> The final answer is \\boxed{{ {demo.golds[0]}}} </answer>")
-    assert demo.response.startswith(f"<think> I need to find the years {old} and {young} were born. </think>")
-
-
-def test_tokenizer_corpus_covers_names_numbers_and_demos():
-    texts = list(data.tokenizer_corpus(seed=0, n_demos=10))
-    assert all(isinstance(t, str) for t in texts)
-    words = Counter(w for t in texts for w in re.findall(r"\w+", t))
-    for w in data.FIRST_NAMES + data.LAST_NAMES + data.CITIES + data.COUNTRIES + data.COMPANIES:
-        assert words[w] >= 20
-    assert all(words[str(v)] >= 20 for v in [*range(121), *range(1900, 2000)])
-    assert sum(t.startswith("<think>") for t in texts) == 10  # the demonstrations
-
-
 def test_system_prompts(arpo_data):
     prompt = pd.read_parquet(arpo_data / "valid.parquet").prompt[0][0]["content"]
     assert data.SYSTEM_PROMPT == prompt.replace("\x08", "\\b")
@@ -255,12 +142,6 @@ def test_system_prompts(arpo_data):
 
 
 # ------------------------------------------------------------------------------------------------ loaders
-def test_world_specs():
-    train, heldout = world_splits(0)
-    assert load_examples("world") == load_examples("world:train") == train
-    assert load_examples("world:heldout", limit=7) == heldout[:7]
-
-
 def test_paper_parquet_files(arpo_data):
     hard = load_examples(str(arpo_data / "hard_search_1k.parquet"))
     assert len(hard) == 1071 and hard[0] == Example("who illustrated the original winnie the pooh books",
@@ -351,10 +232,7 @@ def test_hub_id_offline_fails_fast_and_clearly(monkeypatch):
     assert time.time() - start < 1.0
 
 
-def test_demos_round_trip_and_errors(tmp_path):
-    demos = demonstrations(5, seed=3, make_search=fake_search)
-    save_jsonl(demos, tmp_path / "sub" / "demos.jsonl")
-    assert load_demos(tmp_path / "sub" / "demos.jsonl") == demos
+def test_load_demos_errors(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"question": "q", "response": "r \x08oxed{1}"}) + "\n" + json.dumps({"question": "q"}))
     with pytest.raises(ValueError, match=re.escape(str(path)) + " line 2: no response field"):

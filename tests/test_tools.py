@@ -256,6 +256,7 @@ def test_run_python_caps_output_keeping_head_and_tail():
 def test_run_python_in_parallel_threads():  # rollouts run tool calls in parallel
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda i: run_python(f"import os\n{i} * 10, os.getuid()"), range(4)))
+    assert all(text.startswith("(") for text in results), results
     values = [ast.literal_eval(text) for text in results]
     assert [value[0] for value in values] == [0, 10, 20, 30]
     if IS_ROOT:

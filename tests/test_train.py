@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import data
 import loss as L
 import train
+import world
 from aepo import Config, load_policy
 from rollout import make_tools, rollout
 
@@ -161,7 +162,7 @@ def test_demo_tensors_mask_tool_results():
     tok = load_policy("tiny", lora_r=0)[1]
     response = ("<think> x </think> <search> Abrin Quell </search>" + result_block("Page 1: hi")
                 + " <think> y </think> <answer> The final answer is \\boxed{ Vantor} </answer>")
-    demo = data.Demo(question="Q?", response=response, golds=("Vantor",), kind="1hop", quality="good")
+    demo = world.Demo(question="Q?", response=response, golds=("Vantor",), kind="1hop", quality="good")
     ids, mask = train.demo_tensors(tok, demo, "sys")
     assert len(ids) == len(mask) and ids[-1] == tok.eos_token_id and mask[-1] == 1
     decoded_masked = tok.decode([i for i, m in zip(ids, mask) if m == 0], skip_special_tokens=False)
