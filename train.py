@@ -190,7 +190,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
         "branches_per_q": n_branch / len(batch),
         "consecutive_branch_share": sum(s.consecutive_branch_steps for s in res.stats) / max(1, n_branch),
         "response_tokens": sum(len(t.response_ids) for t in trajs) / len(trajs),
-        "rollout_s": t_rollout, "step_s": time.time() - t0,
+        "rollout_s": t_rollout, "step_s": time.time() - t0, "processes": acc.num_processes,
     }
     if acc.num_processes > 1:   # the mean over processes (per-kind rates: the main process's own)
         shared = [k for k in metrics if not k.startswith("search_rate_")]

@@ -168,3 +168,20 @@ def test_demo_tensors_mask_tool_results():
     decoded_masked = tok.decode([i for i, m in zip(ids, mask) if m == 0], skip_special_tokens=False)
     assert result_block("Page 1: hi") in decoded_masked
     assert "<answer>" not in decoded_masked and "Abrin" not in decoded_masked.split("assistant")[-1]
+
+
+def test_accelerate_two_cpu_processes(tmp_path, sft_start):
+    """Data parallel under `accelerate launch`: each process rolls out half the questions, DDP averages
+    the gradients, the main process writes the logs and checkpoints. (In accelerate 1.15,
+    `launch --cpu --num_processes 2` starts a single process; `--multi_gpu` starts two through torchrun,
+    and on a machine without CUDA the script's Accelerator runs them on the CPU with gloo.)"""
+    run = tmp_path / "run"
+    out = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--preset", "smoke",
+                          "--stage", "rl", "--init_from", str(sft_start), "--questions_per_step", "4",
+                          "--output_dir", str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1] and all(r["processes"] == 2 for r in rows)
+    assert (run / "checkpoint-1" / "adapter_model.safetensors").exists()
