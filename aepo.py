@@ -105,7 +105,7 @@ class Config:
     grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
 
     # --- cold-start SFT ---
-    sft_steps: int = field(default=800, metadata={"help": "SFT optimizer steps."})
+    sft_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps."})
     sft_batch: int = field(default=16, metadata={"help": "Demonstrations per SFT step."})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (full fine-tune for tiny)."})
     sft_demos: int = field(default=4000, metadata={"help": "Built-in demonstrations to generate."})

@@ -9,7 +9,7 @@ In and out:
 - The built-in world, its questions and the generated demonstrations live in world.py.
 
 Example:
-    python data.py /work/shared/data/arpo/valid.parquet   # counts and first examples
+    python data.py path/to/valid.parquet   # counts and first examples
 
 Decisions worth knowing:
 1. Tool-result blocks (`" <result>\\n...\\n</result>"` right after `</search>` / `</python>`) are cut out before

@@ -2,9 +2,9 @@
 temperature 0.6, top-p 0.95; Pass@1 (mean over runs, with its spread), Pass@k, EM, F1, reward, format
 failures, tool calls and response length, per dataset.
 
-    python eval.py --model tiny --dataset ../shared/data/arpo/eval/bamboogle/test.jsonl --limit 8 --runs 2
+    python eval.py --model tiny --dataset path/to/bamboogle/test.jsonl --limit 8 --runs 2
     python eval.py --preset qwen3-1.7b --model Qwen3-1.7B --adapter runs/x/checkpoint-40 --runs 5 \
-        --dataset ../shared/data/arpo/eval/hotpotqa/test.jsonl --dataset ../shared/data/arpo/eval/gsm8k/test.jsonl
+        --dataset path/to/hotpotqa/test.jsonl --dataset path/to/gsm8k/test.jsonl
     (the eval-only flags are EvalArgs below; every Config flag of aepo.py applies too)
 
 In and out: `evaluate(...)` (train.py calls it too) samples with the training rollout, branching off

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import LogitsProcessor
 
 import tools as tool_lib
 import world
@@ -355,8 +355,9 @@ class _TreeSampler:
                 self._finish(row, "length")
 
     # -- 5. branching (ARPO section 4.3, AEPO section 4.5) -------------------------------------------
-    def _branch_all(self, tool_rows: list[_Row]) -> list[tuple[int, _Row]]:
-        """Returns (parent's batch index, child) pairs; updates l for the AEPO penalty."""
+    def _branch_all(self, tool_rows: list[_Row]) -> list[tuple[_Row, _Row]]:
+        """(parent, child) pairs for the rows that just received a tool result. Each source spawns at
+        most Z - 1 children, and a question never exceeds k trajectories."""
         cfg, children = self.cfg, []
         if not cfg.branching:
             return children

@@ -72,12 +72,12 @@ def sft(cfg: Config, run: Path) -> Path:
     warmup = max(1, cfg.sft_steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * (
         0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.sft_steps)))))
-    rng = random.Random(cfg.seed)
+    batches = length_grouped_batches(rows, cfg.sft_batch, random.Random(cfg.seed))
     model.train()
     bar = tqdm(range(cfg.sft_steps), desc="sft", dynamic_ncols=True)
     with open(run / "sft_metrics.jsonl", "w") as log:
         for step in bar:
-            batch = rng.sample(rows, min(cfg.sft_batch, len(rows)))
+            batch = next(batches)
             ids = pad_right([r[0] for r in batch], tok.pad_token_id).to(device)        # (B, T)
             mask = pad_right([r[1] for r in batch], 0).to(device).float()               # (B, T)
             logp = L.token_logprobs(model, ids, (ids != tok.pad_token_id).long() | mask.long())
@@ -92,6 +92,16 @@ def sft(cfg: Config, run: Path) -> Path:
     out = run / "sft"
     _atomic_save(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return out
+
+
+def length_grouped_batches(rows: list, batch: int, rng: random.Random, pool: int = 8):
+    """Endless random batches of similar lengths (padding is wasted compute): draw pool x batch rows,
+    sort them by length, cut into batches, and serve those in random order."""
+    while True:
+        drawn = sorted(rng.sample(rows, min(len(rows), pool * batch)), key=lambda r: len(r[0]))
+        chunks = [drawn[i:i + batch] for i in range(0, len(drawn), batch)]
+        rng.shuffle(chunks)
+        yield from chunks
 
 
 def _bm25(docs, cfg):

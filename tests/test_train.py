@@ -185,3 +185,21 @@ def test_accelerate_two_cpu_processes(tmp_path, sft_start):
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1] and all(r["processes"] == 2 for r in rows)
     assert (run / "checkpoint-1" / "adapter_model.safetensors").exists()
+
+
+def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
+    """A NaN loss must not reach the adapter: the update is skipped and counted."""
+    from accelerate import Accelerator
+
+    cfg = train.parse_config(["--preset", "smoke", "--output_dir", "unused"])
+    model, tok = load_policy(str(sft_start), lora_r=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    real = L.policy_loss
+    monkeypatch.setattr(L, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    metrics, _ = train.rl_step(model, tok, opt, data.load_examples("world:train")[:8], make_tools(cfg), cfg, 0,
+                               Accelerator(cpu=True))
+    assert metrics["skipped"] == cfg.mini_batches
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n
