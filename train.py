@@ -126,6 +126,23 @@ def trajectory_tensors(trajs, pad: int, device) -> dict[str, torch.Tensor]:
             "old_logp": pad_right(old, 0.0).float().to(device)}
 
 
+def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch (AEPO.md 5.2-5.3; token mean over its sampled tokens) and its stats.
+    t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
+    logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True)      # (b, T)
+    tok_adv = adv[:, None] * t["loss_mask"]                                              # (b, T)
+    if cfg.entropy_adv_alpha > 0:
+        tok_adv = L.entropy_aware_advantages(adv, entropy, t["loss_mask"], cfg.entropy_adv_alpha)
+    loss, stats = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"], clip_mode=cfg.clip_mode,
+                                eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
+                                entropy=entropy)
+    if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
+        with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
+            ref = L.token_logprobs(model, t["ids"], t["attn"])
+        loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
+    return loss, stats
+
+
 def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tuple[dict, list]:
     """`acc` is the accelerate.Accelerator: with N processes each rolls out its share of the questions
     and DDP averages the gradients; with one process it changes nothing."""
@@ -159,17 +176,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
         opt.zero_grad(set_to_none=True)
         for micro in mb.chunk(cfg.grad_accum):
             t = {k: v[micro] for k, v in tensors.items()}
-            logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True)   # (b, T)
-            tok_adv = adv[micro, None] * t["loss_mask"]                                     # (b, T)
-            if cfg.entropy_adv_alpha > 0:
-                tok_adv = L.entropy_aware_advantages(adv[micro], entropy, t["loss_mask"], cfg.entropy_adv_alpha)
-            loss, s = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"], clip_mode=cfg.clip_mode,
-                                    eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-                                    entropy=entropy)
-            if cfg.kl_coef > 0:
-                with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
-                    ref = L.token_logprobs(model, t["ids"], t["attn"])
-                loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
+            loss, s = micro_batch_loss(model, t, adv[micro], cfg, acc)
             acc.backward(loss * t["loss_mask"].sum() / n_tokens)
             stats.append(s)
         grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)

@@ -6,7 +6,8 @@
 Same work in every mode: the first 8 held-out world questions, k = 8 each, the tiny Config's budgets,
 seed 0, greedy decoding, local tools (BM25 + Python sandbox). Two settings: the GRPO chain (branching
 off: k global trajectories per question) and the AEPO tree (pre-monitoring, entropy-guided branching,
-branch penalty). Three modes of `rollout(..., cache_mode=...)`:
+branch penalty). The policy is the bare SFT'd model, as eval loads it (RL samples through LoRA adapters:
+see benchmarks/step.py). Three modes of `rollout(..., cache_mode=...)`:
   naive    one trajectory at a time; every round re-encodes its whole sequence
   batched  every active trajectory of every question in one generate call; full re-encode each round
   tree     ours: batched, and the KV cache is kept across rounds and copied to branch children
