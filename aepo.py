@@ -221,8 +221,12 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 
     logits: (..., V), any float dtype, may contain -inf. Returns (...) float32, in nats.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)                     # (..., V)
-    plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)        # 0 * log 0 = 0
+    return entropy_of_logp(torch.log_softmax(logits.float(), dim=-1))   # (...)
+
+
+def entropy_of_logp(logp: torch.Tensor) -> torch.Tensor:
+    """The same H from log-probabilities (..., V) float32 (-inf where p = 0). Returns (...), in nats."""
+    plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)        # (..., V) 0 * log 0 = 0
     return -plogp.sum(-1)
 
 

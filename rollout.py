@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import LogitsProcessor
+from transformers import DynamicCache, LogitsProcessor
 
 import tools as tool_lib
 import world
-from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
-                  prompt_ids, segment_entropy, stop_token_ids, token_entropy)
+from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, entropy_of_logp,
+                  global_budget, prompt_ids, segment_entropy, stop_token_ids)
 from tools import parse_tool_call, result_block
 
 Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
@@ -105,7 +105,7 @@ class _Recorder(LogitsProcessor):
         if self._prev is not None:
             self.logp.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))   # (B,)
         self._prev = torch.log_softmax(scores.float(), dim=-1)                     # (B, V)
-        self.entropy.append(token_entropy(scores))                                  # (B,)
+        self.entropy.append(entropy_of_logp(self._prev))                            # (B,) exact
         return scores
 
     def finish(self, last_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,9 +230,24 @@ class _TreeSampler:
             self.prefilled += n
             row.pending = []
         block, block_mask = block.to(self.device), block_mask.to(self.device)
-        if ids is None:
-            return block, block_mask, None
+        if ids is None:                    # round 0: the k globals of a question share their prompt
+            return block, block_mask, self._shared_prompt_cache(block, block_mask) if N > 1 else None
         return torch.cat([ids, block], 1), torch.cat([mask, block_mask], 1), cache
+
+    def _shared_prompt_cache(self, block, block_mask):
+        """KV cache of block[:, :-1], encoded once per distinct row and copied to its duplicates;
+        generate then encodes only the last column (it needs one uncached token)."""
+        keys = [tuple(r) for r in block.tolist()]
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}           # key -> first row
+        uniq = sorted(set(first.values()))
+        slot = {i: j for j, i in enumerate(uniq)}
+        m = block_mask[uniq, :-1]                                                  # (U, N - 1)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=block[uniq, :-1], attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True)
+        self.prefilled -= int(block_mask[:, :-1].sum() - m.sum())                  # duplicates: not encoded
+        cache.batch_select_indices(torch.tensor([slot[first[k]] for k in keys], device=block.device))
+        return cache
 
     # -- 2. one batched generate call ---------------------------------------------------------------
     def _generate(self, rows, ids, mask, cache):

@@ -264,16 +264,19 @@ def _read_output(proc: subprocess.Popen, deadline: float, cap: int) -> tuple[str
     head, tail, total = bytearray(), bytearray(), 0
     fd, poller = proc.stdout.fileno(), select.poll()
     poller.register(fd, select.POLLIN)
+    exited = False
     while (left := deadline - time.monotonic()) > 0:
-        if poller.poll(min(left, 0.05) * 1000):
+        if poller.poll(0 if exited else min(left, 0.05) * 1000):
             chunk = os.read(fd, 1 << 16)
             if not chunk:  # every process of the sandbox closed its output
                 return _clip(head, tail, total, cap), False
             total += len(chunk)
             head += chunk[: max(0, cap - len(head))]
             tail = (tail + chunk)[-cap:]
-        elif os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT):  # exited (not reaped yet)
+        elif exited:  # the child exited and the pipe holds nothing more (a grandchild may keep it open)
             return _clip(head, tail, total, cap), False
+        else:  # exited (not reaped yet)? Then drain what it wrote just before exiting, and stop
+            exited = bool(os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT))
     return _clip(head, tail, total, cap), True
 
 
