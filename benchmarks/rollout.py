@@ -201,13 +201,11 @@ def main() -> None:
                         f"| {r['tool_s']:.3f} | {r['peak_mb']:.0f} (+{r['peak_mb'] - r['rss_start_mb']:.0f}) "
                         f"| {same} |")
         tree = R["tree"]
-        once = tree["prefill"] - tree["prompt_prefill"] + tree["prompt_once"]    # one prompt per question
         notes.append(f"- {SETTINGS[s]}: tree / naive gen tok/s = {tps(tree) / tps(R['naive']):.2f}x (target >= 3); "
                      f"batched / tree prefill per generated token = {R['batched']['prefill'] / tree['prefill']:.2f}x "
-                     f"(target >= 3). Prompts are {100 * tree['prompt_prefill'] / tree['prefill']:.0f}% of the "
-                     f"tree's prefill (each global trajectory encodes its question's prompt); encoding each prompt "
-                     f"once would give {R['batched']['prefill'] / once:.2f}x; the rest is tool results (every mode "
-                     "encodes each at least once) and one re-fed token per segment continued")
+                     "(target >= 3). The tree encodes a question's prompt once for all globals started in round 0 "
+                     "(every global of the GRPO chain; AEPO starts only its probe there), "
+                     "each tool result once, and one re-fed token per segment continued")
     head = "aepo" if "aepo" in args.settings else args.settings[0]
     model = Path(args.model)
     report = [f"# Rollout throughput: naive vs batched vs tree (last line: {SETTINGS[head]})", "",
