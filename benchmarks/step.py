@@ -106,7 +106,7 @@ def busy_seconds(spans: list) -> float:
 # train.rl_step, phase by phase (one process: no accelerate wrapper, same arithmetic)
 
 
-def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock: Clock, log: dict) -> None:
+def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock: Clock, log: dict, acc) -> None:
     rng = random.Random(cfg.seed * 1_000_003 + step)
     batch = rng.sample(examples, min(cfg.questions_per_step, len(examples)))
     with clock("rollout"):
@@ -141,13 +141,7 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
         for micro in mb.chunk(cfg.grad_accum):
             with clock("forward+loss"):
                 t = {k: v[micro] for k, v in tensors.items()}
-                logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True)   # (b, T)
-                tok_adv = adv[micro, None] * t["loss_mask"]                                     # (b, T)
-                if cfg.entropy_adv_alpha > 0:
-                    tok_adv = L.entropy_aware_advantages(adv[micro], entropy, t["loss_mask"], cfg.entropy_adv_alpha)
-                loss, _ = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"], clip_mode=cfg.clip_mode,
-                                        eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-                                        entropy=entropy)
+                loss, _ = train.micro_batch_loss(model, t, adv[micro], cfg, acc)      # the same code as rl_step
             with clock("backward"):
                 (loss * t["loss_mask"].sum() / n_tokens).backward()
             lengths = t["attn"].sum(1).sort().values                                          # (b,)
@@ -192,7 +186,7 @@ def main() -> None:
     new_opt = lambda: torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     restart = lambda: [params[n].data.copy_(start[n]) for n in params]     # LoRA weights before step 0
 
-    phased_step(model, tok, new_opt(), examples, tools, cfg, 0, Clock(), {})            # warm-up
+    phased_step(model, tok, new_opt(), examples, tools, cfg, 0, Clock(), {}, acc)       # warm-up
     restart()
     metrics, _ = train.rl_step(model, tok, new_opt(), examples, tools, cfg, 0, acc)
     reference = {n: p.detach().clone() for n, p in params.items()}
@@ -203,7 +197,7 @@ def main() -> None:
     timed_tools = {name: timed(fn, tool_spans) for name, fn in tools.items()}
     for step in range(n):
         t0 = time.perf_counter()
-        phased_step(model, tok, opt, examples, timed_tools, cfg, step, clock, log)
+        phased_step(model, tok, opt, examples, timed_tools, cfg, step, clock, log, acc)
         clock.seconds["step"] += time.perf_counter() - t0
         if step == 0:
             same = max((params[k] - reference[k]).abs().max().item() for k in params)
