@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -60,12 +61,6 @@ def code_version() -> str:
     return " ".join(git("rev-parse", "--short", "HEAD")) + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
 
 
-def machine() -> str:
-    import torch
-
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, Python {platform.python_version()}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,13 +83,6 @@ def timed(tools: dict, spans: list) -> dict:
     return {name: wrap(fn) for name, fn in tools.items()}
 
 
-def busy_seconds(spans: list) -> float:
-    """Length of the union of the intervals: wall time with at least one tool call running."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        total += max(0.0, b - max(a, end))
-        end = max(end, b)
-    return total
 
 
 def peak_reset() -> bool:

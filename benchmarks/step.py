@@ -48,6 +48,7 @@ import loss as L  # noqa: E402
 import train  # noqa: E402
 from aepo import Config, resolve  # noqa: E402
 from rollout import make_tools, rollout  # noqa: E402
+from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 PHASES = ["rollout", "rewards", "advantages", "tensorise", "old logp (reused)", "forward+loss", "backward",
           "optimizer"]
@@ -55,14 +56,6 @@ INNER = ["  rollout: model.generate", "  rollout: tools (any call running)", "  
 EXTRA = "old logp recompute (not in step)"
 
 
-def machine() -> str:
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.processor())
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    dirty = [f for f in git("status", "--short", "--", "*.py") if f.endswith(".py")]
-    code = " ".join(git("rev-parse", "--short", "HEAD")) + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
-    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, Python {platform.python_version()}; "
-            f"code {code}")
 
 
 class Clock:
@@ -93,13 +86,6 @@ def timed(fn, spans: list):
     return call
 
 
-def busy_seconds(spans: list) -> float:
-    """Length of the union of the intervals (parallel tool calls overlap)."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(spans):
-        total += max(0.0, b - max(a, end))
-        end = max(end, b)
-    return total
 
 
 # ----------------------------------------------------------------------------------------------------
