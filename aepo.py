@@ -384,10 +384,15 @@ def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
     model = Qwen3ForCausalLM(config)
-    tmp = folder.with_name(folder.name + ".tmp")
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")     # complete before it gets its name
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, folder) if not folder.exists() else None
+    try:
+        os.replace(tmp, folder)
+    except OSError:                          # another process finished the same build first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
