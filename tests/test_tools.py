@@ -364,9 +364,16 @@ def test_hostile_cannot_read_the_parents_environment_through_proc(monkeypatch):
 @pytest.fixture
 def victim():
     """A world-readable file in a world-readable folder that the sandbox can see: in the repository's
-    pytest cache, outside the sandbox's private /tmp."""
-    (ROOT / ".pytest_cache").mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="aepo-victim-", dir=ROOT / ".pytest_cache"))
+    pytest cache, or in /var/lib when the checkout itself is hidden from the sandbox (under its private
+    /tmp, or below a folder closed to others)."""
+    def visible(folder: Path) -> bool:
+        if any(Path(d) == folder or Path(d) in folder.parents for d in tools.SCRATCH_DIRS):
+            return False
+        return all(p.stat().st_mode & stat.S_IXOTH for p in [folder, *folder.parents])
+
+    base = ROOT / ".pytest_cache" if visible(ROOT) else Path("/var/lib")
+    base.mkdir(exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix="aepo-victim-", dir=base))
     folder.chmod(0o755)
     path = folder / "precious.txt"
     path.write_text("do not touch")
