@@ -28,6 +28,7 @@ import loss as L
 import world
 from aepo import Config, load_policy, parse_config, pick_device, prompt_ids, save_config
 from rollout import make_tools, rollout
+from tools import BM25Search
 
 # ----------------------------------------------------------------------------------------------------
 # Cold-start SFT on demonstration trajectories (tool results masked out, as in RL)
@@ -61,7 +62,7 @@ def sft(cfg: Config, run: Path) -> Path:
     model, tok = load_policy(cfg.model, lora_r=0 if full else cfg.lora_r, device=device,
                              load_in_4bit=cfg.load_in_4bit)
     if cfg.sft_dataset == "world":
-        search = lambda docs: _bm25(docs, cfg).search
+        search = lambda docs: BM25Search(docs, snippet_chars=cfg.snippet_chars).search
         demos = world.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search, top_k=cfg.top_k,
                                      bad_fraction=cfg.sft_bad_fraction)
     else:
@@ -102,12 +103,6 @@ def length_grouped_batches(rows: list, batch: int, rng: random.Random, pool: int
         chunks = [drawn[i:i + batch] for i in range(0, len(drawn), batch)]
         rng.shuffle(chunks)
         yield from chunks
-
-
-def _bm25(docs, cfg):
-    from tools import BM25Search
-
-    return BM25Search(docs, snippet_chars=cfg.snippet_chars)
 
 
 # ----------------------------------------------------------------------------------------------------
