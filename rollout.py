@@ -21,7 +21,8 @@ How one rollout call runs (all active trajectories of all questions share one ba
 
 The batch keeps one KV cache across rounds. New tokens (prompts of new rows, tool results) are appended
 right-aligned in a block with filler pads before them; every filler is 0 in the attention mask, and
-position ids follow the mask's cumulative sum, so each row sees exactly its own sequence.
+position ids follow the mask's cumulative sum, so each row sees exactly its own sequence. Each question's
+prompt is encoded once per call: every global it starts (round 0 or later) copies that cache.
 """
 from __future__ import annotations
 
@@ -185,6 +186,7 @@ class _TreeSampler:
         rows = [self._new_global(q) for q in range(nq) for _ in range(self.m[q] or 1)]
         self.l = [0] * nq              # consecutive rounds with a new trajectory (AEPO penalty)
         self.owed: list[int] = []      # questions owed a global start (after an AEPO probe)
+        self.prompt_kv: dict[int, list] = {}   # question -> per-layer (keys, values) of prompt[:-1]
         ids = mask = cache = None
         for round_ in range(cfg.max_rounds):
             if not rows:
@@ -210,7 +212,9 @@ class _TreeSampler:
     # -- 1. append each row's pending tokens, right-aligned -----------------------------------------
     def _append_pending(self, rows, ids, mask, cache):
         B = len(rows)
-        if ids is not None:
+        if ids is None:                                     # a fresh batch: every row is a new global
+            ids, mask, cache = self._prompt_history(rows)
+        else:
             # The block's last column must be a real token of every row (generate samples from the last
             # position). A row with nothing pending continues its segment: re-feed its last real token
             # (masking out its old column); its position, the mask's cumulative sum, is unchanged.
@@ -219,7 +223,10 @@ class _TreeSampler:
                     j = int(mask[b].nonzero()[-1])
                     row.pending = [int(ids[b, j])]
                     mask[b, j] = 0
-            ids, mask, cache = _add_blank_rows(ids, mask, cache, B - ids.shape[0], self.pad)
+            old_B = ids.shape[0]
+            ids, mask, cache = _add_blank_rows(ids, mask, cache, B - old_B, self.pad)
+            for b in range(old_B, B):                       # globals joining mid-rollout
+                ids, mask, cache = self._place_prompt(rows[b], b, ids, mask, cache)
         N = max(len(r.pending) for r in rows)
         block = torch.full((B, N), self.pad, dtype=torch.long)
         block_mask = torch.zeros((B, N), dtype=torch.long)
@@ -230,24 +237,67 @@ class _TreeSampler:
             self.prefilled += n
             row.pending = []
         block, block_mask = block.to(self.device), block_mask.to(self.device)
-        if ids is None:                    # round 0: the k globals of a question share their prompt
-            return block, block_mask, self._shared_prompt_cache(block, block_mask) if N > 1 else None
+        for q in [q for q in self.prompt_kv if self.started[q] >= self.cfg.k]:
+            del self.prompt_kv[q]                           # no later global of q can need it
+        if ids is None:
+            return block, block_mask, None
         return torch.cat([ids, block], 1), torch.cat([mask, block_mask], 1), cache
 
-    def _shared_prompt_cache(self, block, block_mask):
-        """KV cache of block[:, :-1], encoded once per distinct row and copied to its duplicates;
-        generate then encodes only the last column (it needs one uncached token)."""
-        keys = [tuple(r) for r in block.tolist()]
-        first = {key: i for i, key in reversed(list(enumerate(keys)))}           # key -> first row
-        uniq = sorted(set(first.values()))
-        slot = {i: j for j, i in enumerate(uniq)}
-        m = block_mask[uniq, :-1]                                                  # (U, N - 1)
+    # Each question's prompt is encoded once per rollout: the KV cache of prompt[:-1] is kept, and every
+    # global the question starts (all k at once for GRPO, AEPO's probe and its m - 1 later globals,
+    # restarts) gets a copy as its history, so only the prompt's last token is fed with the new row.
+    # Cached keys carry their own positions (0 .. P - 2), so they may sit in any columns the row attends to.
+
+    def _prompt_history(self, rows):
+        """History (ids, mask, cache) for a fresh batch of new globals: their prompts, from the kept
+        caches, right-aligned. (None, None, None) when no prompt is longer than one token."""
+        self._encode_prompts({r.traj.question_idx for r in rows})
+        kept = [self.prompt_kv[r.traj.question_idx] for r in rows if r.traj.question_idx in self.prompt_kv]
+        if not kept:
+            return None, None, None
+        B, W = len(rows), max(kv[0][0].shape[1] for kv in kept)
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=block[uniq, :-1], attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0),
-                   cache=cache, use_cache=True)
-        self.prefilled -= int(block_mask[:, :-1].sum() - m.sum())                  # duplicates: not encoded
-        cache.batch_select_indices(torch.tensor([slot[first[k]] for k in keys], device=block.device))
-        return cache
+        for i, (k, v) in enumerate(kept[0]):
+            cache.update(k.new_zeros((B, k.shape[0], W, k.shape[2])), v.new_zeros((B, v.shape[0], W, v.shape[2])), i)
+        ids = torch.full((B, W), self.pad, dtype=torch.long, device=self.device)
+        mask = torch.zeros((B, W), dtype=torch.long, device=self.device)
+        for b, row in enumerate(rows):
+            ids, mask, cache = self._place_prompt(row, b, ids, mask, cache)
+        return ids, mask, cache
+
+    def _encode_prompts(self, questions: set[int]) -> None:
+        """Encode prompt[:-1] of each question not yet kept, in one left-padded forward pass."""
+        todo = sorted(q for q in questions if q not in self.prompt_kv and len(self.prompts[q]) > 1)
+        if not todo:
+            return
+        heads = [self.prompts[q][:-1] for q in todo]
+        W = max(map(len, heads))
+        ids = torch.tensor([[self.pad] * (W - len(h)) + h for h in heads], device=self.device)
+        mask = torch.tensor([[0] * (W - len(h)) + [1] * len(h) for h in heads], device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        self.prefilled += sum(map(len, heads))
+        for u, (q, h) in enumerate(zip(todo, heads)):
+            self.prompt_kv[q] = [(layer.keys[u, :, W - len(h):], layer.values[u, :, W - len(h):])
+                                 for layer in cache.layers]
+
+    def _place_prompt(self, row, b, ids, mask, cache):
+        """Give batch row b (a new global with its whole prompt pending) the kept cache of prompt[:-1]
+        in the history's last cached columns, widening the history on the left when it is too short."""
+        q = row.traj.question_idx
+        if row.pending != self.prompts[q] or q not in self.prompt_kv:
+            return ids, mask, cache
+        kv = self.prompt_kv[q]
+        n = len(self.prompts[q]) - 1
+        ids, mask, cache = _add_blank_columns(ids, mask, cache, n - cache.get_seq_length(), self.pad)
+        c = cache.get_seq_length()                          # after generate, ids' last column is uncached
+        for layer, (k, v) in zip(cache.layers, kv):
+            layer.keys[b, :, c - n:c], layer.values[b, :, c - n:c] = k, v
+        ids[b, c - n:c] = torch.tensor(self.prompts[q][:-1], device=ids.device)
+        mask[b, c - n:c] = 1
+        row.pending = self.prompts[q][-1:]
+        return ids, mask, cache
 
     # -- 2. one batched generate call ---------------------------------------------------------------
     def _generate(self, rows, ids, mask, cache):
@@ -403,20 +453,42 @@ class _TreeSampler:
 
     # -- 6. keep live rows and their children in the batch; start new globals -------------------------
     def _select(self, rows, children, ids, mask, cache):
-        """Batch index of every surviving row; a child repeats its parent's index (cache copy)."""
+        """Keep the live rows, encode their tool results, then copy each parent's rows (KV cache
+        included, result encoded) to its children, so a result is encoded once however many branches."""
+        live = [b for b, row in enumerate(rows) if not row.done]
+        if not live:
+            return [], None, None, None
+        rows = [rows[b] for b in live]
+        ids, mask, cache = self._encode_results(rows, *_take(live, ids, mask, cache))
+        if not children:
+            return rows, ids, mask, cache
         kids: dict[int, list[_Row]] = {}
         for parent, child in children:
+            child.pending = list(parent.pending)
             kids.setdefault(id(parent), []).append(child)
-        index, kept = [], []
-        for b, row in enumerate(rows):
-            for r in ([] if row.done else [row]) + kids.get(id(row), []):
-                index.append(b)
-                kept.append(r)
-        if not kept:
-            return [], None, None, None
-        idx = torch.tensor(index, device=ids.device)
-        cache.batch_select_indices(idx)
-        return (kept, *_trim_left(ids[idx], mask[idx], cache))
+        index = [b for b, row in enumerate(rows) for _ in range(1 + len(kids.get(id(row), [])))]
+        rows = [r for row in rows for r in [row, *kids.get(id(row), [])]]
+        return (rows, *_take(index, ids, mask, cache))
+
+    def _encode_results(self, rows, ids, mask, cache):
+        """Encode each row's pending tool result but its last token (which generate needs uncached),
+        along with the last sampled column generate left uncached, in one forward pass."""
+        heads = [row.pending[:-1] for row in rows]
+        N = max(map(len, heads))
+        if N == 0:
+            return ids, mask, cache
+        block = torch.full((len(rows), N), self.pad, dtype=torch.long)
+        block_mask = torch.zeros((len(rows), N), dtype=torch.long)
+        for b, (row, head) in enumerate(zip(rows, heads)):
+            if head:
+                block[b, N - len(head):], block_mask[b, N - len(head):] = torch.tensor(head), 1
+            row.pending = row.pending[len(head):]
+            self.prefilled += len(head)
+        c = cache.get_seq_length()
+        ids, mask = torch.cat([ids, block.to(self.device)], 1), torch.cat([mask, block_mask.to(self.device)], 1)
+        self.model(input_ids=ids[:, c:], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, c:],
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        return ids, mask, cache
 
     def _start_new(self, rows: list[_Row], children) -> list[_Row]:
         """Globals owed by a fresh AEPO budget, then the restart rule (section 4.1); updates l."""
@@ -448,6 +520,13 @@ class _TreeSampler:
         return out
 
 
+def _take(index: list[int], ids, mask, cache):
+    """Batch rows `index` (repeats copy a row, KV cache included), without columns no row uses."""
+    idx = torch.tensor(index, device=ids.device)
+    cache.batch_select_indices(idx)
+    return _trim_left(ids[idx], mask[idx], cache)
+
+
 def _trim_left(ids, mask, cache):
     """Drop leading columns that no remaining row attends to (rows that left the batch owned them)."""
     used = mask[:, :-1].any(0).nonzero()
@@ -468,4 +547,18 @@ def _add_blank_rows(ids, mask, cache, n: int, pad: int):
     for layer in cache.layers:
         layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
         layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+    return ids, mask, cache
+
+
+def _add_blank_columns(ids, mask, cache, n: int, pad: int):
+    """Widen the history by n columns on the left that no row attends to (mask 0, zero cache)."""
+    if n <= 0:
+        return ids, mask, cache
+    ids = torch.cat([ids.new_full((ids.shape[0], n), pad), ids], 1)
+    mask = torch.cat([mask.new_zeros((mask.shape[0], n)), mask], 1)
+    for layer in cache.layers:
+        zeros = layer.keys.new_zeros((*layer.keys.shape[:2], n, layer.keys.shape[3]))
+        layer.keys = torch.cat([zeros, layer.keys], 2)
+        layer.values = torch.cat([layer.values.new_zeros((*layer.values.shape[:2], n, layer.values.shape[3])),
+                                  layer.values], 2)
     return ids, mask, cache

@@ -10,7 +10,8 @@ branch penalty). The policy is the bare SFT'd model, as eval loads it (RL sample
 see benchmarks/step.py). Three modes of `rollout(..., cache_mode=...)`:
   naive    one trajectory at a time; every round re-encodes its whole sequence
   batched  every active trajectory of every question in one generate call; full re-encode each round
-  tree     ours: batched, and the KV cache is kept across rounds and copied to branch children
+  tree     ours: batched, and the KV cache is kept across rounds and copied to branch children and
+           (each question's prompt) to every global the question starts
 Each (setting, mode) runs in a fresh subprocess: load, warm up on two other questions, time. Columns:
   gen tok/s       tokens sampled by the policy / wall time of the rollout call (tool time included)
   prefill/gen     tokens encoded without being sampled (prompts, tool results, re-encoded history)
@@ -191,9 +192,10 @@ def main() -> None:
         tree = R["tree"]
         notes.append(f"- {SETTINGS[s]}: tree / naive gen tok/s = {tps(tree) / tps(R['naive']):.2f}x (target >= 3); "
                      f"batched / tree prefill per generated token = {R['batched']['prefill'] / tree['prefill']:.2f}x "
-                     "(target >= 3). The tree encodes a question's prompt once for all globals started in round 0 "
-                     "(every global of the GRPO chain; AEPO starts only its probe there), "
-                     "each tool result once, and one re-fed token per segment continued")
+                     "(target >= 3). The tree encodes each question's prompt once for all the globals it starts "
+                     "(its last token is fed per global), each tool result once (branch children copy it with the "
+                     "parent's cache), and one re-fed token per "
+                     "segment continued")
     head = "aepo" if "aepo" in args.settings else args.settings[0]
     model = Path(args.model)
     report = [f"# Rollout throughput: naive vs batched vs tree (last line: {SETTINGS[head]})", "",

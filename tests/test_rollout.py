@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from aepo import Config
+from aepo import Config, prompt_ids
 from fakes import ScriptedPolicy, ids, toy_tokenizer
 from rollout import rollout
 from tools import result_block
@@ -121,6 +121,28 @@ def test_aepo_probe_sets_the_budget(tok):
         assert s.n_global >= 5 and s.n_global + s.n_branch + s.n_duplicate == 8
 
 
+@pytest.mark.parametrize("rules", [
+    CHAIN,
+    dict(branching=True, pre_monitor=True, branch_penalty=True, tau=2.0, gamma=0.0),    # never branches
+    dict(branching=True, pre_monitor=False, branch_penalty=False, tau=1.0, gamma=0.0, global_rollouts=2)],
+    ids=["grpo", "aepo-no-branch", "arpo-always-branch"])
+def test_prompts_and_tool_results_are_encoded_once(tok, rules):
+    """Prefill = each question's prompt[:-1] once, plus for every global its prompt's last token and its
+    tool result, plus for every branch child the result's last token: later globals and restarts copy
+    the kept prompt cache, and children copy their parent's cache with the result already encoded."""
+    seg0 = ids(tok, "<think> a </think> <search> x </search>")
+    model = ScriptedPolicy(tok, [seg0, ids(tok, " <answer> y </answer>")])
+    questions = ["Where was Mira Quell born?", "Q2?"]
+    res = rollout(model, tok, questions, TOOLS, cfg_with(k=8, **rules), seed=0, system_prompt="sys")
+    result = len(ids(tok, result_block(TOOLS["search"]("x"))))
+    assert all(t.finish == "eos" for t in res.trajectories)
+    assert all(s.n_global + s.n_branch == 8 for s in res.stats)
+    assert all(s.n_branch > 0 for s in res.stats) == (rules.get("tau") == 1.0)
+    expected = sum(len(prompt_ids(tok, q, "sys")) - 1 + s.n_global * (1 + result) + s.n_branch
+                   for q, s in zip(questions, res.stats))
+    assert res.prefill_tokens == expected
+
+
 def _biased_random_qwen(tok, seed=6):
     """A random tiny Qwen3 whose greedy output opens and closes searches and sometimes ends: enough to
     exercise branching, restarts and the call limit with real attention and KV caches. (Seed and
@@ -139,16 +161,16 @@ def _biased_random_qwen(tok, seed=6):
     return model
 
 
-@pytest.mark.parametrize("algo", ["arpo", "aepo"])
+@pytest.mark.parametrize("algo", ["grpo", "arpo", "aepo"])
 def test_greedy_cached_tree_equals_recompute_from_scratch(tok, algo):
     model = _biased_random_qwen(tok)
-    rules = dict(pre_monitor=algo == "aepo", branch_penalty=algo == "aepo")
+    rules = dict(pre_monitor=algo == "aepo", branch_penalty=algo == "aepo", branching=algo != "grpo")
     cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=120, call_limit=2, **rules)
     questions = ["Where was Mira Quell born?", "Q2 long question about a city?", "x?", "Which company?"]
     runs = {mode: rollout(model, tok, questions, TOOLS, cfg, seed=1, system_prompt="sys", greedy=True,
                           cache_mode=mode) for mode in ("tree", "batched", "naive")}
     tree = runs["tree"]
-    assert sum(s.n_branch for s in tree.stats) > 0
+    assert (sum(s.n_branch for s in tree.stats) > 0) == (algo != "grpo")
     assert {t.finish for t in tree.trajectories} == {"call_limit", "eos"}
     if algo == "arpo":
         assert sum(s.n_restart for s in tree.stats) > 0
