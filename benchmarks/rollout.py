@@ -13,7 +13,8 @@ see benchmarks/step.py). Three modes of `rollout(..., cache_mode=...)`:
   tree     ours: batched, and the KV cache is kept across rounds and copied to branch children and
            (each question's prompt) to every global the question starts
 Each (setting, mode) runs in a fresh subprocess: load, warm up on two other questions, time. Columns:
-  gen tok/s       tokens sampled by the policy / wall time of the rollout call (tool time included)
+  wall s          median wall time of --repeats identical timed rollout calls (their range in brackets)
+  gen tok/s       tokens sampled by the policy / that median wall (tool time included)
   prefill/gen     tokens encoded without being sampled (prompts, tool results, re-encoded history)
                   per sampled token: the sampler's own `prefill_tokens / generated_tokens` (real tokens)
   positions/gen   every position the model computed (padding, fillers and finished rows still in the
@@ -33,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -126,11 +128,16 @@ def worker(args) -> dict:
     positions[0] = 0
     reset_ok = peak_reset()
     rss_start = status_mb("VmRSS")
-    t0 = time.perf_counter()
-    res = run(questions)
-    wall = time.perf_counter() - t0
+    walls = []
+    for _ in range(args.repeats):            # identical greedy runs; the median wall is reported
+        spans.clear()
+        positions[0] = 0
+        t0 = time.perf_counter()
+        res = run(questions)
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
     peak = status_mb("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"wall_s": wall, "generated": res.generated_tokens, "prefill": res.prefill_tokens,
+    return {"wall_s": wall, "walls": walls, "generated": res.generated_tokens, "prefill": res.prefill_tokens,
             "positions": positions[0], "tool_calls": len(spans), "tool_s": busy_seconds(spans),
             "peak_mb": peak, "rss_start_mb": rss_start, "peak_method": "VmHWM" if reset_ok else "ru_maxrss",
             "branches": sum(s.n_branch for s in res.stats),
@@ -150,6 +157,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     p.add_argument("--questions", type=int, default=8, help="held-out world questions")
     p.add_argument("--k", type=int, default=8, help="trajectories per question")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per (setting, mode); median wall")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout.md"))
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)   # internal: one measurement
@@ -167,7 +175,8 @@ def main() -> None:
     for setting in args.settings:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--worker", mode, "--setting", setting, "--model", args.model,
-                   "--threads", str(args.threads), "--questions", str(args.questions), "--k", str(args.k)]
+                   "--threads", str(args.threads), "--questions", str(args.questions), "--k", str(args.k),
+                   "--repeats", str(args.repeats)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if out.returncode != 0:
@@ -175,7 +184,7 @@ def main() -> None:
             results[setting, mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{setting}/{mode}: {tps(r):.0f} tok/s in {r['wall_s']:.1f}s", file=sys.stderr, flush=True)
 
-    rows = ["| setting | mode | generated | wall s | gen tok/s | vs naive | prefill/gen | positions/gen "
+    rows = ["| setting | mode | generated | wall s (range) | gen tok/s | vs naive | prefill/gen | positions/gen "
             "| branches | tool calls | tool s | peak RSS MB (growth) | greedy = naive |", "|---" * 13 + "|"]
     notes = []
     for s in args.settings:
@@ -184,8 +193,8 @@ def main() -> None:
             diff = [where(a, b) for a, b in zip(r["responses"], R["naive"]["responses"]) if a != b]
             same = ("ref" if m == "naive" else "OK" if not diff else
                     f"MISMATCH {len(diff)}/{len(r['responses'])} (first: {', '.join(sorted(set(diff)))})")
-            rows.append(f"| {SETTINGS[s]} | {m}{' (ours)' * (m == 'tree')} | {r['generated']} | {r['wall_s']:.1f} "
-                        f"| {tps(r):.0f} | {tps(r) / tps(R['naive']):.2f}x | {r['prefill'] / r['generated']:.2f} "
+            rows.append(f"| {SETTINGS[s]} | {m}{' (ours)' * (m == 'tree')} | {r['generated']} | {r['wall_s']:.2f} "
+                        f"({min(r['walls']):.2f}-{max(r['walls']):.2f}) | {tps(r):.0f} | {tps(r) / tps(R['naive']):.2f}x | {r['prefill'] / r['generated']:.2f} "
                         f"| {r['positions'] / r['generated']:.2f} | {r['branches']} | {r['tool_calls']} "
                         f"| {r['tool_s']:.3f} | {r['peak_mb']:.0f} (+{r['peak_mb'] - r['rss_start_mb']:.0f}) "
                         f"| {same} |")
@@ -202,7 +211,8 @@ def main() -> None:
               f"Machine: {machine()}; torch threads {args.threads}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; code {code_version()}", "",
               f"Model {model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}; {args.questions} held-out "
-              f"world questions x k={args.k}; seed 0, greedy; tiny Config budgets; peak RSS by "
+              f"world questions x k={args.k}; seed 0, greedy; tiny Config budgets; median wall of {args.repeats} "
+              f"timed runs; peak RSS by "
               f"{results[head, 'tree']['peak_method']}.", "", *rows, "", *notes, "",
               f"speedup_vs_naive={tps(results[head, 'tree']) / tps(results[head, 'naive']):.2f}"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
