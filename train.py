@@ -121,6 +121,14 @@ def trajectory_tensors(trajs, pad: int, device) -> dict[str, torch.Tensor]:
             "old_logp": pad_right(old, 0.0).float().to(device)}
 
 
+def micro_batches(tensors: dict, rows: torch.Tensor, n: int):
+    """(row index, tensors) of `rows` split into n micro-batches, each cut to its longest sequence:
+    exact, as padding is on the right and attends to nothing."""
+    for micro in rows.chunk(n):
+        width = int(tensors["attn"][micro].sum(1).max())
+        yield micro, {k: v[micro, :width] for k, v in tensors.items()}
+
+
 def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch (AEPO.md 5.2-5.3; token mean over its sampled tokens) and its stats.
     t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
@@ -169,8 +177,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
     for mb in order.chunk(cfg.mini_batches):
         n_tokens = tensors["loss_mask"][mb].sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
-        for micro in mb.chunk(cfg.grad_accum):
-            t = {k: v[micro] for k, v in tensors.items()}
+        for micro, t in micro_batches(tensors, mb, cfg.grad_accum):
             loss, s = micro_batch_loss(model, t, adv[micro], cfg, acc)
             acc.backward(loss * t["loss_mask"].sum() / n_tokens)
             stats.append(s)

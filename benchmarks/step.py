@@ -124,9 +124,8 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
     for mb in order.chunk(cfg.mini_batches):
         n_tokens = tensors["loss_mask"][mb].sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
-        for micro in mb.chunk(cfg.grad_accum):
+        for micro, t in train.micro_batches(tensors, mb, cfg.grad_accum):
             with clock("forward+loss"):
-                t = {k: v[micro] for k, v in tensors.items()}
                 loss, _ = train.micro_batch_loss(model, t, adv[micro], cfg, acc)      # the same code as rl_step
             with clock("backward"):
                 (loss * t["loss_mask"].sum() / n_tokens).backward()

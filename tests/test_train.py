@@ -19,7 +19,7 @@ import data
 import loss as L
 import train
 import world
-from aepo import Config, load_policy
+from aepo import Config, load_policy, resolve
 from rollout import make_tools, rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,3 +203,45 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
     for n, p in model.named_parameters():
         if p.requires_grad:
             assert torch.equal(p, before[n]), n
+
+
+def test_trimmed_micro_batches_give_the_same_loss_and_gradient():
+    """micro_batches cuts each micro-batch to its longest row; with right padding that changes nothing."""
+    torch.manual_seed(0)
+    model, tok = load_policy("tiny", lora_r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    seqs = [[5 + i % 50 for i in range(n)] for n in (30, 9, 12, 7)]
+    trajs = [_trajectory(s) for s in seqs]
+    t = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
+    # grpo: AEPO's entropy z-scores would magnify float rounding (this random model's entropies hardly vary)
+    cfg, adv = resolve(Config(algo="grpo", output_dir="unused")), torch.tensor([1.0, -0.5, 0.3, -1.0])
+    micro, short = next(train.micro_batches(t, torch.tensor([1, 2, 3, 0]), 2))
+    assert micro.tolist() == [1, 2]
+    assert short["ids"].shape == (2, 12 + 2)               # rows 1 and 2: prompt 2 + their responses
+    results = []
+    for tensors in (short, {k: v[[1, 2]] for k, v in t.items()}):       # trimmed vs full width 32
+        model.zero_grad()
+        loss, _ = train.micro_batch_loss(model, tensors, adv[[1, 2]], cfg, _NoAccelerator())
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys() and results[0][1]
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(g, results[1][1][name], rtol=1e-5, atol=1e-7)
+
+
+def _trajectory(response: list[int]):
+    from aepo import Trajectory
+    t = Trajectory(question_idx=0, prompt_ids=[3, 7], traj_id=0)
+    t.response_ids, t.loss_mask = list(response), [1] * len(response)
+    t.logp = [-1.0 - 0.01 * i for i in range(len(response))]
+    return t
+
+
+class _NoAccelerator:
+    @staticmethod
+    def unwrap_model(model):
+        return model
