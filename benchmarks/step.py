@@ -6,7 +6,8 @@
 The policy is loaded as the RL stage loads it (SFT'd tiny model + fresh LoRA, seed 0), with the tiny
 Config of `--algo`. `phased_step` does train.rl_step's work with the same functions, order and seeds:
   rollout        the tree sampler at temperature 1, with its parts: model.generate (logits processor
-                 included); tools (time with at least one call running: calls run in parallel threads);
+                 included); the forward passes that encode prompts and tool results before generate;
+                 tools (time with at least one call running: calls run in parallel threads);
                  the rest (the sampler's own Python, tokenising tool results, cache copies)
   rewards, advantages, tensorise (train.trajectory_tensors: right-padded (B, T) tensors)
   old logp       reused from the rollout (cfg.recompute_old_logp=False): no work. The recompute is timed
@@ -47,12 +48,13 @@ import data  # noqa: E402
 import loss as L  # noqa: E402
 import train  # noqa: E402
 from aepo import Config, resolve  # noqa: E402
-from rollout import make_tools, rollout  # noqa: E402
+from rollout import _TreeSampler, make_tools, rollout  # noqa: E402
 from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 PHASES = ["rollout", "rewards", "advantages", "tensorise", "old logp (reused)", "forward+loss", "backward",
           "optimizer"]
-INNER = ["  rollout: model.generate", "  rollout: tools (any call running)", "  rollout: the rest (sampler)"]
+INNER = ["  rollout: model.generate", "  rollout: encode prompts and tool results", "  rollout: tools (any call running)",
+         "  rollout: the rest (sampler)"]
 EXTRA = "old logp recompute (not in step)"
 
 
@@ -177,8 +179,11 @@ def main() -> None:
     reference = {n: p.detach().clone() for n, p in params.items()}
     restart()
     clock, opt, log, n = Clock(), new_opt(), {}, args.steps
-    generate, gen_spans, tool_spans = model.generate, [], []
+    generate, gen_spans, enc_spans, tool_spans = model.generate, [], [], []
     model.generate = timed(generate, gen_spans)                   # the sampler calls model.generate
+    encoders = {name: getattr(_TreeSampler, name) for name in ("_encode_prompts", "_encode_results")}
+    for name, fn in encoders.items():                             # its forward passes outside generate
+        setattr(_TreeSampler, name, timed(fn, enc_spans))
     timed_tools = {name: timed(fn, tool_spans) for name, fn in tools.items()}
     for step in range(n):
         t0 = time.perf_counter()
@@ -187,9 +192,11 @@ def main() -> None:
         if step == 0:
             same = max((params[k] - reference[k]).abs().max().item() for k in params)
     model.generate = generate
-    for phase, spans in zip(INNER, [gen_spans, tool_spans]):
+    for name, fn in encoders.items():
+        setattr(_TreeSampler, name, fn)
+    for phase, spans in zip(INNER, [gen_spans, enc_spans, tool_spans]):
         clock.seconds[phase], clock.calls[phase] = busy_seconds(spans), len(spans)
-    clock.seconds[INNER[2]] = clock.seconds["rollout"] - clock.seconds[INNER[0]] - clock.seconds[INNER[1]]
+    clock.seconds[INNER[3]] = clock.seconds["rollout"] - sum(clock.seconds[phase] for phase in INNER[:3])
 
     total = (clock.seconds["step"] - clock.seconds[EXTRA]) / n    # the recompute is not part of the step
     rows = ["| phase | s / step | calls / step | share of step | peak RSS MB |", "|---|---|---|---|---|"]
