@@ -13,16 +13,15 @@ How one rollout call runs (all active trajectories of all questions share one ba
      segment budget. A logits processor records, from the raw temperature-1 logits, the exact entropy
      and the log-prob of each sampled token.
   3. Tool calls run in parallel threads; each result is appended as tokens with loss mask 0.
-  4. Rows that just received a tool result may branch (sections 4.3 and 4.5). A child is a copy of its
-     parent, KV cache included (`DynamicCache.batch_select_indices` with repeated rows), so the tool
-     result is the only new prefill.
+  4. Rows that just received a tool result may branch (sections 4.3 and 4.5). The result is encoded
+     once, then a child copies its parent's row, KV cache included.
   5. Finished rows leave the batch; an idle question with fewer than k trajectories restarts one global
      trajectory; at the end short questions are padded by duplicating their last trajectory.
 
-The batch keeps one KV cache across rounds. New tokens (prompts of new rows, tool results) are appended
-right-aligned in a block with filler pads before them; every filler is 0 in the attention mask, and
-position ids follow the mask's cumulative sum, so each row sees exactly its own sequence. Each question's
-prompt is encoded once per call: every global it starts (round 0 or later) copies that cache.
+The batch keeps one KV cache across rounds (kvcache.py: its layout and operations). Each question's
+prompt is encoded once per call, and every global it starts (round 0 or later) copies that cache, so
+what the model encodes besides sampled tokens is each prompt once, each tool result once, and one token
+per new row or continued segment.
 """
 from __future__ import annotations
 
@@ -33,12 +32,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from transformers import DynamicCache, LogitsProcessor
 
+import kvcache as kv
 import tools as tool_lib
 import world
-from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, entropy_of_logp,
-                  global_budget, prompt_ids, segment_entropy, stop_token_ids)
+from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, global_budget, prompt_ids,
+                  segment_entropy, stop_token_ids)
 from tools import parse_tool_call, result_block
 
 Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
@@ -91,29 +90,6 @@ class _Row:
     done: bool = False
 
 
-class _Recorder(LogitsProcessor):
-    """Records the exact entropy and the sampled token's log-prob from the raw logits of each step.
-
-    The processor sees logits before temperature / top-p, i.e. the temperature-1 policy. The token
-    sampled at step t is only known at step t + 1 (it is then the last input id), so the log-softmax of
-    one step is kept until the next: O(B x V) memory instead of all logits.
-    """
-
-    def __init__(self):
-        self.entropy, self.logp, self._prev = [], [], None
-
-    def __call__(self, input_ids, scores):
-        if self._prev is not None:
-            self.logp.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))   # (B,)
-        self._prev = torch.log_softmax(scores.float(), dim=-1)                     # (B, V)
-        self.entropy.append(entropy_of_logp(self._prev))                            # (B,) exact
-        return scores
-
-    def finish(self, last_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.logp.append(self._prev.gather(1, last_ids[:, None]).squeeze(1))
-        return torch.stack(self.logp, 1).cpu(), torch.stack(self.entropy, 1).cpu()  # (B, N) each
-
-
 # ----------------------------------------------------------------------------------------------------
 # The rollout loop
 
@@ -139,12 +115,14 @@ class _TreeSampler:
         assert cache_mode in ("tree", "batched", "naive"), cache_mode
         self.model, self.tok, self.tools, self.cfg, self.rng = model, tokenizer, tools, cfg, rng
         self.cache_mode = cache_mode
-        self.greedy, self.top_p, self.temperature = greedy, top_p, temperature
         self.device = next(model.parameters()).device
         self.pad = tokenizer.pad_token_id
         self.stop_ids = set(stop_token_ids(tokenizer)) | {self.pad}
-        self.stop_strings = [t for t in ("</search>", "</python>")
-                             if tokenizer.convert_tokens_to_ids(t) not in self.stop_ids]
+        stop_strings = [t for t in ("</search>", "</python>") if tokenizer.convert_tokens_to_ids(t) not in self.stop_ids]
+        self.sampling = dict(                # model.generate's arguments, the same every round
+            do_sample=not greedy, temperature=None if greedy else temperature, top_k=None if greedy else 0,
+            top_p=None if greedy else top_p, eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad,
+            **(dict(stop_strings=stop_strings, tokenizer=tokenizer) if stop_strings else {}))
         self.vocab = model.config.vocab_size if hasattr(model, "config") else len(tokenizer)
         self.next_id = 0
         self.generated = self.prefilled = 0
@@ -187,20 +165,20 @@ class _TreeSampler:
         self.l = [0] * nq              # consecutive rounds with a new trajectory (AEPO penalty)
         self.owed: list[int] = []      # questions owed a global start (after an AEPO probe)
         self.prompt_kv: dict[int, list] = {}   # question -> per-layer (keys, values) of prompt[:-1]
-        ids = mask = cache = None
+        batch = None                   # kvcache.Batch: the active rows' tokens and KV cache
         for round_ in range(cfg.max_rounds):
             if not rows:
                 break
             if self.cache_mode == "tree":
-                ids, mask, cache = self._append_pending(rows, ids, mask, cache)
-                ids, mask, cache, new_tokens = self._generate(rows, ids, mask, cache)
+                batch = self._append_pending(rows, batch)
+                batch, new_tokens = self._generate(rows, batch)
             else:
                 new_tokens = self._generate_from_scratch(rows)
             tool_rows = self._absorb(rows, new_tokens)
             self._run_tools(tool_rows)
             children = self._branch_all(tool_rows)
             if self.cache_mode == "tree":
-                rows, ids, mask, cache = self._select(rows, children, ids, mask, cache)
+                rows, batch = self._select(rows, children, batch)
             else:
                 rows = [r for r in rows if not r.done] + [c for _, c in children]
             if round_ < cfg.max_rounds - 1:                  # a row started now could not generate
@@ -209,136 +187,75 @@ class _TreeSampler:
             self._finish(row, "rounds")
         return RolloutResult(self._pad_groups(), self.stats, self.generated, self.prefilled)
 
-    # -- 1. append each row's pending tokens, right-aligned -----------------------------------------
-    def _append_pending(self, rows, ids, mask, cache):
-        B = len(rows)
-        if ids is None:                                     # a fresh batch: every row is a new global
-            ids, mask, cache = self._prompt_history(rows)
+    # -- 1. append each row's pending tokens (kvcache.py: the layout) ------------------------------
+    def _append_pending(self, rows, batch):
+        if batch is None:                                   # a fresh batch: every row is a new global
+            batch = self._prompt_history(rows)
         else:
-            # The block's last column must be a real token of every row (generate samples from the last
-            # position). A row with nothing pending continues its segment: re-feed its last real token
-            # (masking out its old column); its position, the mask's cumulative sum, is unchanged.
-            for b, row in enumerate(rows[: ids.shape[0]]):
-                if not row.pending:
-                    j = int(mask[b].nonzero()[-1])
-                    row.pending = [int(ids[b, j])]
-                    mask[b, j] = 0
-            old_B = ids.shape[0]
-            ids, mask, cache = _add_blank_rows(ids, mask, cache, B - old_B, self.pad)
-            for b in range(old_B, B):                       # globals joining mid-rollout
-                ids, mask, cache = self._place_prompt(rows[b], b, ids, mask, cache)
-        N = max(len(r.pending) for r in rows)
-        block = torch.full((B, N), self.pad, dtype=torch.long)
-        block_mask = torch.zeros((B, N), dtype=torch.long)
-        for b, row in enumerate(rows):
-            n = len(row.pending)
-            block[b, N - n:] = torch.tensor(row.pending)
-            block_mask[b, N - n:] = 1
-            self.prefilled += n
+            B = batch.ids.shape[0]
+            for b, row in enumerate(rows[:B]):              # continuing a segment: feed its last token
+                row.pending = row.pending or [kv.pop_last(batch, b)]
+            batch = kv.add_rows(batch, len(rows) - B, self.pad)
+            for b in range(B, len(rows)):                   # globals joining mid-rollout
+                batch = self._place_prompt(rows[b], b, batch)
+        self.prefilled += sum(len(row.pending) for row in rows)
+        batch = kv.append(batch, [row.pending for row in rows], self.pad, self.device)
+        for row in rows:
             row.pending = []
-        block, block_mask = block.to(self.device), block_mask.to(self.device)
         for q in [q for q in self.prompt_kv if self.started[q] >= self.cfg.k]:
             del self.prompt_kv[q]                           # no later global of q can need it
-        if ids is None:
-            return block, block_mask, None
-        return torch.cat([ids, block], 1), torch.cat([mask, block_mask], 1), cache
+        return batch
 
     # Each question's prompt is encoded once per rollout: the KV cache of prompt[:-1] is kept, and every
     # global the question starts (all k at once for GRPO, AEPO's probe and its m - 1 later globals,
     # restarts) gets a copy as its history, so only the prompt's last token is fed with the new row.
-    # Cached keys carry their own positions (0 .. P - 2), so they may sit in any columns the row attends to.
 
-    def _prompt_history(self, rows):
-        """History (ids, mask, cache) for a fresh batch of new globals: their prompts, from the kept
-        caches, right-aligned. (None, None, None) when no prompt is longer than one token."""
-        self._encode_prompts({r.traj.question_idx for r in rows})
+    def _prompt_history(self, rows) -> kv.Batch | None:
+        """A fresh batch of new globals whose history is their prompt[:-1], from the kept caches; None
+        when no prompt is longer than one token."""
+        todo = sorted({r.traj.question_idx for r in rows} - self.prompt_kv.keys())
+        todo = [q for q in todo if len(self.prompts[q]) > 1]
+        if todo:
+            heads = [self.prompts[q][:-1] for q in todo]
+            self.prompt_kv |= dict(zip(todo, kv.encode_prefixes(self.model, heads, self.pad, self.device)))
+            self.prefilled += sum(map(len, heads))
         kept = [self.prompt_kv[r.traj.question_idx] for r in rows if r.traj.question_idx in self.prompt_kv]
         if not kept:
-            return None, None, None
-        B, W = len(rows), max(kv[0][0].shape[1] for kv in kept)
-        cache = DynamicCache(config=self.model.config)
-        for i, (k, v) in enumerate(kept[0]):
-            cache.update(k.new_zeros((B, k.shape[0], W, k.shape[2])), v.new_zeros((B, v.shape[0], W, v.shape[2])), i)
-        ids = torch.full((B, W), self.pad, dtype=torch.long, device=self.device)
-        mask = torch.zeros((B, W), dtype=torch.long, device=self.device)
+            return None
+        width = max(len(self.prompts[r.traj.question_idx]) - 1 for r in rows)
+        batch = kv.blank(self.model, len(rows), width, kept[0], self.pad, self.device)
         for b, row in enumerate(rows):
-            ids, mask, cache = self._place_prompt(row, b, ids, mask, cache)
-        return ids, mask, cache
+            batch = self._place_prompt(row, b, batch)
+        return batch
 
-    def _encode_prompts(self, questions: set[int]) -> None:
-        """Encode prompt[:-1] of each question not yet kept, in one left-padded forward pass."""
-        todo = sorted(q for q in questions if q not in self.prompt_kv and len(self.prompts[q]) > 1)
-        if not todo:
-            return
-        heads = [self.prompts[q][:-1] for q in todo]
-        W = max(map(len, heads))
-        ids = torch.tensor([[self.pad] * (W - len(h)) + h for h in heads], device=self.device)
-        mask = torch.tensor([[0] * (W - len(h)) + [1] * len(h) for h in heads], device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   cache=cache, use_cache=True, logits_to_keep=1)
-        self.prefilled += sum(map(len, heads))
-        for u, (q, h) in enumerate(zip(todo, heads)):
-            self.prompt_kv[q] = [(layer.keys[u, :, W - len(h):], layer.values[u, :, W - len(h):])
-                                 for layer in cache.layers]
-
-    def _place_prompt(self, row, b, ids, mask, cache):
-        """Give batch row b (a new global with its whole prompt pending) the kept cache of prompt[:-1]
-        in the history's last cached columns, widening the history on the left when it is too short."""
+    def _place_prompt(self, row, b, batch):
+        """Row b, a new global with its whole prompt pending, gets the kept prompt[:-1] as its history."""
         q = row.traj.question_idx
         if row.pending != self.prompts[q] or q not in self.prompt_kv:
-            return ids, mask, cache
-        kv = self.prompt_kv[q]
-        n = len(self.prompts[q]) - 1
-        ids, mask, cache = _add_blank_columns(ids, mask, cache, n - cache.get_seq_length(), self.pad)
-        c = cache.get_seq_length()                          # after generate, ids' last column is uncached
-        for layer, (k, v) in zip(cache.layers, kv):
-            layer.keys[b, :, c - n:c], layer.values[b, :, c - n:c] = k, v
-        ids[b, c - n:c] = torch.tensor(self.prompts[q][:-1], device=ids.device)
-        mask[b, c - n:c] = 1
+            return batch
         row.pending = self.prompts[q][-1:]
-        return ids, mask, cache
+        return kv.place(batch, b, self.prompts[q][:-1], self.prompt_kv[q], self.pad)
 
     # -- 2. one batched generate call ---------------------------------------------------------------
-    def _generate(self, rows, ids, mask, cache):
-        cfg = self.cfg
-        budget = max(cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)
-        recorder = _Recorder()
-        kwargs = dict(stop_strings=self.stop_strings, tokenizer=self.tok) if self.stop_strings else {}
-        out = self.model.generate(
-            input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=max(1, min(cfg.segment_tokens, budget)),
-            do_sample=not self.greedy, temperature=self.temperature if not self.greedy else None,
-            top_k=0 if not self.greedy else None, top_p=self.top_p if not self.greedy else None,
-            eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad, logits_processor=[recorder],
-            return_dict_in_generate=True, **kwargs)
-        seq = out.sequences                                                  # (B, L + N)
-        new = seq[:, ids.shape[1]:]                                          # (B, N)
-        logp, entropy = recorder.finish(seq[:, -1])                          # (B, N) each
-        new_mask = torch.ones_like(new)
-        new_tokens = []
-        new_cpu = new.cpu().tolist()
-        for b, toks in enumerate(new_cpu):
-            n = next((i + 1 for i, t in enumerate(toks) if t in self.stop_ids), len(toks))
-            new_mask[b, n:] = 0
-            new_tokens.append((toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist()))
-            self.generated += n
-        return seq, torch.cat([mask, new_mask], 1), out.cache, new_tokens
+    def _generate(self, rows, batch):
+        budget = max(self.cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)
+        batch, segments = kv.generate_segment(self.model, batch, max(1, min(self.cfg.segment_tokens, budget)),
+                                              self.stop_ids, **self.sampling)
+        self.generated += sum(len(toks) for toks, _, _ in segments)
+        return batch, segments
 
     def _generate_from_scratch(self, rows):
         """The baselines of benchmarks/rollout.py: re-encode every full sequence each round, all rows in
         one batch ("batched") or one row at a time ("naive")."""
         groups = [rows] if self.cache_mode == "batched" else [[r] for r in rows]
-        new_tokens = []
+        segments = []
         for group in groups:
             seqs = [r.traj.prompt_ids + r.traj.response_ids for r in group]
-            L = max(map(len, seqs))
-            ids = torch.tensor([[self.pad] * (L - len(s)) + s for s in seqs], device=self.device)
-            mask = torch.tensor([[0] * (L - len(s)) + [1] * len(s) for s in seqs], device=self.device)
             self.prefilled += sum(map(len, seqs))
-            new_tokens += self._generate(group, ids, mask, None)[3]
+            segments += self._generate(group, kv.append(None, seqs, self.pad, self.device))[1]
         for r in rows:
             r.pending = []
-        return new_tokens
+        return segments
 
     # -- 3. record tokens, classify how each segment ended ------------------------------------------
     def _absorb(self, rows, new_tokens) -> list[_Row]:
@@ -452,43 +369,33 @@ class _TreeSampler:
         self.owed += [q] * (self.m[q] - 1)                  # the other globals start next round
 
     # -- 6. keep live rows and their children in the batch; start new globals -------------------------
-    def _select(self, rows, children, ids, mask, cache):
-        """Keep the live rows, encode their tool results, then copy each parent's rows (KV cache
+    def _select(self, rows, children, batch):
+        """Keep the live rows, encode their tool results, then copy each parent's row (KV cache
         included, result encoded) to its children, so a result is encoded once however many branches."""
         live = [b for b, row in enumerate(rows) if not row.done]
         if not live:
-            return [], None, None, None
+            return [], None
         rows = [rows[b] for b in live]
-        ids, mask, cache = self._encode_results(rows, *_take(live, ids, mask, cache))
+        batch = self._encode_results(rows, kv.take(batch, live))
         if not children:
-            return rows, ids, mask, cache
+            return rows, batch
         kids: dict[int, list[_Row]] = {}
         for parent, child in children:
             child.pending = list(parent.pending)
             kids.setdefault(id(parent), []).append(child)
         index = [b for b, row in enumerate(rows) for _ in range(1 + len(kids.get(id(row), [])))]
         rows = [r for row in rows for r in [row, *kids.get(id(row), [])]]
-        return (rows, *_take(index, ids, mask, cache))
+        return rows, kv.take(batch, index)
 
-    def _encode_results(self, rows, ids, mask, cache):
-        """Encode each row's pending tool result but its last token (which generate needs uncached),
-        along with the last sampled column generate left uncached, in one forward pass."""
+    def _encode_results(self, rows, batch):
+        """Encode each row's pending tool result but its last token (generate needs one uncached)."""
         heads = [row.pending[:-1] for row in rows]
-        N = max(map(len, heads))
-        if N == 0:
-            return ids, mask, cache
-        block = torch.full((len(rows), N), self.pad, dtype=torch.long)
-        block_mask = torch.zeros((len(rows), N), dtype=torch.long)
-        for b, (row, head) in enumerate(zip(rows, heads)):
-            if head:
-                block[b, N - len(head):], block_mask[b, N - len(head):] = torch.tensor(head), 1
+        if not any(heads):
+            return batch
+        for row, head in zip(rows, heads):
             row.pending = row.pending[len(head):]
             self.prefilled += len(head)
-        c = cache.get_seq_length()
-        ids, mask = torch.cat([ids, block.to(self.device)], 1), torch.cat([mask, block_mask.to(self.device)], 1)
-        self.model(input_ids=ids[:, c:], attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)[:, c:],
-                   cache=cache, use_cache=True, logits_to_keep=1)
-        return ids, mask, cache
+        return kv.encode(self.model, batch, heads, self.pad)
 
     def _start_new(self, rows: list[_Row], children) -> list[_Row]:
         """Globals owed by a fresh AEPO budget, then the restart rule (section 4.1); updates l."""
@@ -519,46 +426,3 @@ class _TreeSampler:
             out += group
         return out
 
-
-def _take(index: list[int], ids, mask, cache):
-    """Batch rows `index` (repeats copy a row, KV cache included), without columns no row uses."""
-    idx = torch.tensor(index, device=ids.device)
-    cache.batch_select_indices(idx)
-    return _trim_left(ids[idx], mask[idx], cache)
-
-
-def _trim_left(ids, mask, cache):
-    """Drop leading columns that no remaining row attends to (rows that left the batch owned them)."""
-    used = mask[:, :-1].any(0).nonzero()
-    c = int(used[0]) if len(used) else ids.shape[1] - 1
-    if c == 0:
-        return ids, mask, cache
-    for layer in cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, c:], layer.values[:, :, c:]
-    return ids[:, c:], mask[:, c:], cache
-
-
-def _add_blank_rows(ids, mask, cache, n: int, pad: int):
-    """Rows that join the batch mid-rollout: all-pad history (mask 0) and zero cache entries."""
-    if n == 0:
-        return ids, mask, cache
-    ids = torch.cat([ids, ids.new_full((n, ids.shape[1]), pad)])
-    mask = torch.cat([mask, mask.new_zeros((n, mask.shape[1]))])
-    for layer in cache.layers:
-        layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
-        layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
-    return ids, mask, cache
-
-
-def _add_blank_columns(ids, mask, cache, n: int, pad: int):
-    """Widen the history by n columns on the left that no row attends to (mask 0, zero cache)."""
-    if n <= 0:
-        return ids, mask, cache
-    ids = torch.cat([ids.new_full((ids.shape[0], n), pad), ids], 1)
-    mask = torch.cat([mask.new_zeros((mask.shape[0], n)), mask], 1)
-    for layer in cache.layers:
-        zeros = layer.keys.new_zeros((*layer.keys.shape[:2], n, layer.keys.shape[3]))
-        layer.keys = torch.cat([zeros, layer.keys], 2)
-        layer.values = torch.cat([layer.values.new_zeros((*layer.values.shape[:2], n, layer.values.shape[3])),
-                                  layer.values], 2)
-    return ids, mask, cache

@@ -45,10 +45,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")     # the Python sandbo
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import kvcache  # noqa: E402
 import loss as L  # noqa: E402
 import train  # noqa: E402
 from aepo import Config, resolve  # noqa: E402
-from rollout import _TreeSampler, make_tools, rollout  # noqa: E402
+from rollout import make_tools, rollout  # noqa: E402
 from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 PHASES = ["rollout", "rewards", "advantages", "tensorise", "old logp (reused)", "forward+loss", "backward",
@@ -181,9 +182,9 @@ def main() -> None:
     clock, opt, log, n = Clock(), new_opt(), {}, args.steps
     generate, gen_spans, enc_spans, tool_spans = model.generate, [], [], []
     model.generate = timed(generate, gen_spans)                   # the sampler calls model.generate
-    encoders = {name: getattr(_TreeSampler, name) for name in ("_encode_prompts", "_encode_results")}
+    encoders = {name: getattr(kvcache, name) for name in ("encode_prefixes", "encode")}
     for name, fn in encoders.items():                             # its forward passes outside generate
-        setattr(_TreeSampler, name, timed(fn, enc_spans))
+        setattr(kvcache, name, timed(fn, enc_spans))
     timed_tools = {name: timed(fn, tool_spans) for name, fn in tools.items()}
     for step in range(n):
         t0 = time.perf_counter()
@@ -193,7 +194,7 @@ def main() -> None:
             same = max((params[k] - reference[k]).abs().max().item() for k in params)
     model.generate = generate
     for name, fn in encoders.items():
-        setattr(_TreeSampler, name, fn)
+        setattr(kvcache, name, fn)
     for phase, spans in zip(INNER, [gen_spans, enc_spans, tool_spans]):
         clock.seconds[phase], clock.calls[phase] = busy_seconds(spans), len(spans)
     clock.seconds[INNER[3]] = clock.seconds["rollout"] - sum(clock.seconds[phase] for phase in INNER[:3])
