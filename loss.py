@@ -198,41 +198,47 @@ def _entropy(logits: Tensor) -> Tensor:
 
 
 def token_logprobs(
-    model, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False, chunk_size: int = 128
+    model, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False, chunk_size: int = 128,
+    first: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """logp[b, t] = log pi(ids[b, t] | the real tokens before t), aligned with `loss_mask` on the same
     (B, T) ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that predicted
-    token t (AEPO.md 4.2). Both are 0 at padding and at each row's first real token.
+    token t (AEPO.md 4.2). Both are 0 at padding, at each row's first real token, and before `first`.
 
     input_ids, attention_mask (B, T), any padding layout (left, right, or gaps in the middle).
     Positions follow the mask: position_ids = cumsum(mask) - 1, so real tokens keep their positions.
-    The model is called as model(input_ids=, attention_mask=, position_ids=, use_cache=False).logits.
+    The model is called as model(input_ids=, attention_mask=, position_ids=, use_cache=False,
+    logits_to_keep=).logits: only positions from the one that predicts token `first` on get logits,
+    so a long prompt (first = where the responses start) costs no vocabulary-sized work.
     Float32 work runs over chunks of `chunk_size` positions; entropy carries no gradient."""
     B, T = input_ids.shape
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).logits  # (B, T, V) model dtype
-
-    # Logits at position t predict token t + 1; chunk over T with split, whose backward is one concat.
-    next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))  # (B, T) the token each position predicts
-    chunks = list(zip(logits.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1)))
-    logp = torch.cat([_logp(lg, y) for lg, y in chunks], dim=1)  # (B, T) log pi(ids[t + 1])
-    logp = torch.nn.functional.pad(logp[:, :-1], (1, 0))  # (B, T) log pi(ids[t])
-    if with_entropy:
-        entropy = torch.cat([_entropy(lg) for lg, _ in chunks], dim=1)  # (B, T)
-        entropy = torch.nn.functional.pad(entropy[:, :-1], (1, 0))  # (B, T)
-
     # Token t is predicted by the last real token before it; after a gap of padding that is not t - 1.
     real = attention_mask > 0  # (B, T)
     t_idx = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
     last_real = torch.where(real, t_idx, -1).cummax(dim=1).values  # (B, T) last real index <= t
     prev = torch.nn.functional.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, T) last real index < t
-    scored = real & (prev >= 0)  # (B, T) real tokens with a real context
+    scored = real & (prev >= 0) & (t_idx >= first)  # (B, T) real tokens with a real context
+    keep = int(prev[scored].min()) if scored.any() else T - 1  # the first position whose logits are needed
+
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+        logits_to_keep=T - keep,
+    ).logits  # (B, T - keep, V) model dtype: positions keep .. T - 1
+
+    # Logits at position t predict token t + 1; chunk over T with split, whose backward is one concat.
+    next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))[:, keep:]  # (B, T - keep) what each predicts
+    chunks = list(zip(logits.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1)))
+    logp = torch.cat([_logp(lg, y) for lg, y in chunks], dim=1)  # (B, T - keep) log pi(ids[t + 1])
+    logp = torch.nn.functional.pad(logp[:, :-1], (keep + 1, 0))  # (B, T) log pi(ids[t])
+    if with_entropy:
+        entropy = torch.cat([_entropy(lg) for lg, _ in chunks], dim=1)  # (B, T - keep)
+        entropy = torch.nn.functional.pad(entropy[:, :-1], (keep + 1, 0))  # (B, T)
+
     after_gap = scored & (prev != t_idx - 1)  # (B, T) few: the first token after each gap
     if after_gap.any():
         b, t = after_gap.nonzero(as_tuple=True)  # (K,), (K,)
-        gap_logits = logits[b, prev[b, t]]  # (K, V)
+        gap_logits = logits[b, prev[b, t] - keep]  # (K, V)
         logp = logp.index_put((b, t), _logp(gap_logits, input_ids[b, t]))  # (B, T)
         if with_entropy:
             entropy = entropy.index_put((b, t), _entropy(gap_logits))  # (B, T)

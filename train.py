@@ -132,7 +132,8 @@ def micro_batches(tensors: dict, rows: torch.Tensor, n: int):
 def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch (AEPO.md 5.2-5.3; token mean over its sampled tokens) and its stats.
     t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
-    logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True)      # (b, T)
+    first = int(t["loss_mask"].any(0).int().argmax())        # the first sampled column: no logits before
+    logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True, first=first)   # (b, T)
     tok_adv = adv[:, None] * t["loss_mask"]                                              # (b, T)
     if cfg.entropy_adv_alpha > 0:
         tok_adv = L.entropy_aware_advantages(adv, entropy, t["loss_mask"], cfg.entropy_adv_alpha)
@@ -141,7 +142,7 @@ def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tup
                                 entropy=entropy)
     if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
         with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
-            ref = L.token_logprobs(model, t["ids"], t["attn"])
+            ref = L.token_logprobs(model, t["ids"], t["attn"], first=first)
         loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
     return loss, stats
 
@@ -168,7 +169,8 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
     tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
     if cfg.recompute_old_logp:
         with torch.no_grad():
-            tensors["old_logp"] = L.token_logprobs(model, tensors["ids"], tensors["attn"])
+            first = int(tensors["loss_mask"].any(0).int().argmax())
+            tensors["old_logp"] = L.token_logprobs(model, tensors["ids"], tensors["attn"], first=first)
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

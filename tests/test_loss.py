@@ -234,6 +234,24 @@ def test_token_logprobs_match_naive_with_left_and_interleaved_padding(tiny_model
     assert (logp[mask == 0] == 0).all() and (logp[:, 0] == 0).all()
 
 
+def test_token_logprobs_from_first_skip_the_prompt_logits(tiny_model):
+    """first = k: the same values from token k on, 0 before, and the LM head sees only the positions
+    from the one predicting the first needed token (row 2's gap makes that position 3 for k = 6)."""
+    ids, mask = padded_batch()
+    seen = []
+    hook = tiny_model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    with torch.no_grad():
+        want_logp, want_entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True)
+        for first, kept in [(0, 9), (1, 9), (3, 7), (6, 6), (8, 2)]:
+            seen.clear()
+            logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True, chunk_size=2, first=first)
+            assert seen == [kept], first
+            assert_close(logp[:, first:], want_logp[:, first:], atol=1e-6, rtol=1e-6)
+            assert_close(entropy[:, first:], want_entropy[:, first:], atol=1e-6, rtol=1e-6)
+            assert (logp[:, :first] == 0).all() and (entropy[:, :first] == 0).all()
+    hook.remove()
+
+
 def test_token_logprobs_gradients_do_not_depend_on_chunking(tiny_model):
     ids, mask = padded_batch()
     grads = []
