@@ -274,9 +274,6 @@ def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
 
 ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qwen3-4B": "Qwen/Qwen3-4B",
            "Qwen3-8B": "Qwen/Qwen3-8B", "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct"}
-AGENT_TAGS = ["<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>",
-              "</result>", "<answer>", "</answer>"]
-CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
 
 
 def pick_device() -> torch.device:
@@ -294,7 +291,12 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or pick_device()
-    path = str(build_tiny()) if name == "tiny" else ALIASES.get(name, name)
+    if name == "tiny":
+        import world  # the tiny policy belongs to the built-in world
+
+        path = str(world.build_tiny())
+    else:
+        path = ALIASES.get(name, name)
     _check_reachable(path)
     kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
     if load_in_4bit:
@@ -344,56 +346,6 @@ def _check_reachable(path: str) -> None:
         raise SystemExit(f"model {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
                          "Unset it on a machine with internet (the model downloads once), or use "
                          "--model tiny for the offline demo.")
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tiny offline policy: a Qwen3 architecture and a BPE tokenizer trained on the built-in world
-
-TINY_VOCAB = 3072
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
-    """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer."""
-    folder = Path(folder or CACHE_DIR / f"tiny-v1-seed{seed}")
-    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
-        return folder
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    import world
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(world.tokenizer_corpus(seed=seed), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", bos_token=None)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
-    model = Qwen3ForCausalLM(config)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")     # complete before it gets its name
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:                          # another process finished the same build first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:

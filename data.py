@@ -57,6 +57,9 @@ SYSTEM_PROMPT = (
 )
 # A one-sentence version for the tiny model, whose context is short.
 SHORT_SYSTEM_PROMPT = "Use <search> and <python> tools, then <answer>."  # the tiny model: every token costs
+# The tags of the trajectory format (single tokens in the tiny tokenizer).
+AGENT_TAGS = ["<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>",
+              "</result>", "<answer>", "</answer>"]
 
 # ------------------------------------------------------------------------------------------------ grading
 _PUNCTUATION = set(string.punctuation)

@@ -1,4 +1,5 @@
-"""The built-in world: a fictional encyclopedia, its questions, and cold-start SFT demonstrations.
+"""The built-in world: a fictional encyclopedia, its questions, cold-start SFT demonstrations, and the
+tiny policy built for it.
 
 In and out:
 - `build_world(seed)` makes a fictional encyclopedia (200 people, 40 cities, 10 countries, 40 companies, one
@@ -7,6 +8,8 @@ In and out:
 - `demonstrations(n, seed, make_search)` writes cold-start SFT trajectories (`Demo`s) in the exact AEPO
   format, each in a fresh random world; `tokenizer_corpus()` yields text for training a tiny BPE tokenizer.
 - `data.load_examples("world:train" | "world:heldout")` and `data.load_demos` reach this module lazily.
+- `build_tiny()` builds (once, cached under .cache/) the tiny policy: a 1.9M-parameter Qwen3 with a BPE
+  tokenizer trained on `tokenizer_corpus()`; `aepo.load_policy("tiny")` loads it.
 
 Example:
     python world.py   # split sizes, a few questions, three demonstrations
@@ -17,13 +20,15 @@ Decisions worth knowing:
 2. World questions: three 1-hop kinds, two 2-hop kinds (the founder's country and, beyond the spec, the
    headquarters' country, so held-out sets have enough 2-hop questions) and one arithmetic kind.
 """
+import os
 import random
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Iterator
 
-from data import SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Example
+from data import AGENT_TAGS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Example
 
 # ------------------------------------------------------------------------------------------ built-in world
 # Invented one-word names, distinct across lexicons. Every world recombines the same words, so a model
@@ -311,6 +316,58 @@ def tokenizer_corpus(seed: int = 0, n_demos: int = 2000) -> Iterator[str]:
     for demo in demonstrations(n_demos, seed, _title_search):
         yield demo.question
         yield demo.response
+
+
+
+# ------------------------------------------------------------------------------------------ the tiny policy
+# A Qwen3 architecture and a BPE tokenizer trained on this world: the offline demo's model.
+
+
+CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
+TINY_VOCAB = 3072
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
+    """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer."""
+    folder = Path(folder or CACHE_DIR / f"tiny-v1-seed{seed}")
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, min_frequency=2,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>", bos_token=None)
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+
+    torch.manual_seed(seed)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
+                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         bos_token_id=None)
+    model = Qwen3ForCausalLM(config)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")     # complete before it gets its name
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:                          # another process finished the same build first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 if __name__ == "__main__":

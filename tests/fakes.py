@@ -12,7 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from aepo import AGENT_TAGS, TINY_CHAT_TEMPLATE
+from data import AGENT_TAGS
+from world import TINY_CHAT_TEMPLATE
 
 _CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.", "The final answer is \\boxed{ x }",
            "Page 1: some text about a city. Page 2: nothing", "print(1 + 2) 1987 - 1962 = 25", "user system assistant"]

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import aepo
-from aepo import AGENT_TAGS, Config, load_policy, parse_config, prompt_ids, stop_token_ids
+import world
+from aepo import Config, load_policy, parse_config, prompt_ids, stop_token_ids
+from data import AGENT_TAGS
 
 
 def test_presets_algos_and_explicit_flags():
@@ -36,7 +38,7 @@ def test_save_config_round_trips(tmp_path):
 def test_tiny_policy_reloads_and_tags_are_single_tokens():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = aepo.build_tiny()
+    folder = world.build_tiny()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.vocab_size == len(tok)
@@ -79,7 +81,7 @@ def test_4bit_lora_gradients_survive_an_eval_forward():
     def make():
         torch.manual_seed(0)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        base = AutoModelForCausalLM.from_pretrained(aepo.build_tiny(), quantization_config=q, device_map={"": "cpu"})
+        base = AutoModelForCausalLM.from_pretrained(world.build_tiny(), quantization_config=q, device_map={"": "cpu"})
         model = aepo._add_lora(base, "", r=4, alpha=8, trainable=True, kbit=True)
         with torch.no_grad():
             for n, p in model.named_parameters():
