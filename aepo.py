@@ -1,9 +1,11 @@
-"""The shared vocabulary of the project: configuration, the policy, the trajectory type, and the pure
-entropy and branching rules of AEPO (arXiv 2510.14545; spec in AEPO.md sections 4.2-4.5).
+"""The shared vocabulary of the project: configuration, the trajectory type, the pure entropy and
+branching rules of AEPO (arXiv 2510.14545; spec in AEPO.md sections 4.2-4.5), and the policy and tools
+a configuration names.
 
-    from aepo import Config, load_policy, token_entropy, global_budget
+    from aepo import Config, load_policy, make_tools, token_entropy, global_budget
     cfg = Config(model="tiny")
     model, tokenizer = load_policy(cfg.model, lora_r=cfg.lora_r)
+    tools = make_tools(cfg)          # {"search": ..., "python": ...}
 
 `python aepo.py --preset tiny` prints the resolved configuration.
 
@@ -25,6 +27,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -363,6 +366,31 @@ def stop_token_ids(tokenizer) -> list[int]:
         if tid is not None and tid != tokenizer.unk_token_id and tokenizer.decode([tid]) == tag:
             ids.append(tid)
     return ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# The tools: search and the Python sandbox, as the config names them
+
+Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
+
+
+def make_tools(cfg: Config) -> Tools:
+    """The search backend and the Python sandbox named by the config, as name -> function."""
+    import tools as tool_lib
+    import world
+
+    if cfg.search == "web":
+        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars)
+    elif cfg.search == "bm25":
+        backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
+                   if cfg.search_corpus else
+                   tool_lib.BM25Search(world.world_corpus(), snippet_chars=cfg.snippet_chars))
+    else:
+        raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
+    if cfg.search_cache:
+        backend = tool_lib.CachedSearch(backend, cfg.search_cache)
+    return {"search": lambda query: backend.search(query, cfg.top_k),
+            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s)}
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from aepo import Config, load_policy, prompt_ids, resolve
-from rollout import make_tools, rollout
+from aepo import Config, load_policy, make_tools, prompt_ids, resolve
+from rollout import rollout
 
 Judge = Callable[[str, tuple, str], bool]   # (question, golds, predicted answer) -> correct?
 

@@ -29,34 +29,13 @@ import copy
 import random
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 import kvcache as kv
-import tools as tool_lib
-import world
-from aepo import (Config, Trajectory, aepo_should_branch, arpo_should_branch, global_budget, prompt_ids,
-                  segment_entropy, stop_token_ids)
+from aepo import (Config, Tools, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
+                  prompt_ids, segment_entropy, stop_token_ids)
 from tools import parse_tool_call, result_block
-
-Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
-
-
-def make_tools(cfg: Config) -> Tools:
-    """The search backend and the Python sandbox named by the config, as name -> function."""
-    if cfg.search == "web":
-        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars)
-    elif cfg.search == "bm25":
-        backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
-                   if cfg.search_corpus else
-                   tool_lib.BM25Search(world.world_corpus(), snippet_chars=cfg.snippet_chars))
-    else:
-        raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
-    if cfg.search_cache:
-        backend = tool_lib.CachedSearch(backend, cfg.search_cache)
-    return {"search": lambda query: backend.search(query, cfg.top_k),
-            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s)}
 
 
 @dataclass
@@ -118,7 +97,8 @@ class _TreeSampler:
         self.device = next(model.parameters()).device
         self.pad = tokenizer.pad_token_id
         self.stop_ids = set(stop_token_ids(tokenizer)) | {self.pad}
-        stop_strings = [t for t in ("</search>", "</python>") if tokenizer.convert_tokens_to_ids(t) not in self.stop_ids]
+        stop_strings = [t for t in ("</search>", "</python>")          # tags that are not single tokens
+                        if tokenizer.convert_tokens_to_ids(t) not in self.stop_ids]
         self.sampling = dict(                # model.generate's arguments, the same every round
             do_sample=not greedy, temperature=None if greedy else temperature, top_k=None if greedy else 0,
             top_p=None if greedy else top_p, eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad,
@@ -153,14 +133,11 @@ class _TreeSampler:
         cfg = self.cfg
         self.prompts = [prompt_ids(self.tok, q, system_prompt)[-cfg.max_prompt_tokens:] for q in questions]
         nq = len(questions)
-        self.stats = [QuestionStats() for _ in range(nq)]
+        self.m: list[int | None] = [None if cfg.pre_monitor else      # m per question; None while an
+                                    (cfg.global_rollouts if cfg.branching else cfg.k)] * nq   # AEPO probe decides it
+        self.stats = [QuestionStats(m=m or 0) for m in self.m]
         self.started = [0] * nq
         self.finished: list[list[Trajectory]] = [[] for _ in range(nq)]
-        # m per question; None while an AEPO probe decides it.
-        self.m: list[int | None] = [None if cfg.pre_monitor else
-                                    (cfg.global_rollouts if cfg.branching else cfg.k)] * nq
-        for q in range(nq):
-            self.stats[q].m = self.m[q] or 0
         rows = [self._new_global(q) for q in range(nq) for _ in range(self.m[q] or 1)]
         self.l = [0] * nq              # consecutive rounds with a new trajectory (AEPO penalty)
         self.owed: list[int] = []      # questions owed a global start (after an AEPO probe)
@@ -311,20 +288,17 @@ class _TreeSampler:
         t.entropy += [0.0] * len(ids)
 
     def _finish(self, row: _Row, how: str) -> None:
-        t = row.traj
+        t, q = row.traj, row.traj.question_idx
         ids = [i for i in t.response_ids if i not in (self.pad, self.tok.eos_token_id)]
         t.text, t.finish, row.done = self.tok.decode(ids, skip_special_tokens=False), how, True
-        self.finished[t.question_idx].append(t)
-        q = t.question_idx
+        self.finished[q].append(t)
         if self.m[q] is None and t.parent_id is None:   # the AEPO probe ended: split the budget now
             self._set_budget(q, t)
 
     # -- 4. tools, in parallel ----------------------------------------------------------------------
     def _run_tools(self, tool_rows: list[_Row]) -> None:
-        if not tool_rows:
-            return
         calls = [row.call for row in tool_rows]
-        with ThreadPoolExecutor(max_workers=min(8, len(calls))) as pool:
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(calls)))) as pool:   # threads start on demand
             outputs = list(pool.map(lambda c: self.tools[c[0]](c[1]), calls))
         for row, (tool, arg), output in zip(tool_rows, calls, outputs):
             block = self.tok.encode(result_block(output), add_special_tokens=False)
@@ -352,10 +326,8 @@ class _TreeSampler:
                 if self.started[q] >= cfg.k:
                     break
                 u = self.rng.random()
-                if cfg.branch_penalty:
-                    go = aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, self.l[q], cfg.penalty)
-                else:
-                    go = arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma)
+                go = (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, self.l[q], cfg.penalty) if cfg.branch_penalty
+                      else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
                 if go:
                     children.append((row, self._branch(row, self.l[q])))
         return children
@@ -418,11 +390,10 @@ class _TreeSampler:
         for q, group in enumerate(self.finished):
             group = sorted(group, key=lambda t: t.traj_id)[: self.cfg.k]
             while len(group) < self.cfg.k:
-                dup = copy.deepcopy(group[-1])
+                group.append(dup := copy.deepcopy(group[-1]))
                 dup.is_duplicate, dup.traj_id = True, self.next_id
                 self.next_id += 1
                 self.stats[q].n_duplicate += 1
-                group.append(dup)
             out += group
         return out
 

@@ -26,8 +26,8 @@ from tqdm import tqdm
 import data
 import loss as L
 import world
-from aepo import Config, load_policy, parse_config, pick_device, prompt_ids, save_config
-from rollout import make_tools, rollout
+from aepo import Config, load_policy, make_tools, parse_config, pick_device, prompt_ids, save_config
+from rollout import rollout
 from tools import BM25Search
 
 # ----------------------------------------------------------------------------------------------------

@@ -107,9 +107,9 @@ def main() -> None:
     import data
     import train
     from accelerate import Accelerator
-    from aepo import load_policy, parse_config
+    from aepo import load_policy, make_tools, parse_config
     from common import machine
-    from rollout import make_tools, rollout
+    from rollout import rollout
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.small:

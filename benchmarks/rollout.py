@@ -105,8 +105,8 @@ def worker(args) -> dict:
     import torch
 
     import data
-    from aepo import Config, load_policy, resolve
-    from rollout import make_tools, rollout
+    from aepo import Config, load_policy, make_tools, resolve
+    from rollout import rollout
     from train import system_prompt_of
 
     torch.set_num_threads(args.threads)

@@ -48,8 +48,8 @@ import data  # noqa: E402
 import kvcache  # noqa: E402
 import loss as L  # noqa: E402
 import train  # noqa: E402
-from aepo import Config, resolve  # noqa: E402
-from rollout import make_tools, rollout  # noqa: E402
+from aepo import Config, make_tools, resolve  # noqa: E402
+from rollout import rollout  # noqa: E402
 from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 PHASES = ["rollout", "rewards", "advantages", "tensorise", "old logp (reused)", "forward+loss", "backward",

@@ -19,8 +19,8 @@ import data
 import loss as L
 import train
 import world
-from aepo import Config, load_policy, resolve
-from rollout import make_tools, rollout
+from aepo import Config, load_policy, make_tools, resolve
+from rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
