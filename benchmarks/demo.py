@@ -1,8 +1,9 @@
 """The CPU demo, measured: `python train.py` (the embedded default) once per seed, then the held-out
 Pass@1 of the SFT start and of the policy after RL, from each run's eval summaries.
 
-    python benchmarks/demo.py --seeds 3            # ~13 min per seed on 2 CPU cores
+    python benchmarks/demo.py --seeds 3            # ~10-12 min per seed on 2 CPU cores
     python benchmarks/demo.py --seeds 1 -- --algo grpo    # extra flags after -- go to train.py
+    python benchmarks/demo.py --seeds 3 --reuse    # keep the seeds that already finished (after a crash)
 
 Prints one row per seed and, as the last line, `pass1_gain=X`: the mean over seeds of the Pass@1
 points gained by RL over the SFT start. Also writes benchmarks/results/demo.md with the machine.
@@ -26,17 +27,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default="runs/demo", help="parent folder of the per-seed runs")
+    parser.add_argument("--reuse", action="store_true", help="keep seeds whose run already finished")
     parser.add_argument("rest", nargs="*", help="extra train.py flags (after --)")
     args = parser.parse_args()
     rows = []
     for seed in range(args.seeds):
         run = ROOT / args.out / f"seed-{seed}"
-        t0 = time.time()
-        cmd = [sys.executable, "train.py", "--seed", str(seed), "--output_dir", str(run), *args.rest]
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        minutes = (time.time() - t0) / 60
+        done = run / "eval-rl" / "summary.json"
+        if not (args.reuse and done.exists()):
+            cmd = [sys.executable, "train.py", "--seed", str(seed), "--output_dir", str(run), *args.rest]
+            subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        minutes = (done.stat().st_mtime - (run / "config.json").stat().st_mtime) / 60   # the run's own span
         before = json.loads((run / "eval-sft" / "summary.json").read_text())
-        after = json.loads((run / "eval-rl" / "summary.json").read_text())
+        after = json.loads(done.read_text())
         rows.append((seed, before["pass1"], after["pass1"], minutes, before, after))
         print(f"seed {seed}: Pass@1 {before['pass1']:.3f} -> {after['pass1']:.3f} "
               f"({100 * (after['pass1'] - before['pass1']):+.1f} points) in {minutes:.1f} min", flush=True)
