@@ -14,7 +14,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 from common import machine  # noqa: E402  (benchmarks/common.py)
 
