@@ -20,6 +20,7 @@ Decisions worth knowing:
 2. World questions: three 1-hop kinds, two 2-hop kinds (the founder's country and, beyond the spec, the
    headquarters' country, so held-out sets have enough 2-hop questions) and one arithmetic kind.
 """
+import hashlib
 import os
 import random
 import re
@@ -28,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+import data
 from data import AGENT_TAGS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Example
 
 # ------------------------------------------------------------------------------------------ built-in world
@@ -331,8 +333,11 @@ TINY_CHAT_TEMPLATE = (
 
 
 def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
-    """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer."""
-    folder = Path(folder or CACHE_DIR / f"tiny-v1-seed{seed}")
+    """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer.
+    The cached folder is named after a hash of the code that makes it (this file and data.py, whose
+    prompts are in the tokenizer's corpus), so an edited world never meets a stale tokenizer."""
+    recipe = hashlib.sha256(Path(__file__).read_bytes() + Path(data.__file__).read_bytes()).hexdigest()[:12]
+    folder = Path(folder or CACHE_DIR / f"tiny-{recipe}-seed{seed}")
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
     import torch
