@@ -6,7 +6,8 @@
     python train.py --output_dir runs/x --resume      # continue a run from its last checkpoint
 
 Data flows one way: questions -> rollout.py (tree sampler with tools) -> data.reward -> loss.py
-advantages -> old log-probs -> one epoch of mini-batch updates -> logs, plots, checkpoints -> eval.py.
+advantages -> old log-probs -> one epoch of mini-batch updates -> logs and plots (report.py),
+checkpoints -> eval.py.
 Everything a run writes goes into its folder (`--output_dir`): config.json, metrics.jsonl, curves.png,
 samples.jsonl, checkpoint-<step>/ (LoRA adapter + optimizer + RNG), sft/, eval-*/ and report.md.
 """
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 import data
 import loss as L
+import report
 import world
 from aepo import Config, load_policy, make_tools, parse_config, pick_device, prompt_ids, save_config
 from rollout import rollout
@@ -222,13 +224,6 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
     return metrics, samples
 
 
-def log_line(m: dict, steps: int) -> str:
-    return (f"step {m['step'] + 1}/{steps} | reward {m['reward']:.2f} | acc {m['acc']:.2f} | "
-            f"ent {m['entropy']:.2f} | clip {m['clip_frac_low'] + m['clip_frac_high']:.3f} | "
-            f"tools {m['search_calls'] + m['python_calls']:.2f} | branches {m['branches_per_q']:.1f} | "
-            f"{m['step_s']:.0f}s")
-
-
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints: written to a temporary folder, then renamed, so a kill never leaves a broken one
 
@@ -273,36 +268,6 @@ def load_checkpoint(ckpt: Path, model, opt) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plots, regenerated during the run
-
-
-PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM)"), ("entropy", "policy entropy (sampled)"),
-          (("clip_frac_low", "clip_frac_high"), "clip fractions"), (("search_calls", "python_calls"), "tool calls / traj"),
-          ("branches_per_q", "branches / question"), ("consecutive_branch_share", "consecutive branching share"),
-          ("response_tokens", "response tokens")]
-
-
-def plot_curves(run: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
-    fig, axes = plt.subplots(2, 4, figsize=(16, 7))
-    for ax, (keys, title) in zip(axes.flat, PANELS):
-        for key in (keys if isinstance(keys, tuple) else (keys,)):
-            ax.plot([r["step"] for r in rows], [r.get(key, float("nan")) for r in rows], label=key)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        if isinstance(keys, tuple):
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(run / ".curves.png")
-    plt.close(fig)
-    os.replace(run / ".curves.png", run / "curves.png")
-
-
-# ----------------------------------------------------------------------------------------------------
 # The RL stage and the whole job
 
 
@@ -344,14 +309,14 @@ def rl(cfg: Config, run: Path, model, tok, acc) -> None:
         if main:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
-            tqdm.write(log_line(metrics, cfg.steps))
+            tqdm.write(report.log_line(metrics, cfg.steps))
             if step % cfg.sample_every == 0 or step == cfg.steps - 1:
                 with open(run / "samples.jsonl", "a") as f:
                     f.writelines(json.dumps(s) + "\n" for s in samples)
         if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
             if main:
                 save_checkpoint(run, step, model, opt)
-                plot_curves(run)
+                report.plot_curves(run)
             acc.wait_for_everyone()
 
 
@@ -371,19 +336,6 @@ def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
     return evaluate(model, tok, examples, make_tools(cfg), cfg, runs=cfg.eval_runs,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
                     system_prompt=system_prompt_of(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")
-
-
-REPORT_ROWS = [("pass1", "Pass@1"), ("mean_reward", "mean reward"), ("search_calls", "search calls / answer"),
-               ("python_calls", "python calls / answer"), ("format_fail", "format failures")]
-
-
-def report(before: dict, after: dict, cfg: Config, run: Path) -> str:
-    lines = [f"# {cfg.algo} on {cfg.eval_dataset} ({after['n']} questions x {cfg.eval_runs} runs, "
-             f"T={cfg.eval_temperature})", "", "| metric | SFT start | after RL |", "|---|---|---|"]
-    lines += [f"| {label} | {before[k]:.3f} | {after[k]:.3f} |" for k, label in REPORT_ROWS]
-    text = "\n".join(lines) + "\n"
-    (run / "report.md").write_text(text)
-    return text
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -411,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         rl(cfg, run, model, tok, acc)
         if before is not None:
             after = evaluate_policy(model, tok, cfg, run, "rl")
-            print(report(before, after, cfg, run))
+            print(report.before_after(before, after, cfg, run))
         acc.wait_for_everyone()
     if main_process:
         print(f"run folder: {run}")

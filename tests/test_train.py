@@ -52,6 +52,10 @@ def test_smoke_run_writes_everything(tmp_path, algo):
     assert all(math.isfinite(v) for r in rows for v in r.values())
     if algo == "grpo":
         assert all(r["branches_per_q"] == 0 for r in rows)
+    (run / "curves.png").unlink()                                 # report.py redraws it from the log
+    out = subprocess.run([sys.executable, "report.py", str(run)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and (run / "curves.png").stat().st_size > 0, out.stderr[-2000:]
 
 
 def _adapter(run: Path, step: int) -> dict:
