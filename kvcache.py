@@ -113,12 +113,11 @@ def encode(model, batch: Batch, rows: list[list[int]], pad: int) -> Batch:
 
 def encode_prefixes(model, seqs: list[list[int]], pad: int, device) -> list[KV]:
     """Each sequence's keys and values, from one left-padded forward pass, to be `place`d later."""
-    ids, mask = right_aligned(seqs, pad, device)                                # (U, N)
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-          cache=cache, use_cache=True, logits_to_keep=1)
-    N = ids.shape[1]
-    return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):]) for layer in cache.layers]
+    batch = Batch(*right_aligned(seqs, pad, device), DynamicCache(config=model.config))   # (U, N)
+    model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions(),
+          cache=batch.cache, use_cache=True, logits_to_keep=1)
+    N = batch.ids.shape[1]
+    return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):]) for layer in batch.cache.layers]
             for u, s in enumerate(seqs)]
 
 

@@ -320,10 +320,8 @@ def tokenizer_corpus(seed: int = 0, n_demos: int = 2000) -> Iterator[str]:
         yield demo.response
 
 
-
 # ------------------------------------------------------------------------------------------ the tiny policy
 # A Qwen3 architecture and a BPE tokenizer trained on this world: the offline demo's model.
-
 
 CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
 TINY_VOCAB = 3072
