@@ -219,20 +219,6 @@ class Trajectory:
 # Pure rules (AEPO.md 4.2-4.5). No model, no config: numbers and tensors in, numbers out.
 
 
-def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Exact entropy H = -sum_v p_v log p_v of softmax(logits) over the full vocabulary.
-
-    logits: (..., V), any float dtype, may contain -inf. Returns (...) float32, in nats.
-    """
-    return entropy_of_logp(torch.log_softmax(logits.float(), dim=-1))   # (...)
-
-
-def entropy_of_logp(logp: torch.Tensor) -> torch.Tensor:
-    """The same H from log-probabilities (..., V) float32 (-inf where p = 0). Returns (...), in nats."""
-    plogp = torch.where(logp > -math.inf, logp.exp() * logp, 0.0)        # (..., V) 0 * log 0 = 0
-    return -plogp.sum(-1)
-
-
 def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
     """Step entropy of a segment (section 4.2, released convention): sum_{t < w} H_t / log|V|."""
     head = [float(h) for h in list(token_entropies)[:w]]
@@ -272,125 +258,7 @@ def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
     return max(1, min(k, m))
 
 
-# ----------------------------------------------------------------------------------------------------
-# The policy: the tiny offline model or a hub model, with LoRA adapters
-
-ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qwen3-4B": "Qwen/Qwen3-4B",
-           "Qwen3-8B": "Qwen/Qwen3-8B", "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct"}
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, adapter: str = "",
-                load_in_4bit: bool = False, device: torch.device | None = None,
-                trainable: bool = True):
-    """Return (model, tokenizer). `name`: "tiny" | alias | hub id | local folder.
-
-    lora_r > 0 wraps the model in fresh LoRA adapters on all linear layers (or loads `adapter`, a PEFT
-    folder); lora_r = 0 returns the bare model (full fine-tuning, used for the tiny model's SFT).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or pick_device()
-    if name == "tiny":
-        import world  # the tiny policy belongs to the built-in world
-
-        path = str(world.build_tiny())
-    else:
-        path = ALIASES.get(name, name)
-    _check_reachable(path)
-    kwargs: dict = {"dtype": torch.bfloat16 if device.type == "cuda" else torch.float32}
-    if load_in_4bit:
-        if device.type != "cuda":
-            raise SystemExit("--load_in_4bit needs a CUDA GPU (see the README: on CPU, 4-bit LoRA "
-                             "gradients are unreliable on AVX512-BF16 CPUs). Drop the flag.")
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
-        kwargs["device_map"] = {"": device.index or 0}
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if not load_in_4bit:
-        model.to(device)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    if adapter or lora_r > 0:
-        model = _add_lora(model, adapter, lora_r, lora_alpha, trainable, load_in_4bit)
-    return model, tokenizer
-
-
-def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if kbit:
-        for module in model.modules():  # the AVX512-BF16 repacking trap (README); harmless on CUDA
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-    if adapter:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
-
-
-def _check_reachable(path: str) -> None:
-    """Fail in seconds, with the fix, when a hub model is neither cached nor downloadable."""
-    if Path(path).is_dir():
-        return
-    if "/" not in path:
-        raise SystemExit(f"model {path!r}: no such folder, and not a hub id (owner/name) or an alias "
-                         f"({', '.join(ALIASES)}). Use --model tiny for the offline demo.")
-    from huggingface_hub import try_to_load_from_cache
-
-    if try_to_load_from_cache(path, "config.json") is None and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise SystemExit(f"model {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
-                         "Unset it on a machine with internet (the model downloads once), or use "
-                         "--model tiny for the offline demo.")
-
-
-def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:
-    """The chat prompt of one question, ending where the assistant starts to write."""
-    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer.encode(text, add_special_tokens=False)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the tool closing tags when they are single tokens (they are in the tiny tokenizer)."""
-    ids = [tokenizer.eos_token_id]
-    for tag in ("</search>", "</python>"):
-        tid = tokenizer.convert_tokens_to_ids(tag)
-        if tid is not None and tid != tokenizer.unk_token_id and tokenizer.decode([tid]) == tag:
-            ids.append(tid)
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------------
-# The tools: search and the Python sandbox, as the config names them
-
 Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
-
-
-def make_tools(cfg: Config) -> Tools:
-    """The search backend and the Python sandbox named by the config, as name -> function."""
-    import tools as tool_lib
-    import world
-
-    if cfg.search == "web":
-        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars)
-    elif cfg.search == "bm25":
-        backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
-                   if cfg.search_corpus else
-                   tool_lib.BM25Search(world.world_corpus(), snippet_chars=cfg.snippet_chars))
-    else:
-        raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
-    if cfg.search_cache:
-        backend = tool_lib.CachedSearch(backend, cfg.search_cache)
-    return {"search": lambda query: backend.search(query, cfg.top_k),
-            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s)}
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ import torch
 from tqdm import tqdm
 
 import data
-from aepo import Config, load_policy, make_tools, prompt_ids, resolve
+from aepo import Config, resolve
+from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
 
 Judge = Callable[[str, tuple, str], bool]   # (question, golds, predicted answer) -> correct?
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_policy(cfg.model, lora_r=0, adapter=args.adapter, load_in_4bit=cfg.load_in_4bit,
                                    trainable=False)
     judge = make_judge(*load_policy(args.judge_model, lora_r=0, trainable=False)) if args.judge_model else None
-    system_prompt = data.SHORT_SYSTEM_PROMPT if cfg.system_prompt == "short" else data.SYSTEM_PROMPT
+    system_prompt = system_prompt_for(cfg)
     summary = evaluate(model, tokenizer, examples, make_tools(cfg), cfg, runs=args.runs,
                        temperature=args.temperature, top_p=args.top_p, seed=cfg.seed,
                        system_prompt=system_prompt, out_dir=out, batch_questions=args.batch_questions,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from aepo import entropy_of_logp
+from loss import entropy_of_logp
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer: (keys, values), each (heads, n, head_dim)
 

@@ -189,12 +189,23 @@ def _logp(logits: Tensor, target: Tensor) -> Tensor:
     return _gather_logp(logits, target)
 
 
+def entropy_of_logp(logp: Tensor) -> Tensor:
+    """Exact entropy H = -sum_v p_v log p_v from log-probabilities (..., V) float32 (-inf where p = 0).
+    Returns (...), in nats. The one entropy function of the project: the rollout records it per sampled
+    token, the update recomputes it for the entropy-aware advantage (arXiv 2510.14545, eq. 7 and 12)."""
+    plogp = torch.where(logp > -torch.inf, logp.exp() * logp, 0.0)  # (..., V) 0 * log 0 = 0
+    return -plogp.sum(-1)  # (...)
+
+
+def token_entropy(logits: Tensor) -> Tensor:
+    """The same exact H from logits (..., V) of any float dtype (upcast to float32), -inf allowed."""
+    return entropy_of_logp(torch.log_softmax(logits.float(), dim=-1))  # (...)
+
+
 @torch.no_grad()
 def _entropy(logits: Tensor) -> Tensor:
-    """Exact entropy -sum_v p_v log p_v over the full vocabulary, float32; -inf logits add 0.
-    logits (..., V) -> (...)."""
-    logp_v = logits.float().log_softmax(-1)  # (..., V)
-    return -(logp_v.exp() * logp_v).nan_to_num(nan=0.0).sum(-1)  # (...) 0 * -inf -> 0
+    """token_entropy without gradient (no entropy bonus). logits (..., V) -> (...)."""
+    return token_entropy(logits)
 
 
 def token_logprobs(

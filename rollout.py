@@ -34,7 +34,8 @@ import torch
 
 import kvcache as kv
 from aepo import (Config, Tools, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
-                  prompt_ids, segment_entropy, stop_token_ids)
+                  segment_entropy)
+from policy import prompt_ids, stop_token_ids
 from tools import parse_tool_call, result_block
 
 

@@ -28,16 +28,13 @@ import data
 import loss as L
 import report
 import world
-from aepo import Config, load_policy, make_tools, parse_config, pick_device, prompt_ids, save_config
+from aepo import Config, parse_config, save_config
+from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import BM25Search
 
 # ----------------------------------------------------------------------------------------------------
 # Cold-start SFT on demonstration trajectories (tool results masked out, as in RL)
-
-
-def system_prompt_of(cfg: Config) -> str:
-    return data.SHORT_SYSTEM_PROMPT if cfg.system_prompt == "short" else data.SYSTEM_PROMPT
 
 
 def demo_tensors(tokenizer, demo, system_prompt: str) -> tuple[list[int], list[int]]:
@@ -69,7 +66,7 @@ def sft(cfg: Config, run: Path) -> Path:
                                      bad_fraction=cfg.sft_bad_fraction)
     else:
         demos = data.load_demos(cfg.sft_dataset)
-    rows = [demo_tensors(tok, d, system_prompt_of(cfg)) for d in demos]
+    rows = [demo_tensors(tok, d, system_prompt_for(cfg)) for d in demos]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.sft_steps // 20)
@@ -160,7 +157,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
     model.eval()
     res = rollout(acc.unwrap_model(model), tok, [e.question for e in batch], tools, cfg,
                   seed=(cfg.seed * 1_000_003 + step) * 64 + acc.process_index,
-                  system_prompt=system_prompt_of(cfg))
+                  system_prompt=system_prompt_for(cfg))
     t_rollout = time.time() - t0
     trajs = res.trajectories
     golds = [batch[t.question_idx].golds for t in trajs]
@@ -335,7 +332,7 @@ def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
     examples = data.load_examples(cfg.eval_dataset, limit=cfg.eval_limit or None)
     return evaluate(model, tok, examples, make_tools(cfg), cfg, runs=cfg.eval_runs,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
-                    system_prompt=system_prompt_of(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")
+                    system_prompt=system_prompt_for(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ In and out:
   format, each in a fresh random world; `tokenizer_corpus()` yields text for training a tiny BPE tokenizer.
 - `data.load_examples("world:train" | "world:heldout")` and `data.load_demos` reach this module lazily.
 - `build_tiny()` builds (once, cached under .cache/) the tiny policy: a 1.9M-parameter Qwen3 with a BPE
-  tokenizer trained on `tokenizer_corpus()`; `aepo.load_policy("tiny")` loads it.
+  tokenizer trained on `tokenizer_corpus()`; `policy.load_policy("tiny")` loads it.
 
 Example:
     python world.py   # split sizes, a few questions, three demonstrations

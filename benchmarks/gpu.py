@@ -10,7 +10,7 @@ What it builds (nothing is downloaded):
              split pattern), converted with transformers' TikTokenConverter, plus Qwen3's 26 added tokens
              (ids 151643-151668) and a ChatML template: the same ids as the hub tokenizer of Qwen3
   model      Qwen3ForCausalLM from Qwen3-1.7B's published config.json, random weights, saved in bf16 and
-             loaded by `aepo.load_policy` exactly as train.py loads the preset: 4-bit NF4 + LoRA r=32
+             loaded by `policy.load_policy` exactly as train.py loads the preset: 4-bit NF4 + LoRA r=32
 What it measures, with the qwen3-1.7b preset's budgets except where noted:
   rollout    8 world questions x k = 8, 512-token segments, temperature 1, seed 0: generated tokens per
              second and peak GPU memory (torch.cuda.max_memory_allocated)
@@ -107,7 +107,8 @@ def main() -> None:
     import data
     import train
     from accelerate import Accelerator
-    from aepo import load_policy, make_tools, parse_config
+    from aepo import parse_config
+    from policy import load_policy, make_tools, system_prompt_for
     from common import machine
     from rollout import rollout
 
@@ -136,7 +137,7 @@ def main() -> None:
     log(f"loaded (4-bit: {cfg.load_in_4bit}) in {t_load:.0f} s; weights {weights:.2f} GiB")
 
     tools = make_tools(cfg)
-    system_prompt = train.system_prompt_of(cfg)
+    system_prompt = system_prompt_for(cfg)
     heldout = data.load_examples("world:heldout")
     questions = [e.question for e in heldout[:cfg.questions_per_step]]
     model.eval()

@@ -105,9 +105,9 @@ def worker(args) -> dict:
     import torch
 
     import data
-    from aepo import Config, load_policy, make_tools, resolve
+    from aepo import Config, resolve
+    from policy import load_policy, make_tools, system_prompt_for
     from rollout import rollout
-    from train import system_prompt_of
 
     torch.set_num_threads(args.threads)
     cfg = dataclasses.replace(resolve(Config(algo=args.setting, output_dir="unused", seed=0)), k=args.k)
@@ -121,7 +121,7 @@ def worker(args) -> dict:
     warm = [e.question for e in heldout[args.questions:args.questions + 2]]
     spans: list = []
     tools = timed(make_tools(cfg), spans)
-    run = lambda qs: rollout(model, tok, qs, tools, cfg, seed=0, system_prompt=system_prompt_of(cfg),
+    run = lambda qs: rollout(model, tok, qs, tools, cfg, seed=0, system_prompt=system_prompt_for(cfg),
                              greedy=True, cache_mode=args.worker)
     run(warm)
     spans.clear()

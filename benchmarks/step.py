@@ -48,7 +48,8 @@ import data  # noqa: E402
 import kvcache  # noqa: E402
 import loss as L  # noqa: E402
 import train  # noqa: E402
-from aepo import Config, make_tools, resolve  # noqa: E402
+from aepo import Config, resolve  # noqa: E402
+from policy import make_tools, system_prompt_for  # noqa: E402
 from rollout import rollout  # noqa: E402
 from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
@@ -101,7 +102,7 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
     with clock("rollout"):
         model.eval()
         res = rollout(model, tok, [e.question for e in batch], tools, cfg, seed=(cfg.seed * 1_000_003 + step) * 64,
-                      system_prompt=train.system_prompt_of(cfg))
+                      system_prompt=system_prompt_for(cfg))
     trajs = res.trajectories
     with clock("rewards"):
         golds = [batch[t.question_idx].golds for t in trajs]

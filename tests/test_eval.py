@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import data
-from aepo import Config, load_policy
+from aepo import Config
+from policy import load_policy
 from data import Example
 from eval import evaluate, make_judge, math_equal, pass_at_k
 from fakes import ScriptedPolicy, ids, toy_tokenizer

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 import aepo
+import policy
 import world
-from aepo import Config, load_policy, parse_config, prompt_ids, stop_token_ids
+from aepo import Config, parse_config
+from policy import load_policy, prompt_ids, stop_token_ids
 from data import AGENT_TAGS
 
 
@@ -82,7 +84,7 @@ def test_4bit_lora_gradients_survive_an_eval_forward():
         torch.manual_seed(0)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
         base = AutoModelForCausalLM.from_pretrained(world.build_tiny(), quantization_config=q, device_map={"": "cpu"})
-        model = aepo._add_lora(base, "", r=4, alpha=8, trainable=True, kbit=True)
+        model = policy._add_lora(base, "", r=4, alpha=8, trainable=True, kbit=True)
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:

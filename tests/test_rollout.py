@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from aepo import Config, prompt_ids
+from aepo import Config
+from policy import prompt_ids
 from fakes import ScriptedPolicy, ids, toy_tokenizer
 from rollout import rollout
 from tools import result_block

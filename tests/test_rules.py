@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from aepo import (aepo_branch_probability, aepo_should_branch, arpo_branch_probability,
-                  arpo_should_branch, global_budget, segment_entropy, token_entropy)
+                  arpo_should_branch, global_budget, segment_entropy)
+from loss import token_entropy
 
 
 def test_token_entropy_uniform_and_onehot():

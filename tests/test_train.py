@@ -19,7 +19,8 @@ import data
 import loss as L
 import train
 import world
-from aepo import Config, load_policy, make_tools, resolve
+from aepo import Config, resolve
+from policy import load_policy, make_tools
 from rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +87,7 @@ def test_sigkill_during_save_leaves_only_loadable_checkpoints(tmp_path):
         import time, torch
         from pathlib import Path
         import train
-        from aepo import load_policy
+        from policy import load_policy
         torch.manual_seed(0)
         model, tok = load_policy("tiny", lora_r=4)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
