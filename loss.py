@@ -176,19 +176,6 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
 # Token log-probs and exact entropy from a causal LM
 
 
-def _gather_logp(logits: Tensor, target: Tensor) -> Tensor:
-    """log softmax(logits)[target] in float32. logits (..., V), target (...) -> (...)."""
-    logits = logits.float()  # (..., V)
-    return logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)  # (...)
-
-
-def _logp(logits: Tensor, target: Tensor) -> Tensor:
-    """_gather_logp, recomputed in backward so no float32 (B, T, V) copy stays alive for autograd."""
-    if logits.requires_grad:
-        return checkpoint(_gather_logp, logits, target, use_reentrant=False)
-    return _gather_logp(logits, target)
-
-
 def entropy_of_logp(logp: Tensor) -> Tensor:
     """Exact entropy H = -sum_v p_v log p_v from log-probabilities (..., V) float32 (-inf where p = 0).
     Returns (...), in nats. The one entropy function of the project: the rollout records it per sampled
@@ -202,10 +189,39 @@ def token_entropy(logits: Tensor) -> Tensor:
     return entropy_of_logp(torch.log_softmax(logits.float(), dim=-1))  # (...)
 
 
-@torch.no_grad()
-def _entropy(logits: Tensor) -> Tensor:
-    """token_entropy without gradient (no entropy bonus). logits (..., V) -> (...)."""
-    return token_entropy(logits)
+def _head_logp(head, states: Tensor, target: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """log pi(target) and (no gradient) the exact entropy, in float32, from the last hidden states of a
+    few positions. states (..., H) -> logits (..., V) = head(states); target (...). Returns (...), (...)."""
+    logits = head(states).float()  # (..., V) the only vocabulary-sized tensors live here, one chunk at a time
+    log_z = logits.logsumexp(-1)  # (...)
+    logp = logits.gather(-1, target[..., None]).squeeze(-1) - log_z  # (...)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        return logp, entropy_of_logp(logits - log_z[..., None])  # (...), (...)
+
+
+def _chunk_logp(head, states: Tensor, target: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """_head_logp, recomputed in backward when a gradient is needed: autograd keeps only `states` (the
+    chunk's hidden states), never its float32 logits."""
+    if torch.is_grad_enabled() and states.requires_grad:
+        return checkpoint(_head_logp, head, states, target, with_entropy, use_reentrant=False)
+    return _head_logp(head, states, target, with_entropy)
+
+
+def _final_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: int):
+    """(states, head) with head(states) = the logits at positions keep .. T - 1, states (B, T - keep, .).
+    A transformers causal LM (or a peft model around one) gives its backbone's last hidden states and
+    its LM head, so no (B, T, V) tensor is ever built. Anything else (a DDP wrapper, a test double, a
+    model that soft-caps its logits) is called whole: states are then its logits and head the identity."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
+    softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    if head is None or not isinstance(backbone, torch.nn.Module) or softcap:
+        return model(**kwargs, logits_to_keep=input_ids.shape[1] - keep).logits, torch.nn.Identity()
+    return backbone(**kwargs).last_hidden_state[:, keep:], head  # (B, T - keep, H)
 
 
 def token_logprobs(
@@ -218,10 +234,11 @@ def token_logprobs(
 
     input_ids, attention_mask (B, T), any padding layout (left, right, or gaps in the middle).
     Positions follow the mask: position_ids = cumsum(mask) - 1, so real tokens keep their positions.
-    The model is called as model(input_ids=, attention_mask=, position_ids=, use_cache=False,
-    logits_to_keep=).logits: only positions from the one that predicts token `first` on get logits,
-    so a long prompt (first = where the responses start) costs no vocabulary-sized work.
-    Float32 work runs over chunks of `chunk_size` positions; entropy carries no gradient."""
+    Memory: the backbone runs once; the LM head and all float32 work run over chunks of `chunk_size`
+    positions (B x chunk_size x V floats at a time), each recomputed in backward, so neither the forward
+    nor the backward ever holds a (B, T, V) tensor. Only positions from the one that predicts token
+    `first` on reach the LM head, so a long prompt (first = where responses start) costs no vocabulary
+    work. Entropy carries no gradient."""
     B, T = input_ids.shape
     # Token t is predicted by the last real token before it; after a gap of padding that is not t - 1.
     real = attention_mask > 0  # (B, T)
@@ -232,27 +249,25 @@ def token_logprobs(
     keep = int(prev[scored].min()) if scored.any() else T - 1  # the first position whose logits are needed
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        logits_to_keep=T - keep,
-    ).logits  # (B, T - keep, V) model dtype: positions keep .. T - 1
+    states, head = _final_states(model, input_ids, attention_mask, position_ids, keep)  # (B, T - keep, .)
 
-    # Logits at position t predict token t + 1; chunk over T with split, whose backward is one concat.
+    # The state at position t predicts token t + 1; split's backward is one concat.
     next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))[:, keep:]  # (B, T - keep) what each predicts
-    chunks = list(zip(logits.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1)))
-    logp = torch.cat([_logp(lg, y) for lg, y in chunks], dim=1)  # (B, T - keep) log pi(ids[t + 1])
+    chunks = [_chunk_logp(head, s, y, with_entropy)
+              for s, y in zip(states.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1))]
+    logp = torch.cat([lp for lp, _ in chunks], dim=1)  # (B, T - keep) log pi(ids[t + 1])
     logp = torch.nn.functional.pad(logp[:, :-1], (keep + 1, 0))  # (B, T) log pi(ids[t])
     if with_entropy:
-        entropy = torch.cat([_entropy(lg) for lg, _ in chunks], dim=1)  # (B, T - keep)
+        entropy = torch.cat([h for _, h in chunks], dim=1)  # (B, T - keep)
         entropy = torch.nn.functional.pad(entropy[:, :-1], (keep + 1, 0))  # (B, T)
 
     after_gap = scored & (prev != t_idx - 1)  # (B, T) few: the first token after each gap
     if after_gap.any():
         b, t = after_gap.nonzero(as_tuple=True)  # (K,), (K,)
-        gap_logits = logits[b, prev[b, t] - keep]  # (K, V)
-        logp = logp.index_put((b, t), _logp(gap_logits, input_ids[b, t]))  # (B, T)
+        gap_logp, gap_entropy = _chunk_logp(head, states[b, prev[b, t] - keep], input_ids[b, t], with_entropy)
+        logp = logp.index_put((b, t), gap_logp)  # (B, T)
         if with_entropy:
-            entropy = entropy.index_put((b, t), _entropy(gap_logits))  # (B, T)
+            entropy = entropy.index_put((b, t), gap_entropy)  # (B, T)
 
     logp = torch.where(scored, logp, 0.0)  # (B, T)
     if not with_entropy:

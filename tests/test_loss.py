@@ -1,4 +1,5 @@
 """Hand-computed values and autograd checks for loss.py (AEPO.md section 5). CPU, a few seconds."""
+import copy
 import math
 from types import SimpleNamespace
 
@@ -196,7 +197,7 @@ def tiny_model():
 
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
     )
     return Qwen3ForCausalLM(config).float().eval()
@@ -236,16 +237,18 @@ def test_token_logprobs_match_naive_with_left_and_interleaved_padding(tiny_model
 
 def test_token_logprobs_from_first_skip_the_prompt_logits(tiny_model):
     """first = k: the same values from token k on, 0 before, and the LM head sees only the positions
-    from the one predicting the first needed token (row 2's gap makes that position 3 for k = 6)."""
+    from the one predicting the first needed token (row 2's gap makes that position 3 for k = 6), in
+    chunks of at most chunk_size positions (plus one (K, H) call for the K tokens after a gap)."""
     ids, mask = padded_batch()
     seen = []
-    hook = tiny_model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[1]))
+    hook = tiny_model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[:-1]))
     with torch.no_grad():
         want_logp, want_entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True)
         for first, kept in [(0, 9), (1, 9), (3, 7), (6, 6), (8, 2)]:
             seen.clear()
             logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True, chunk_size=2, first=first)
-            assert seen == [kept], first
+            widths = [s[1] for s in seen if len(s) == 2]  # (B, c) chunk calls
+            assert sum(widths) == kept and max(widths) <= 2, (first, seen)
             assert_close(logp[:, first:], want_logp[:, first:], atol=1e-6, rtol=1e-6)
             assert_close(entropy[:, first:], want_entropy[:, first:], atol=1e-6, rtol=1e-6)
             assert (logp[:, :first] == 0).all() and (entropy[:, :first] == 0).all()
@@ -262,6 +265,69 @@ def test_token_logprobs_gradients_do_not_depend_on_chunking(tiny_model):
         grads.append(torch.cat([p.grad.flatten() for p in tiny_model.parameters()]))
     assert grads[0].abs().sum() > 0
     assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def full_logits_reference(model, ids, mask, first=0):
+    """The previous token_logprobs: the whole model forward, (B, T, V) logits, float32 log-softmax."""
+    B, T = ids.shape
+    t_idx = torch.arange(T).expand(B, T)
+    prev = torch.nn.functional.pad(torch.where(mask > 0, t_idx, -1).cummax(1).values[:, :-1], (1, 0), value=-1)
+    scored = (mask > 0) & (prev >= 0) & (t_idx >= first)  # (B, T)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    lsm = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float().log_softmax(-1)
+    src = prev.clamp(min=0)  # (B, T) the position that predicts each token, gaps included
+    pred = lsm.gather(1, src[..., None].expand(-1, -1, lsm.shape[-1]))  # (B, T, V)
+    logp = pred.gather(-1, ids[..., None]).squeeze(-1)
+    entropy = -(pred.exp() * pred).sum(-1).detach()
+    return torch.where(scored, logp, 0.0), torch.where(scored, entropy, 0.0)
+
+
+def lora_model(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    for name, p in peft_model.named_parameters():  # LoRA B starts at 0: make the adapters matter
+        if "lora_B" in name:
+            p.data.normal_(0, 0.1)
+    return peft_model
+
+
+@pytest.mark.parametrize("wrap", ["bare", "lora", "lora+checkpointing"])
+@pytest.mark.parametrize("first", [0, 6])
+def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model, wrap, first):
+    """The backbone + chunked LM head path against the full-logits reference: the same log-probs,
+    entropies and parameter gradients, through LoRA and gradient checkpointing; and the LM head never
+    produces more than chunk_size positions at once, in forward or in the backward recomputation."""
+    model = tiny_model if wrap == "bare" else lora_model(tiny_model)
+    if wrap.endswith("checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # checkpointing acts in train mode only; dropout is 0
+    ids, mask = padded_batch()
+    weight = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))  # (B, T)
+    results = []
+    for fn in (full_logits_reference, lambda m, i, a, first: token_logprobs(m, i, a, with_entropy=True,
+                                                                            chunk_size=2, first=first)):
+        model.zero_grad()
+        widths = []
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda mod, inp, out: widths.append(out.shape[-2]))
+        logp, entropy = fn(model, ids, mask, first=first)
+        n_forward = len(widths)
+        (logp * weight).sum().backward()
+        hook.remove()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logp.detach(), entropy, grads, widths, n_forward))
+    (ref_logp, ref_ent, ref_grads, *_), (logp, ent, grads, widths, n_forward) = results
+    assert_close(logp, ref_logp, atol=1e-5, rtol=1e-5)
+    assert_close(ent, ref_ent, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 0
+    if wrap != "bare":
+        assert all("lora_" in n for n in grads)
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert max(widths) <= 2 and len(widths) == 2 * n_forward  # chunks of <= 2 (or the K = 1 gap row), each
+    # run again in backward: autograd kept no logits
 
 
 def test_entropy_with_minus_inf_logits():
