@@ -166,9 +166,11 @@ def policy_loss(
 def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
     """k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta, token mean:
     mean_t exp(d_t) - d_t - 1 with d_t = log pi_ref - log pi_theta (>= 0; AEPO.md 5.4 sets its
-    coefficient to 0). logp (B, T) with gradient; ref_logp, loss_mask (B, T). Returns ()."""
+    coefficient to 0). d is clamped to [-20, 20] like log r in policy_loss (verl does the same), so
+    one wild token cannot overflow the loss. logp (B, T) with gradient; ref_logp, loss_mask (B, T).
+    Returns (); 0 when no token is sampled."""
     valid = loss_mask > 0  # (B, T)
-    d = torch.where(valid, ref_logp.detach() - logp, 0.0)  # (B, T) 0 at masked tokens -> k3 = 0
+    d = torch.where(valid, ref_logp.detach() - logp, 0.0).clamp(-20.0, 20.0)  # (B, T) masked -> k3 = 0
     return (d.exp() - d - 1).sum() / valid.sum().clamp(min=1)  # ()
 
 

@@ -44,6 +44,29 @@ def test_equal_rewards_and_singletons_give_exact_zero():
     assert torch.equal(reinforce_pp_advantages(rewards, group_ids), torch.zeros(9))
 
 
+def test_eight_equal_rewards_with_an_inexact_float_mean_give_exact_zero():
+    rewards = torch.full((8,), 0.1)  # float32 mean of eight 0.1 is off by 7e-9: / (0 + eps) would give -.0075
+    assert (rewards - rewards.mean()).abs().max() > 0  # the trap is real
+    group_ids = torch.zeros(8, dtype=torch.long)
+    assert torch.equal(group_advantages(rewards, group_ids), torch.zeros(8))
+    assert torch.equal(reinforce_pp_advantages(torch.cat([rewards, torch.tensor([0.0, 1.0])]),
+                                               torch.tensor([0] * 8 + [1, 1]))[:8], torch.zeros(8))
+
+
+def test_eps_is_added_to_the_std():
+    """A tiny std and a large eps make + eps and - eps differ by far more than any tolerance."""
+    rewards, group_ids = torch.tensor([0.0, 1e-4]), torch.tensor([0, 0])
+    std = 1e-4 / math.sqrt(2)  # unbiased std of two values 1e-4 apart
+    for eps in (1e-6, 1e-4):
+        want = torch.tensor([-5e-5, 5e-5]) / (std + eps)
+        assert_close(group_advantages(rewards, group_ids, eps=eps), want, rtol=1e-5, atol=0)
+        assert_close(reinforce_pp_advantages(rewards, group_ids, eps=eps), want, rtol=1e-5, atol=0)
+
+
+def test_reinforce_pp_one_row_is_zero_not_nan():
+    assert torch.equal(reinforce_pp_advantages(torch.tensor([3.0]), torch.tensor([0])), torch.zeros(1))
+
+
 def test_reinforce_pp_by_hand():
     rewards = torch.tensor([1.0, 0.0, 2.0, 2.0, 0.5])
     group_ids = torch.tensor([0, 0, 1, 1, 2])
@@ -187,6 +210,20 @@ def test_kl_k3():
     assert kl_k3(ref_logp + 0.3, ref_logp, torch.ones(1, 3)).item() > 0
 
 
+def test_kl_k3_empty_mask_and_wild_log_ratios():
+    logp = torch.tensor([[0.0, -1.0]], requires_grad=True)
+    kl = kl_k3(logp, torch.tensor([[-90.0, 90.0]]), torch.zeros(1, 2))
+    kl.backward()
+    assert kl.item() == 0.0 and torch.equal(logp.grad, torch.zeros(1, 2))  # no 0 / 0, no inf * 0
+    # d = log pi_ref - log pi beyond +-20 is clamped to +-20 (as log r in policy_loss): finite, no gradient
+    logp = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
+    kl = kl_k3(logp, torch.tensor([[-25.0, 99.0, -1.0]]), torch.ones(1, 3))
+    want = (math.exp(-20) + 20 - 1) + (math.exp(20) - 20 - 1) + (math.e - 1 - 1)
+    assert kl.item() == pytest.approx(want / 3, rel=1e-6)
+    kl.backward()
+    assert_close(logp.grad, torch.tensor([[0.0, 0.0, (1 - math.e) / 3]]))
+
+
 # --------------------------------------------------------------------------------------------------
 # token_logprobs on a tiny random Qwen3
 
@@ -328,6 +365,22 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model, wrap,
         assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
     assert max(widths) <= 2 and len(widths) == 2 * n_forward  # chunks of <= 2 (or the K = 1 gap row), each
     # run again in backward: autograd kept no logits
+
+
+def test_bf16_logits_are_upcast_to_float32():
+    """bf16 logits: log-probs and entropies come out in float32, computed from the float32 upcast (a
+    bf16 log-softmax would be off by up to ~0.03 nats here)."""
+    logits = (torch.randn(1, 4, 96, generator=torch.Generator().manual_seed(4)) * 8).to(torch.bfloat16)
+    ids = torch.tensor([[0, 5, 17, 95]])
+
+    def model(**kwargs):
+        return SimpleNamespace(logits=logits)
+
+    logp, entropy = token_logprobs(model, ids, torch.ones(1, 4), with_entropy=True)
+    lsm = logits.float().log_softmax(-1)[0, :-1]  # (3, V)
+    assert logp.dtype == entropy.dtype == torch.float32
+    assert_close(logp[0, 1:], lsm.gather(-1, ids[0, 1:, None]).squeeze(-1), rtol=0, atol=1e-6)
+    assert_close(entropy[0, 1:], -(lsm.exp() * lsm).sum(-1), rtol=0, atol=1e-5)
 
 
 def test_entropy_with_minus_inf_logits():
