@@ -69,6 +69,10 @@ class Config:
     top_k: int = field(default=2, metadata={"help": "Search results per query (released: 10)."})
     snippet_chars: int = field(default=1000, metadata={"help": "Characters per search snippet."})
     python_timeout_s: float = field(default=5.0, metadata={"help": "Python sandbox wall-clock limit."})
+    unsafe_python: bool = field(default=False, metadata={"help": "UNSAFE: run model-written Python even where no "
+                                "sandbox isolation is available (it then runs as you, with your files)."})
+    search_timeout_s: float = field(default=20.0, metadata={"help": "Bound on one web query's wall time, every "
+                                    "engine and retry included; past it the model reads 'Search failed'."})
 
     # --- rollout [AEPO.md 4] ---
     k: int = field(default=8, metadata={"help": "[k] trajectories per question (group size)."})
@@ -86,7 +90,10 @@ class Config:
     max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut from the left."})
     max_response_tokens: int = field(default=256, metadata={"help": "Response budget incl. tool results."})
     segment_tokens: int = field(default=64, metadata={"help": "Max new tokens per generate call."})
-    max_rounds: int = field(default=12, metadata={"help": "Generate rounds per rollout call."})
+    max_rounds: int = field(default=12, metadata={
+        "help": "Generate rounds per trajectory (a branch counts its parent's); then it is cut."})
+    rollout_questions: int = field(default=0, metadata={
+        "help": "Questions rolled out together in one batch (0: all); bounds the rollout's KV cache."})
     temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
 
     # --- update [AEPO.md 5] ---
@@ -174,14 +181,38 @@ def _explicit_fields(argv: list[str] | None) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
+# The recipe a model gets when no --preset is given: model name prefix (lower case, hub owner dropped)
+# -> preset. Everything else keeps the default, the tiny CPU recipe.
+MODEL_PRESETS: dict[str, str] = {"qwen3-": "qwen3-1.7b"}
+
+
+def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
+    """(preset, why): the explicit --preset, else the recipe of the model's family, else cfg.preset."""
+    if "preset" in explicit or cfg.preset != Config.preset:
+        return cfg.preset, "--preset given"
+    name = cfg.model.split("/")[-1].lower()
+    for prefix, preset in MODEL_PRESETS.items():
+        if name.startswith(prefix):
+            family = cfg.model.split("/")[-1][:len(prefix) - 1]
+            return preset, f"--model {cfg.model} is a {family} model and no --preset was given"
+    return cfg.preset, f"the default for --model {cfg.model}; Qwen3 models get qwen3-1.7b (one CUDA GPU)"
+
+
 def resolve(cfg: Config, explicit: set[str] = frozenset()) -> Config:
-    """Apply the preset and the algorithm's switches, leaving explicitly given fields alone."""
-    if cfg.preset not in PRESETS:
-        raise SystemExit(f"--preset {cfg.preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    """Pick the recipe (pick_preset; one line says which and why), then apply the preset and the
+    algorithm's switches, leaving explicitly given fields alone. A 4-bit recipe without CUDA stops."""
+    preset, why = pick_preset(cfg, explicit)
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
     if cfg.algo not in ALGOS:
         raise SystemExit(f"--algo {cfg.algo!r} is unknown; choose one of {sorted(ALGOS)}")
-    overrides = {**PRESETS[cfg.preset], **ALGOS[cfg.algo]}
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if k not in explicit})
+    print(f"recipe: {preset} ({why})")
+    overrides = {**PRESETS[preset], **ALGOS[cfg.algo]}
+    cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in overrides.items() if k not in explicit})
+    if cfg.load_in_4bit and not torch.cuda.is_available():
+        raise SystemExit(f"recipe {preset} needs a CUDA GPU (it loads {cfg.model} in 4-bit; memory: python "
+                         f"memory.py --preset {preset}) and this machine has none: on CPU run python train.py "
+                         "--preset tiny (the built-in world) or --model smollm2-135m (a real 135M LM)")
     if not cfg.output_dir:
         import time
 
@@ -213,6 +244,7 @@ class Trajectory:
     is_duplicate: bool = False        # pad-by-duplicate row (section 4.1)
     finish: str = ""                  # eos | call_limit | length | rounds | malformed
     seg_entropy: list[float] = field(default_factory=list)  # segment entropies, in order
+    rounds: int = 0                   # generate rounds that produced its tokens (a branch counts its parent's)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,191 +1,175 @@
-"""Batched generation with one KV cache kept across `generate` calls: the memory under the tree sampler.
+"""The cached engine: the five verbs of engine.py (add, generate, append, select, release) with one KV
+cache kept across rounds, so that each token is encoded once.
 
-    import kvcache as kv
-    batch = kv.append(None, [prompt_a, prompt_b], pad, device)          # two rows, no history yet
-    batch, new = kv.generate_segment(model, batch, 64, stop_ids, do_sample=True, pad_token_id=pad)
-    batch = kv.append(batch, [result_a, [kv.pop_last(batch, 1)]], pad, device)   # feed, continue
+    engine = CachedEngine(model, Sampling.make(tokenizer))   # a drop-in for engine.ReencodeEngine
 
-Layout (B rows, W columns). Row b's sequence is ids[b] at its mask-1 columns, in order. Every other
-column is filler (mask 0), which that row never attends to. New tokens join as a block, right-aligned
-with filler before them. Position ids follow the mask's cumulative sum, so each row sees exactly its own
-sequence wherever its tokens sit. The cache holds keys and values for the first c = cache.get_seq_length()
-columns; after `generate`, the last column (each row's last sampled token) is not cached yet, and the
-next call feeds it.
+Layout. The batch is B rows x W columns of token ids, a 0/1 mask of the same shape, and a KV cache for
+the first c columns:
 
-Copying. Keys are cached with their positions already applied (rotary embeddings), so cached tokens may
-be copied into any columns of a row whose earlier history is the same: branch children copy their
-parent's row (`take` with a repeated index), and a global trajectory that starts mid-rollout gets its
-question's prompt (`place`), encoded once by `encode_prefixes`.
+                 cached: keys and values in `cache`               uncached
+      column     0                                           c-1 | c ... W-1
+      row 0      .  .  P  P  P  P  S  S  S  S  .  .  R  R  R  R  | S
+      row 1      P  P  P  P  P  P  S  S  S  S  S  S  S  .  .  R  | R
+      row 2      .  .  .  .  .  .  .  .  .  P  P  P  P  P  P  P  | P
+                 P prompt, S sampled, R tool result, . filler (mask 0)
+
+Row b's sequence is ids[b] at its mask-1 columns, in order; filler is never attended to. Position ids
+follow the mask's cumulative sum, so each row sees exactly its own sequence wherever its tokens sit.
+New tokens join as a right-aligned block, filler before them. Keys are cached with their positions
+already applied (rotary embeddings), so cached columns can be copied between rows with the same
+history: a branch child copies its parent's row (`select` with a repeated index), and a global that
+starts mid-rollout gets its prompt's keys and values, encoded once per prompt (`add`).
+
+What the model encodes besides sampled tokens (`prefill_tokens`): each prompt but its last token once,
+then per row its prompt's last token, each tool result once (before a branch copies it), and one token
+per continued segment (`generate` samples from the last fed column, so that token is fed again).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-from transformers import DynamicCache, LogitsProcessor
+from transformers import DynamicCache
 
-from loss import entropy_of_logp
+from engine import Sampling, Segment, left_padded, sample_segments
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer: (keys, values), each (heads, n, head_dim)
 
 
-@dataclass
-class Batch:
-    ids: torch.Tensor                 # (B, W) token ids; filler columns hold pad
-    mask: torch.Tensor                # (B, W) 1 at the row's own tokens, 0 at filler
-    cache: DynamicCache | None        # keys and values of ids[:, :c]
+class CachedEngine:
+    def __init__(self, model, sampling: Sampling):
+        self.model, self.sampling, self.pad = model, sampling, sampling.pad
+        self.device = next(model.parameters()).device
+        self.ids = torch.empty((0, 0), dtype=torch.long, device=self.device)    # (B, W)
+        self.mask = torch.empty((0, 0), dtype=torch.long, device=self.device)   # (B, W)
+        self.cache: DynamicCache | None = None       # keys and values of ids[:, :c]
+        self.pending: list[list[int]] = []           # per row: tokens of its sequence not yet in ids
+        self.prompt_kv: dict[tuple[int, ...], KV] = {}   # prompt -> keys and values of prompt[:-1]
+        self.prefill_tokens = self.generated_tokens = 0
 
+    # -- the verbs ----------------------------------------------------------------------------------
+    def add(self, prompts: list[list[int]]) -> None:
+        """New rows: prompt[:-1] copied from the kept cache (encoded now if new), the last token pending."""
+        todo = sorted({tuple(p) for p in prompts if len(p) > 1} - self.prompt_kv.keys())
+        if todo:
+            self.prompt_kv |= dict(zip(todo, self._encode_alone([list(p[:-1]) for p in todo])))
+            self.prefill_tokens += sum(len(p) - 1 for p in todo)
+        B = self.ids.shape[0]
+        self._add_filler_rows(len(prompts))
+        for b, prompt in enumerate(prompts, start=B):
+            if len(prompt) > 1:
+                self._place(b, prompt[:-1], self.prompt_kv[tuple(prompt)])
+            self.pending.append(list(prompt[-1:]))
+
+    def append(self, b: int, tokens: list[int]) -> None:
+        self.pending[b] += tokens
+
+    def select(self, index: list[int]) -> None:
+        """Keep rows `index`. Pending tokens but the last are encoded first, so that the copies of a row
+        share its encoded tool result instead of each encoding it again."""
+        if not index:                                        # no rows left (kept prompts stay)
+            self.ids, self.mask, self.cache, self.pending = self.ids[:0, :0], self.mask[:0, :0], None, []
+            return
+        self._encode_pending_heads()
+        idx = torch.tensor(index, device=self.device)
+        self.cache.batch_select_indices(idx)
+        self.ids, self.mask = self.ids[idx], self.mask[idx]                       # (B', W)
+        self.pending = [list(self.pending[i]) for i in index]
+        used = self.mask[:, :-1].any(0).nonzero()            # drop leading columns no row attends to
+        self._drop_leading(int(used[0]) if len(used) else self.ids.shape[1] - 1)
+
+    def release(self, prompt: list[int]) -> None:
+        self.prompt_kv.pop(tuple(prompt), None)
+
+    def generate(self, max_new_tokens: int, tails: list[list[int]]) -> list[Segment]:
+        """Feed every row's pending tokens and sample up to max_new_tokens for each row."""
+        for b, pending in enumerate(self.pending):
+            if not pending:                                  # continuing a segment: re-feed its last token
+                pending.append(self._pop_last(b))
+        self.prefill_tokens += sum(map(len, self.pending))
+        self._append_columns(self.pending)
+        self.pending = [[] for _ in self.pending]
+        seq, new_mask, self.cache, segments = sample_segments(
+            self.model, self.ids, self.mask, self.cache, max_new_tokens, self.sampling, tails)
+        self.ids, self.mask = seq, torch.cat([self.mask, new_mask], 1)           # (B, W + N)
+        self.generated_tokens += sum(len(s.tokens) for s in segments)
+        return segments
+
+    # -- the layout ---------------------------------------------------------------------------------
     def positions(self) -> torch.Tensor:
-        return (self.mask.cumsum(-1) - 1).clamp(min=0)                          # (B, W)
+        return (self.mask.cumsum(-1) - 1).clamp(min=0)                         # (B, W)
 
+    def _append_columns(self, rows: list[list[int]]) -> None:
+        ids, mask = left_padded(rows, self.pad, self.device)                    # (B, N)
+        self.ids, self.mask = torch.cat([self.ids, ids], 1), torch.cat([self.mask, mask], 1)
 
-def right_aligned(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, N) ids and mask of token lists, right-aligned, filler pads on the left."""
-    N = max(map(len, rows))
-    ids = torch.tensor([[pad] * (N - len(r)) + r for r in rows], device=device)          # (B, N)
-    mask = torch.tensor([[0] * (N - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, N)
-    return ids, mask
+    def _encode_pending_heads(self) -> None:
+        """Run pending[:-1] of every row through the model into the cache (with any uncached column)."""
+        heads = [p[:-1] for p in self.pending]
+        if not any(heads):
+            return
+        self.pending = [p[-1:] for p in self.pending]
+        self.prefill_tokens += sum(map(len, heads))
+        c = self.cache.get_seq_length()
+        self._append_columns(heads)
+        self.model(input_ids=self.ids[:, c:], attention_mask=self.mask, position_ids=self.positions()[:, c:],
+                   cache=self.cache, use_cache=True, logits_to_keep=1)
 
+    def _encode_alone(self, seqs: list[list[int]]) -> list[KV]:
+        """Each sequence's keys and values, from one left-padded forward pass outside the batch."""
+        ids, mask = left_padded(seqs, self.pad, self.device)                   # (U, N)
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   cache=cache, use_cache=True, logits_to_keep=1)
+        N = ids.shape[1]
+        return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):]) for layer in cache.layers]
+                for u, s in enumerate(seqs)]
 
-def append(batch: Batch | None, rows: list[list[int]], pad: int, device) -> Batch:
-    """Each row's tokens appended as one right-aligned block (not encoded yet: `generate` or `encode`)."""
-    ids, mask = right_aligned(rows, pad, device)
-    if batch is None:
-        return Batch(ids, mask, None)
-    return Batch(torch.cat([batch.ids, ids], 1), torch.cat([batch.mask, mask], 1), batch.cache)
+    def _place(self, b: int, tokens: list[int], kept: KV) -> None:
+        """Make `tokens`, whose keys and values are `kept`, the history of row b (an all-filler row):
+        they go in the last cached columns, after widening the batch on the left if it is too short."""
+        if self.cache is None:
+            self._start_cache(kept)
+        n, c = len(tokens), self.cache.get_seq_length()
+        if n > c:
+            self._widen(n - c)
+            c = n
+        for layer, (k, v) in zip(self.cache.layers, kept):
+            layer.keys[b, :, c - n:c], layer.values[b, :, c - n:c] = k, v
+        self.ids[b, c - n:c] = torch.tensor(tokens, device=self.device)
+        self.mask[b, c - n:c] = 1
 
+    def _start_cache(self, like: KV) -> None:
+        """An empty cache (no columns yet) for the current rows, shaped like `like`."""
+        self.cache, B = DynamicCache(config=self.model.config), self.ids.shape[0]
+        for i, (k, v) in enumerate(like):
+            self.cache.update(k.new_zeros((B, k.shape[0], 0, k.shape[2])),
+                              v.new_zeros((B, v.shape[0], 0, v.shape[2])), i)
 
-def pop_last(batch: Batch, b: int) -> int:
-    """Row b's last token, masked out where it sits so that it can be fed again as a new column: a row
-    that continues its segment must have a real token in the block's last column (generate samples
-    from the last position). Its position, the mask's cumulative sum, stays the same."""
-    j = int(batch.mask[b].nonzero()[-1])
-    batch.mask[b, j] = 0
-    return int(batch.ids[b, j])
+    def _add_filler_rows(self, n: int) -> None:
+        B, W = self.ids.shape
+        self.ids = torch.cat([self.ids, self.ids.new_full((n, W), self.pad)])
+        self.mask = torch.cat([self.mask, self.mask.new_zeros((n, W))])
+        for layer in self.cache.layers if self.cache is not None else []:
+            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
+            layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
 
+    def _widen(self, n: int) -> None:
+        """n filler columns on the left, cached as zeros (never attended)."""
+        for layer in self.cache.layers:
+            k, v = layer.keys, layer.values                                     # (B, heads, c, head_dim)
+            layer.keys = torch.cat([k.new_zeros((*k.shape[:2], n, k.shape[3])), k], 2)
+            layer.values = torch.cat([v.new_zeros((*v.shape[:2], n, v.shape[3])), v], 2)
+        B = self.ids.shape[0]
+        self.ids = torch.cat([self.ids.new_full((B, n), self.pad), self.ids], 1)
+        self.mask = torch.cat([self.mask.new_zeros((B, n)), self.mask], 1)
 
-def add_rows(batch: Batch, n: int, pad: int) -> Batch:
-    """n rows with an all-filler history (mask 0, zero cache), for rows that join mid-rollout."""
-    if n == 0:
-        return batch
-    for layer in batch.cache.layers:
-        layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
-        layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
-    return Batch(torch.cat([batch.ids, batch.ids.new_full((n, batch.ids.shape[1]), pad)]),
-                 torch.cat([batch.mask, batch.mask.new_zeros((n, batch.mask.shape[1]))]), batch.cache)
+    def _drop_leading(self, n: int) -> None:
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, n:], layer.values[:, :, n:]
+        self.ids, self.mask = self.ids[:, n:], self.mask[:, n:]
 
-
-def widen(batch: Batch, n: int, pad: int) -> Batch:
-    """n filler columns on the left (mask 0, zero cache), making room to `place` a long prompt."""
-    if n <= 0:
-        return batch
-    for layer in batch.cache.layers:
-        k, v = layer.keys, layer.values                                         # (B, heads, c, head_dim)
-        layer.keys = torch.cat([k.new_zeros((*k.shape[:2], n, k.shape[3])), k], 2)
-        layer.values = torch.cat([v.new_zeros((*v.shape[:2], n, v.shape[3])), v], 2)
-    B = batch.ids.shape[0]
-    return Batch(torch.cat([batch.ids.new_full((B, n), pad), batch.ids], 1),
-                 torch.cat([batch.mask.new_zeros((B, n)), batch.mask], 1), batch.cache)
-
-
-def take(batch: Batch, index: list[int]) -> Batch:
-    """Rows `index` of the batch (a repeated index copies the row, cache included), then without the
-    leading columns that no remaining row attends to (rows that left owned them)."""
-    idx = torch.tensor(index, device=batch.ids.device)
-    batch.cache.batch_select_indices(idx)
-    ids, mask = batch.ids[idx], batch.mask[idx]                                 # (B', W)
-    used = mask[:, :-1].any(0).nonzero()
-    c = int(used[0]) if len(used) else ids.shape[1] - 1
-    for layer in batch.cache.layers:
-        layer.keys, layer.values = layer.keys[:, :, c:], layer.values[:, :, c:]
-    return Batch(ids[:, c:], mask[:, c:], batch.cache)
-
-
-def encode(model, batch: Batch, rows: list[list[int]], pad: int) -> Batch:
-    """Append each row's tokens and run them through the model into the cache, together with any
-    column left uncached; afterwards every column is cached. Logits are not kept."""
-    c = batch.cache.get_seq_length()
-    batch = append(batch, rows, pad, batch.ids.device)
-    model(input_ids=batch.ids[:, c:], attention_mask=batch.mask, position_ids=batch.positions()[:, c:],
-          cache=batch.cache, use_cache=True, logits_to_keep=1)
-    return batch
-
-
-def encode_prefixes(model, seqs: list[list[int]], pad: int, device) -> list[KV]:
-    """Each sequence's keys and values, from one left-padded forward pass, to be `place`d later."""
-    batch = Batch(*right_aligned(seqs, pad, device), DynamicCache(config=model.config))   # (U, N)
-    model(input_ids=batch.ids, attention_mask=batch.mask, position_ids=batch.positions(),
-          cache=batch.cache, use_cache=True, logits_to_keep=1)
-    N = batch.ids.shape[1]
-    return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):]) for layer in batch.cache.layers]
-            for u, s in enumerate(seqs)]
-
-
-def blank(model, n_rows: int, width: int, like: KV, pad: int, device) -> Batch:
-    """A batch of n_rows all-filler rows of the given width, with a zero cache shaped like `like`."""
-    cache = DynamicCache(config=model.config)
-    for i, (k, v) in enumerate(like):
-        cache.update(k.new_zeros((n_rows, k.shape[0], width, k.shape[2])),
-                     v.new_zeros((n_rows, v.shape[0], width, v.shape[2])), i)
-    return Batch(torch.full((n_rows, width), pad, dtype=torch.long, device=device),
-                 torch.zeros((n_rows, width), dtype=torch.long, device=device), cache)
-
-
-def place(batch: Batch, b: int, tokens: list[int], kept: KV, pad: int) -> Batch:
-    """Make `tokens`, whose keys and values are `kept`, the history of row b (an all-filler row): they go
-    in the last cached columns, after widening the batch on the left if it is too short."""
-    n = len(tokens)
-    batch = widen(batch, n - batch.cache.get_seq_length(), pad)
-    c = batch.cache.get_seq_length()
-    for layer, (k, v) in zip(batch.cache.layers, kept):
-        layer.keys[b, :, c - n:c], layer.values[b, :, c - n:c] = k, v
-    batch.ids[b, c - n:c] = torch.tensor(tokens, device=batch.ids.device)
-    batch.mask[b, c - n:c] = 1
-    return batch
-
-
-# ----------------------------------------------------------------------------------------------------
-# One generate call over the whole batch
-
-
-class _Recorder(LogitsProcessor):
-    """Records the exact entropy and the sampled token's log-prob from the raw logits of each step.
-
-    The processor sees logits before temperature / top-p, i.e. the temperature-1 policy. The token
-    sampled at step t is only known at step t + 1 (it is then the last input id), so the log-softmax of
-    one step is kept until the next: O(B x V) memory instead of all logits.
-    """
-
-    def __init__(self):
-        self.entropy, self.logp, self._prev = [], [], None
-
-    def __call__(self, input_ids, scores):
-        if self._prev is not None:
-            self.logp.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))   # (B,)
-        self._prev = torch.log_softmax(scores.float(), dim=-1)                     # (B, V)
-        self.entropy.append(entropy_of_logp(self._prev))                            # (B,) exact
-        return scores
-
-    def finish(self, last_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.logp.append(self._prev.gather(1, last_ids[:, None]).squeeze(1))
-        return torch.stack(self.logp, 1).cpu(), torch.stack(self.entropy, 1).cpu()  # (B, N) each
-
-
-def generate_segment(model, batch: Batch, max_new_tokens: int, stop_ids: set[int], **generate_kwargs):
-    """Continue every row by up to max_new_tokens, each until its first stop token. Returns the batch with
-    the new columns (after a row's stop: filler) and, per row, (tokens, log-probs, entropies), the stop
-    token included. generate_kwargs go to `model.generate` (sampling settings, eos and pad ids, ...)."""
-    recorder = _Recorder()
-    out = model.generate(input_ids=batch.ids, attention_mask=batch.mask, cache=batch.cache,
-                         max_new_tokens=max_new_tokens, logits_processor=[recorder],
-                         return_dict_in_generate=True, **generate_kwargs)
-    seq = out.sequences                                                         # (B, W + N)
-    new = seq[:, batch.ids.shape[1]:]                                           # (B, N)
-    logp, entropy = recorder.finish(seq[:, -1])                                 # (B, N) each
-    new_mask = torch.ones_like(new)                                             # (B, N)
-    segments = []
-    for b, toks in enumerate(new.cpu().tolist()):
-        n = next((i + 1 for i, t in enumerate(toks) if t in stop_ids), len(toks))
-        new_mask[b, n:] = 0
-        segments.append((toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist()))
-    return Batch(seq, torch.cat([batch.mask, new_mask], 1), out.cache), segments
+    def _pop_last(self, b: int) -> int:
+        """Row b's last token, masked out where it sits so that it can be fed again as a new column
+        (generate samples from the last column); its position, the mask's cumulative sum, is unchanged."""
+        j = int(self.mask[b].nonzero()[-1])
+        self.mask[b, j] = 0
+        return int(self.ids[b, j])

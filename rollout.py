@@ -1,54 +1,62 @@
-"""The entropy-guided tree sampler: k tool-using trajectories per question, with GRPO chains, ARPO
-branching or AEPO's dynamic entropy-balanced rollout (AEPO.md sections 1, 2 and 4).
+"""The entropy-guided tree sampler: k tool-using trajectories per question, as GRPO chains, with ARPO's
+entropy branching, or with AEPO's dynamic entropy-balanced rollout (arXiv 2510.14545).
 
     from rollout import rollout
-    result = rollout(model, tokenizer, questions, tools, cfg, seed=0)
+    result = rollout(model, tokenizer, questions, tools, cfg, seed=0, system_prompt=prompt)
     result.trajectories  # k per question, grouped in question order
-    result.stats         # per-question counts: globals, branches, restarts, duplicates, m, ...
+    result.stats         # per question: m, H_root, H_tool, globals, branches, restarts, ...
 
-How one rollout call runs (all active trajectories of all questions share one batch):
-  1. Each question starts with its global trajectories: m = k for GRPO, m = global_rollouts for ARPO,
-     and for AEPO one probe whose entropies set m (section 4.4); the probe counts as the first global.
-  2. Each round, one `generate` call continues every active row until a tool closing tag, EOS or the
-     segment budget. A logits processor records, from the raw temperature-1 logits, the exact entropy
-     and the log-prob of each sampled token.
-  3. Tool calls run in parallel threads; each result is appended as tokens with loss mask 0.
-  4. Rows that just received a tool result may branch (sections 4.3 and 4.5). The result is encoded
-     once, then a child copies its parent's row, KV cache included.
-  5. Finished rows leave the batch; an idle question with fewer than k trajectories restarts one global
-     trajectory; at the end short questions are padded by duplicating their last trajectory.
+Every active trajectory of every question is one row of one batch. Each round does five steps:
+  1. Generate one segment for every row: until a tool's closing tag, EOS, or `segment_tokens`.
+  2. Record its tokens (loss mask 1) with their log-probs and exact entropies. A segment that ended
+     gets its entropy H, over its first w sampled tokens; then classify how it ended.
+  3. Run the tool calls in parallel threads; append each result (loss mask 0).
+  4. Entropy rules, each at one labelled site below:
+       [pre-monitoring]  AEPO: when a question's probe ends, its entropies set the global budget m;
+       [branching]       ARPO/AEPO: a row that got a tool result may spawn up to Z - 1 children;
+       [branch penalty]  AEPO: the probability falls with l, the question's streak of rounds that
+                         created a trajectory.
+  5. Keep the live rows and the new children; start the globals the budget owes and the restarts.
+At the end each question is padded to k (normally nothing to pad).
 
-The batch keeps one KV cache across rounds (kvcache.py: its layout and operations). Each question's
-prompt is encoded once per call, and every global it starts (round 0 or later) copies that cache, so
-what the model encodes besides sampled tokens is each prompt once, each tool result once, and one token
-per new row or continued segment.
+Deviations from the released code (also in the README): the probe is the first of the m globals
+(released: a separate, discarded probe); entropy state resets at each call; `max_rounds` is a budget
+per trajectory (a branch counts its parent's rounds), so an algorithm that starts trajectories later
+(AEPO after its probe, restarts) loses none to it; `l` also counts rounds that restarted a global.
+The generate engine (engine.py, kvcache.py) is below this file: it only sees token ids.
 """
 from __future__ import annotations
 
 import copy
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 
-import kvcache as kv
 from aepo import (Config, Tools, Trajectory, aepo_should_branch, arpo_should_branch, global_budget,
                   segment_entropy)
-from policy import prompt_ids, stop_token_ids
+from engine import CLOSING_TAGS, ReencodeEngine, Sampling, Segment
+from kvcache import CachedEngine
+from policy import prompt_ids
 from tools import parse_tool_call, result_block
+
+ENGINES = {"cached": CachedEngine, "reencode": ReencodeEngine,
+           "naive": lambda model, sampling: ReencodeEngine(model, sampling, rows_per_call=1)}
 
 
 @dataclass
 class QuestionStats:
     m: int = 0                    # global budget (AEPO: from pre-monitoring)
-    h_root: float = 0.0           # segment entropy of the first segment from the question
-    h_tool: float = 0.0           # mean segment entropy after tool results (probe)
+    h_root: float = 0.0           # segment entropy of the probe's first segment
+    h_tool: float = 0.0           # mean segment entropy of the probe's segments after tool results
     n_global: int = 0             # global trajectories started (restarts included)
     n_branch: int = 0             # branch children created
     n_restart: int = 0
     n_duplicate: int = 0
-    consecutive_branch_steps: int = 0   # branch events while l > 0 (a streak of branching rounds)
+    branches_after_first_call: int = 0  # branch events at a source's second or later tool call
+    consecutive_branch_steps: int = 0   # branch events while l > 0
     branches_per_source: dict[int, int] = field(default_factory=dict)
 
 
@@ -58,229 +66,207 @@ class RolloutResult:
     stats: list[QuestionStats]
     generated_tokens: int = 0           # tokens sampled by the policy
     prefill_tokens: int = 0             # tokens the model encoded without sampling them
+    rounds: int = 0                     # generate rounds (latency)
+    generate_s: float = 0.0
+    tools_s: float = 0.0
+    slowest_tool_s: float = 0.0
 
 
 @dataclass
-class _Row:
+class Question:
+    """Per-question state of one rollout call."""
+    prompt: list[int]
+    m: int | None                 # global budget; None until the probe has ended (AEPO)
+    started: int = 0              # trajectories started: globals and branches
+    owed: int = 0                 # globals to start next round
+    l: int = 0                    # consecutive rounds that created a trajectory (branch penalty)
+    active: int = 0               # rows in flight
+    finished: list[Trajectory] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """One trajectory in flight."""
     traj: Trajectory
-    pending: list[int]            # tokens to feed before the next sample (prompt or tool result)
+    seg_start: int = 0            # response index of the current segment's first sampled token
     h_init: float | None = None   # entropy of this trajectory's first (post-branch) segment
-    seg_start: int = 0            # index in response_ids where the current segment began
     call: tuple[str, str] | None = None   # (tool, input) waiting to run
     done: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------
-# The rollout loop
+# Pure rules on the question state
+
+
+def initial_globals(cfg: Config) -> tuple[int | None, int]:
+    """(m, globals to start now): GRPO m = k; ARPO m = global_rollouts; AEPO one probe, m unknown."""
+    if cfg.pre_monitor:
+        return None, 1
+    m = cfg.global_rollouts if cfg.branching else cfg.k
+    return m, m
+
+
+def budget_from_probe(seg_entropies: list[float], k: int, beta: float) -> tuple[int, float, float]:
+    """[pre-monitoring] (m, H_root, H_tool) from the probe's segment entropies: H_root is its first
+    segment, H_tool the mean of the segments after tool results (H_root when it used no tool)."""
+    h_root = seg_entropies[0] if seg_entropies else 0.0
+    after = seg_entropies[1:]
+    h_tool = sum(after) / len(after) if after else h_root
+    return global_budget(k, h_root, h_tool, beta), h_root, h_tool
+
+
+def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Random) -> int:
+    """[branching] How many of the Z - 1 child slots of one source branch, given Delta H, the streak l
+    and the room left under k. One uniform draw per slot while there is room."""
+    n = 0
+    for _ in range(cfg.branch_z - 1):
+        if n == room:
+            break
+        u = rng.random()
+        n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.penalty) if cfg.branch_penalty
+              else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
+    return n
+
+
+def next_streak(l: int, created: bool) -> int:
+    """[branch penalty] l counts consecutive rounds in which the question created a trajectory."""
+    return l + 1 if created else 0
+
+
+def wants_restart(q: Question, k: int, round_: int, max_rounds: int) -> bool:
+    """Restart rule: an idle question with a known budget and fewer than k trajectories starts one more
+    global, during the call's first max_rounds rounds (later, what is short is padded by duplicates)."""
+    return q.m is not None and q.active == 0 and q.owed == 0 and q.started < k and round_ < max_rounds
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rollout
 
 
 def rollout(model, tokenizer, questions: list[str], tools: Tools, cfg: Config, seed: int,
             system_prompt: str, *, greedy: bool = False, top_p: float = 1.0,
-            temperature: float | None = None, cache_mode: str = "tree") -> RolloutResult:
+            temperature: float | None = None, engine: str = "cached") -> RolloutResult:
     """Sample cfg.k trajectories for each question. Same seed and inputs -> the same trajectories.
-
-    cache_mode: "tree" (one batch, KV cache kept across rounds and copied to branches), or the
-    baselines "batched" (one batch, full re-encode each round) and "naive" (one row at a time).
-    """
+    `engine`: "cached" (one KV cache across rounds), or the baselines "reencode" and "naive"."""
+    sampling = Sampling.make(tokenizer, greedy=greedy, top_p=top_p,
+                             temperature=cfg.temperature if temperature is None else temperature)
+    prompts = [prompt_ids(tokenizer, q, system_prompt)[-cfg.max_prompt_tokens:] for q in questions]
+    chunk = cfg.rollout_questions or len(prompts)                     # bounds the KV cache (memory)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
-        sampler = _TreeSampler(model, tokenizer, tools, cfg, random.Random(seed), greedy, top_p,
-                               cfg.temperature if temperature is None else temperature, cache_mode)
-        return sampler.run(questions, system_prompt)
+        rng, parts = random.Random(seed), []
+        for i in range(0, len(prompts), chunk):
+            sampler = _Sampler(ENGINES[engine](model, sampling), tokenizer, tools, cfg, rng, model.config.vocab_size)
+            parts.append((i, sampler.run(prompts[i:i + chunk])))
+    return _merge(parts) if len(parts) > 1 else parts[0][1]
 
 
-class _TreeSampler:
-    def __init__(self, model, tokenizer, tools, cfg, rng, greedy, top_p, temperature, cache_mode):
-        assert cache_mode in ("tree", "batched", "naive"), cache_mode
-        self.model, self.tok, self.tools, self.cfg, self.rng = model, tokenizer, tools, cfg, rng
-        self.cache_mode = cache_mode
-        self.device = next(model.parameters()).device
-        self.pad = tokenizer.pad_token_id
-        self.stop_ids = set(stop_token_ids(tokenizer)) | {self.pad}
-        stop_strings = [t for t in ("</search>", "</python>")          # tags that are not single tokens
-                        if tokenizer.convert_tokens_to_ids(t) not in self.stop_ids]
-        self.sampling = dict(                # model.generate's arguments, the same every round
-            do_sample=not greedy, temperature=None if greedy else temperature, top_k=None if greedy else 0,
-            top_p=None if greedy else top_p, eos_token_id=sorted(self.stop_ids), pad_token_id=self.pad,
-            **(dict(stop_strings=stop_strings, tokenizer=tokenizer) if stop_strings else {}))
-        self.vocab = model.config.vocab_size if hasattr(model, "config") else len(tokenizer)
+def _merge(parts: list[tuple[int, RolloutResult]]) -> RolloutResult:
+    """One result from the results of consecutive chunks of questions (offset question and trajectory ids)."""
+    out, next_id = RolloutResult([], []), 0
+    for first, res in parts:
+        for t in res.trajectories:
+            t.question_idx += first
+            t.traj_id += next_id
+            t.parent_id = None if t.parent_id is None else t.parent_id + next_id
+        next_id = 1 + max(t.traj_id for t in res.trajectories)
+        out.trajectories += res.trajectories
+        out.stats += res.stats
+        for key in ("generated_tokens", "prefill_tokens", "rounds", "generate_s", "tools_s"):
+            setattr(out, key, getattr(out, key) + getattr(res, key))
+        out.slowest_tool_s = max(out.slowest_tool_s, res.slowest_tool_s)
+    return out
+
+
+class _Sampler:
+    """One rollout call's mutable state: the engine's rows (in `rows` order), the questions, counters."""
+
+    def __init__(self, engine, tokenizer, tools: Tools, cfg: Config, rng: random.Random, vocab: int):
+        self.engine, self.tok, self.tools, self.cfg, self.rng, self.vocab = engine, tokenizer, tools, cfg, rng, vocab
         self.next_id = 0
-        self.generated = self.prefilled = 0
+        self.res = RolloutResult([], [])
 
-    # -- bookkeeping helpers ------------------------------------------------------------------------
-    def _new_global(self, q: int) -> _Row:
-        traj = Trajectory(question_idx=q, prompt_ids=list(self.prompts[q]), traj_id=self.next_id)
-        self.next_id += 1
-        self.stats[q].n_global += 1
-        self.started[q] += 1
-        return _Row(traj=traj, pending=list(self.prompts[q]))
+    def run(self, prompts: list[list[int]]) -> RolloutResult:
+        cfg, res = self.cfg, self.res
+        m, n_start = initial_globals(cfg)
+        self.qs = [Question(prompt, m) for prompt in prompts]
+        res.stats = [QuestionStats(m=m or 0) for _ in prompts]
+        rows = self._start([q for q in range(len(prompts)) for _ in range(n_start)])
+        while rows:
+            res.rounds += 1
+            # 1. generate one segment for every row
+            t0 = time.perf_counter()
+            room = max(cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)
+            segments = self.engine.generate(max(1, min(cfg.segment_tokens, room)),
+                                            tails=[r.traj.response_ids[r.seg_start:] for r in rows])
+            res.generate_s += time.perf_counter() - t0
+            # 2. record the tokens; finish the row or queue its tool call
+            for row, segment in zip(rows, segments):
+                self._record(row, segment)
+            # 3. run the tools in parallel; each result joins the row with loss mask 0
+            called = [(b, row) for b, row in enumerate(rows) if row.call]
+            for (b, row), tokens in zip(called, self._run_tools([row for _, row in called])):
+                self.engine.append(b, tokens)
+            for row in rows:
+                if not row.done and row.traj.rounds >= cfg.max_rounds:
+                    self._finish(row, "rounds")                 # the per-trajectory round budget
+            # 4. [pre-monitoring] a question whose probe has ended gets its global budget m
+            for q, question in enumerate(self.qs):
+                if question.m is None and question.finished:
+                    self._pre_monitor(q)
+            #    [branching] + [branch penalty] rows that just received a tool result may branch
+            children = {b: self._branch(row) for b, row in called if not row.done}
+            # 5. keep the live rows, each followed by its children; start new globals; update l
+            index = [b for b, row in enumerate(rows) if not row.done for _ in range(1 + len(children.get(b, [])))]
+            rows = [r for b, row in enumerate(rows) if not row.done for r in [row, *children.get(b, [])]]
+            self.engine.select(index)
+            created = {self._q(kids[0]) for kids in children.values() if kids}
+            rows += self._start(self._new_globals(created))
+        res.trajectories = self._pad_groups()
+        res.prefill_tokens, res.generated_tokens = self.engine.prefill_tokens, self.engine.generated_tokens
+        return res
 
-    def _branch(self, row: _Row, l: int) -> _Row:
-        q = row.traj.question_idx
-        child = copy.deepcopy(row)
-        child.traj.traj_id, child.traj.parent_id, child.traj.is_global = self.next_id, row.traj.traj_id, False
-        child.h_init, child.seg_start = None, len(child.traj.response_ids)
-        self.next_id += 1
-        self.started[q] += 1
-        s = self.stats[q]
-        s.n_branch += 1
-        s.branches_per_source[row.traj.traj_id] = s.branches_per_source.get(row.traj.traj_id, 0) + 1
-        s.consecutive_branch_steps += int(l > 0)
-        return child
-
-    # -- main loop ---------------------------------------------------------------------------------
-    def run(self, questions: list[str], system_prompt: str) -> RolloutResult:
-        cfg = self.cfg
-        self.prompts = [prompt_ids(self.tok, q, system_prompt)[-cfg.max_prompt_tokens:] for q in questions]
-        nq = len(questions)
-        self.m: list[int | None] = [None if cfg.pre_monitor else      # m per question; None while an
-                                    (cfg.global_rollouts if cfg.branching else cfg.k)] * nq   # AEPO probe decides it
-        self.stats = [QuestionStats(m=m or 0) for m in self.m]
-        self.started = [0] * nq
-        self.finished: list[list[Trajectory]] = [[] for _ in range(nq)]
-        rows = [self._new_global(q) for q in range(nq) for _ in range(self.m[q] or 1)]
-        self.l = [0] * nq              # consecutive rounds with a new trajectory (AEPO penalty)
-        self.owed: list[int] = []      # questions owed a global start (after an AEPO probe)
-        self.prompt_kv: dict[int, list] = {}   # question -> per-layer (keys, values) of prompt[:-1]
-        batch = None                   # kvcache.Batch: the active rows' tokens and KV cache
-        for round_ in range(cfg.max_rounds):
-            if not rows:
-                break
-            if self.cache_mode == "tree":
-                batch = self._append_pending(rows, batch)
-                batch, new_tokens = self._generate(rows, batch)
+    # -- 2. recording a segment ----------------------------------------------------------------------
+    def _record(self, row: Row, seg: Segment) -> None:
+        cfg, t = self.cfg, row.traj
+        t.rounds += 1
+        room = cfg.max_response_tokens - len(t.response_ids)
+        cut = len(seg.tokens) > room
+        n = min(room, len(seg.tokens))
+        t.response_ids += seg.tokens[:n]
+        t.loss_mask += [1] * n
+        t.logp += seg.logp[:n]
+        t.entropy += seg.entropy[:n]
+        if cut or (seg.stop is None and len(t.response_ids) >= cfg.max_response_tokens):
+            self._end_segment(row)
+            self._finish(row, "length")
+        elif seg.stop == "eos":
+            self._end_segment(row)
+            self._finish(row, "eos")
+        elif seg.stop == "tag":
+            self._end_segment(row)
+            text = self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False)
+            end = max(text.rfind(tag) + len(tag) for tag in CLOSING_TAGS if tag in text)
+            call = parse_tool_call(text[:end])      # a tag may end inside a token: cut the text there
+            if call is None:                        # a closing tag without its opening tag
+                self._finish(row, "malformed")
+            elif len(t.tool_calls) >= cfg.call_limit:          # released behaviour: force EOS
+                self._append(row, [self.tok.eos_token_id])
+                self._finish(row, "call_limit")
             else:
-                new_tokens = self._generate_from_scratch(rows)
-            tool_rows = self._absorb(rows, new_tokens)
-            self._run_tools(tool_rows)
-            children = self._branch_all(tool_rows)
-            if self.cache_mode == "tree":
-                rows, batch = self._select(rows, children, batch)
-            else:
-                rows = [r for r in rows if not r.done] + [c for _, c in children]
-            if round_ < cfg.max_rounds - 1:                  # a row started now could not generate
-                rows += self._start_new(rows, children)
-        for row in rows:                                    # out of rounds: truncated
-            self._finish(row, "rounds")
-        return RolloutResult(self._pad_groups(), self.stats, self.generated, self.prefilled)
+                row.call = call
+        # otherwise the segment goes on next round
 
-    # -- 1. append each row's pending tokens (kvcache.py: the layout) ------------------------------
-    def _append_pending(self, rows, batch):
-        if batch is None:                                   # a fresh batch: every row is a new global
-            batch = self._prompt_history(rows)
-        else:
-            B = batch.ids.shape[0]
-            for b, row in enumerate(rows[:B]):              # continuing a segment: feed its last token
-                row.pending = row.pending or [kv.pop_last(batch, b)]
-            batch = kv.add_rows(batch, len(rows) - B, self.pad)
-            for b in range(B, len(rows)):                   # globals joining mid-rollout
-                batch = self._place_prompt(rows[b], b, batch)
-        self.prefilled += sum(len(row.pending) for row in rows)
-        batch = kv.append(batch, [row.pending for row in rows], self.pad, self.device)
-        for row in rows:
-            row.pending = []
-        for q in [q for q in self.prompt_kv if self.started[q] >= self.cfg.k]:
-            del self.prompt_kv[q]                           # no later global of q can need it
-        return batch
-
-    # Each question's prompt is encoded once per rollout: the KV cache of prompt[:-1] is kept, and every
-    # global the question starts (all k at once for GRPO, AEPO's probe and its m - 1 later globals,
-    # restarts) gets a copy as its history, so only the prompt's last token is fed with the new row.
-
-    def _prompt_history(self, rows) -> kv.Batch | None:
-        """A fresh batch of new globals whose history is their prompt[:-1], from the kept caches; None
-        when no prompt is longer than one token."""
-        todo = sorted({r.traj.question_idx for r in rows} - self.prompt_kv.keys())
-        todo = [q for q in todo if len(self.prompts[q]) > 1]
-        if todo:
-            heads = [self.prompts[q][:-1] for q in todo]
-            self.prompt_kv |= dict(zip(todo, kv.encode_prefixes(self.model, heads, self.pad, self.device)))
-            self.prefilled += sum(map(len, heads))
-        kept = [self.prompt_kv[r.traj.question_idx] for r in rows if r.traj.question_idx in self.prompt_kv]
-        if not kept:
-            return None
-        width = max(len(self.prompts[r.traj.question_idx]) - 1 for r in rows)
-        batch = kv.blank(self.model, len(rows), width, kept[0], self.pad, self.device)
-        for b, row in enumerate(rows):
-            batch = self._place_prompt(row, b, batch)
-        return batch
-
-    def _place_prompt(self, row, b, batch):
-        """Row b, a new global with its whole prompt pending, gets the kept prompt[:-1] as its history."""
-        q = row.traj.question_idx
-        if row.pending != self.prompts[q] or q not in self.prompt_kv:
-            return batch
-        row.pending = self.prompts[q][-1:]
-        return kv.place(batch, b, self.prompts[q][:-1], self.prompt_kv[q], self.pad)
-
-    # -- 2. one batched generate call ---------------------------------------------------------------
-    def _generate(self, rows, batch):
-        budget = max(self.cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)
-        batch, segments = kv.generate_segment(self.model, batch, max(1, min(self.cfg.segment_tokens, budget)),
-                                              self.stop_ids, **self.sampling)
-        self.generated += sum(len(toks) for toks, _, _ in segments)
-        return batch, segments
-
-    def _generate_from_scratch(self, rows):
-        """The baselines of benchmarks/rollout.py: re-encode every full sequence each round, all rows in
-        one batch ("batched") or one row at a time ("naive")."""
-        groups = [rows] if self.cache_mode == "batched" else [[r] for r in rows]
-        segments = []
-        for group in groups:
-            seqs = [r.traj.prompt_ids + r.traj.response_ids for r in group]
-            self.prefilled += sum(map(len, seqs))
-            segments += self._generate(group, kv.append(None, seqs, self.pad, self.device))[1]
-        for r in rows:
-            r.pending = []
-        return segments
-
-    # -- 3. record tokens, classify how each segment ended ------------------------------------------
-    def _absorb(self, rows, new_tokens) -> list[_Row]:
-        cfg, tool_rows = self.cfg, []
-        for row, (toks, logp, ent) in zip(rows, new_tokens):
-            t = row.traj
-            room = cfg.max_response_tokens - len(t.response_ids)
-            cut = len(toks) > room
-            toks, logp, ent = toks[:room], logp[:room], ent[:room]
-            t.response_ids += toks
-            t.loss_mask += [1] * len(toks)
-            t.logp += logp
-            t.entropy += ent
-            last = toks[-1] if toks else None
-            if cut:
-                self._end_segment(row)
-                self._finish(row, "length")
-                continue
-            segment = self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False)
-            if last in (self.tok.eos_token_id, self.pad):
-                self._end_segment(row)
-                self._finish(row, "eos")
-            elif segment.rstrip().endswith(("</search>", "</python>")):
-                self._end_segment(row)
-                call = parse_tool_call(segment)
-                if call is None:            # a closing tag without its opening tag: nothing to run
-                    self._finish(row, "malformed")
-                elif len(t.tool_calls) >= cfg.call_limit:        # released behaviour: force EOS
-                    self._append(row, [self.tok.eos_token_id])
-                    self._finish(row, "call_limit")
-                else:
-                    row.call = call
-                    tool_rows.append(row)
-            elif len(t.response_ids) >= cfg.max_response_tokens:
-                self._end_segment(row)
-                self._finish(row, "length")
-        return tool_rows
-
-    def _end_segment(self, row: _Row) -> None:
+    def _end_segment(self, row: Row) -> None:
+        """The segment's entropy: its first w sampled tokens, from seg_start (never a tool result)."""
         t = row.traj
         h = segment_entropy(t.entropy[row.seg_start:], self.cfg.entropy_window, self.vocab)
         t.seg_entropy.append(h)
         if row.h_init is None:
             row.h_init = h
-        row.seg_start = len(t.response_ids)
 
-    def _append(self, row: _Row, ids: list[int]) -> None:
+    def _append(self, row: Row, ids: list[int]) -> None:
         """Forced tokens (tool results, a forced EOS): they condition later tokens but mask 0."""
         t = row.traj
         t.response_ids += ids
@@ -288,113 +274,119 @@ class _TreeSampler:
         t.logp += [0.0] * len(ids)
         t.entropy += [0.0] * len(ids)
 
-    def _finish(self, row: _Row, how: str) -> None:
-        t, q = row.traj, row.traj.question_idx
-        ids = [i for i in t.response_ids if i not in (self.pad, self.tok.eos_token_id)]
+    def _finish(self, row: Row, how: str) -> None:
+        t, q = row.traj, self.qs[self._q(row)]
+        ids = [i for i in t.response_ids if i not in (self.tok.pad_token_id, self.tok.eos_token_id)]
         t.text, t.finish, row.done = self.tok.decode(ids, skip_special_tokens=False), how, True
-        self.finished[q].append(t)
-        if self.m[q] is None and t.parent_id is None:   # the AEPO probe ended: split the budget now
-            self._set_budget(q, t)
+        q.finished.append(t)
+        q.active -= 1
 
-    # -- 4. tools, in parallel ----------------------------------------------------------------------
-    def _run_tools(self, tool_rows: list[_Row]) -> None:
-        calls = [row.call for row in tool_rows]
-        with ThreadPoolExecutor(max_workers=max(1, min(8, len(calls)))) as pool:   # threads start on demand
-            outputs = list(pool.map(lambda c: self.tools[c[0]](c[1]), calls))
-        for row, (tool, arg), output in zip(tool_rows, calls, outputs):
+    # -- 3. tools ------------------------------------------------------------------------------------
+    def _run_tools(self, rows: list[Row]) -> list[list[int]]:
+        """Run every queued call in parallel threads; append each result. Returns the result tokens."""
+        def timed(call):
+            t0 = time.perf_counter()
+            output = self.tools[call[0]](call[1])
+            return output, time.perf_counter() - t0
+
+        if not rows:
+            return []
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=min(8, len(rows))) as pool:
+            outputs = list(pool.map(timed, [row.call for row in rows]))
+        self.res.tools_s += time.perf_counter() - t0
+        appended = []
+        for row, (output, seconds) in zip(rows, outputs):
+            self.res.slowest_tool_s = max(self.res.slowest_tool_s, seconds)
+            (tool, arg), row.call = row.call, None
+            row.traj.tool_calls.append((tool, arg, output))
             block = self.tok.encode(result_block(output), add_special_tokens=False)
             room = self.cfg.max_response_tokens - len(row.traj.response_ids)
-            row.traj.tool_calls.append((tool, arg, output))
-            row.call = None
             self._append(row, block[:room])
-            row.pending = block[:room]
+            row.seg_start = len(row.traj.response_ids)        # the next segment starts after the result
+            appended.append(block[:room])
             if len(block) >= room:
                 self._finish(row, "length")
+        return appended
 
-    # -- 5. branching (ARPO section 4.3, AEPO section 4.5) -------------------------------------------
-    def _branch_all(self, tool_rows: list[_Row]) -> list[tuple[_Row, _Row]]:
-        """(parent, child) pairs for the rows that just received a tool result. Each source spawns at
-        most Z - 1 children, and a question never exceeds k trajectories."""
-        cfg, children = self.cfg, []
-        if not cfg.branching:
-            return children
-        for row in tool_rows:
-            q = row.traj.question_idx
-            if row.done or self.m[q] is None:            # no branching before the budget is known
-                continue
-            delta_h = row.traj.seg_entropy[-1] - row.h_init
-            for _ in range(cfg.branch_z - 1):
-                if self.started[q] >= cfg.k:
-                    break
-                u = self.rng.random()
-                go = (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, self.l[q], cfg.penalty) if cfg.branch_penalty
-                      else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
-                if go:
-                    children.append((row, self._branch(row, self.l[q])))
-        return children
+    # -- 4. the entropy rules ------------------------------------------------------------------------
+    def _pre_monitor(self, q: int) -> None:
+        """[pre-monitoring] The probe (the question's first global) has ended: set m from its segment
+        entropies; the other m - 1 globals start next round."""
+        question, s = self.qs[q], self.res.stats[q]
+        s.m, s.h_root, s.h_tool = budget_from_probe(question.finished[0].seg_entropy, self.cfg.k, self.cfg.beta)
+        question.m, question.owed = s.m, s.m - 1
 
-    def _set_budget(self, q: int, probe: Trajectory) -> None:
-        s = self.stats[q]
-        s.h_root = probe.seg_entropy[0] if probe.seg_entropy else 0.0
-        after_tools = probe.seg_entropy[1:]
-        s.h_tool = sum(after_tools) / len(after_tools) if after_tools else s.h_root
-        self.m[q] = s.m = global_budget(self.cfg.k, s.h_root, s.h_tool, self.cfg.beta)
-        self.owed += [q] * (self.m[q] - 1)                  # the other globals start next round
+    def _branch(self, row: Row) -> list[Row]:
+        """[branching] Delta H = H(segment that just called a tool) - H_init; up to Z - 1 children, at
+        most k trajectories per question. [branch penalty] The AEPO rule takes the streak l."""
+        q = self._q(row)
+        question, s = self.qs[q], self.res.stats[q]
+        if not self.cfg.branching or question.m is None:       # no branching before the budget is known
+            return []
+        delta_h = row.traj.seg_entropy[-1] - row.h_init
+        n = n_children(delta_h, question.l, self.cfg.k - question.started, self.cfg, self.rng)
+        s.n_branch += n
+        s.branches_per_source[row.traj.traj_id] = s.branches_per_source.get(row.traj.traj_id, 0) + n
+        s.consecutive_branch_steps += n * (question.l > 0)
+        s.branches_after_first_call += n * (len(row.traj.tool_calls) > 1)
+        return [self._child(row) for _ in range(n)]
 
-    # -- 6. keep live rows and their children in the batch; start new globals -------------------------
-    def _select(self, rows, children, batch):
-        """Keep the live rows, encode their tool results, then copy each parent's row (KV cache
-        included, result encoded) to its children, so a result is encoded once however many branches."""
-        live = [b for b, row in enumerate(rows) if not row.done]
-        if not live:
-            return [], None
-        rows = [rows[b] for b in live]
-        batch = self._encode_results(rows, kv.take(batch, live))
-        if not children:
-            return rows, batch
-        kids: dict[int, list[_Row]] = {}
-        for parent, child in children:
-            child.pending = list(parent.pending)
-            kids.setdefault(id(parent), []).append(child)
-        index = [b for b, row in enumerate(rows) for _ in range(1 + len(kids.get(id(row), [])))]
-        rows = [r for row in rows for r in [row, *kids.get(id(row), [])]]
-        return rows, kv.take(batch, index)
-
-    def _encode_results(self, rows, batch):
-        """Encode each row's pending tool result but its last token (generate needs one uncached)."""
-        heads = [row.pending[:-1] for row in rows]
-        if not any(heads):
-            return batch
-        for row, head in zip(rows, heads):
-            row.pending = row.pending[len(head):]
-            self.prefilled += len(head)
-        return kv.encode(self.model, batch, heads, self.pad)
-
-    def _start_new(self, rows: list[_Row], children) -> list[_Row]:
-        """Globals owed by a fresh AEPO budget, then the restart rule (section 4.1); updates l."""
-        cfg, new = self.cfg, [self._new_global(q) for q in self.owed]
-        self.owed = []
-        active = {r.traj.question_idx for r in rows + new}
-        restarted = set()
-        for q in range(len(self.prompts)):
-            if q not in active and self.m[q] is not None and self.started[q] < cfg.k:
-                new.append(self._new_global(q))
-                self.stats[q].n_restart += 1
-                restarted.add(q)
-        created = restarted | {child.traj.question_idx for _, child in children}
-        self.l = [l + 1 if q in created else 0 for q, l in enumerate(self.l)]
+    # -- 5. new trajectories -------------------------------------------------------------------------
+    def _new_globals(self, created: set[int]) -> list[int]:
+        """Questions to start a global for: the rest of a fresh AEPO budget, then the restart rule.
+        [branch penalty] Updates each question's streak l."""
+        new = []
+        for q, question in enumerate(self.qs):
+            if wants_restart(question, self.cfg.k, self.res.rounds, self.cfg.max_rounds):
+                new.append(q)
+                self.res.stats[q].n_restart += 1
+                created.add(q)
+            new += [q] * question.owed
+            question.owed = 0
+            question.l = next_streak(question.l, q in created)
         return new
 
-    # -- 7. exactly k per question ------------------------------------------------------------------
+    def _start(self, qs: list[int]) -> list[Row]:
+        rows = [Row(Trajectory(question_idx=q, prompt_ids=list(self.qs[q].prompt), traj_id=self._new_id()))
+                for q in qs]
+        self.engine.add([self.qs[q].prompt for q in qs])
+        for q in qs:
+            self.res.stats[q].n_global += 1
+            self._count_start(q)
+        return rows
+
+    def _child(self, row: Row) -> Row:
+        """A full copy of the row, tool result included; it diverges at the first token it samples."""
+        child = copy.deepcopy(row)
+        child.traj.traj_id, child.traj.parent_id, child.traj.is_global = self._new_id(), row.traj.traj_id, False
+        child.h_init = None
+        self._count_start(self._q(row))
+        return child
+
+    def _count_start(self, q: int) -> None:
+        question = self.qs[q]
+        question.started += 1
+        question.active += 1
+        if question.started >= self.cfg.k:
+            self.engine.release(question.prompt)            # no later global of q needs its prompt cache
+
+    def _new_id(self) -> int:
+        self.next_id += 1
+        return self.next_id - 1
+
+    @staticmethod
+    def _q(row: Row) -> int:
+        return row.traj.question_idx
+
     def _pad_groups(self) -> list[Trajectory]:
+        """Exactly k per question: duplicate the last trajectory of a question that ended short."""
         out = []
-        for q, group in enumerate(self.finished):
-            group = sorted(group, key=lambda t: t.traj_id)[: self.cfg.k]
+        for q, question in enumerate(self.qs):
+            group = sorted(question.finished, key=lambda t: t.traj_id)[: self.cfg.k]
             while len(group) < self.cfg.k:
                 group.append(dup := copy.deepcopy(group[-1]))
-                dup.is_duplicate, dup.traj_id = True, self.next_id
-                self.next_id += 1
-                self.stats[q].n_duplicate += 1
+                dup.is_duplicate, dup.traj_id = True, self._new_id()
+                self.res.stats[q].n_duplicate += 1
             out += group
         return out
-

@@ -169,18 +169,18 @@ def test_greedy_cached_tree_equals_recompute_from_scratch(tok, algo):
     cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=120, call_limit=2, **rules)
     questions = ["Where was Mira Quell born?", "Q2 long question about a city?", "x?", "Which company?"]
     runs = {mode: rollout(model, tok, questions, TOOLS, cfg, seed=1, system_prompt="sys", greedy=True,
-                          cache_mode=mode) for mode in ("tree", "batched", "naive")}
-    tree = runs["tree"]
+                          engine=mode) for mode in ("cached", "reencode", "naive")}
+    tree = runs["cached"]
     assert (sum(s.n_branch for s in tree.stats) > 0) == (algo != "grpo")
     assert {t.finish for t in tree.trajectories} == {"call_limit", "eos"}
     if algo == "arpo":
         assert sum(s.n_restart for s in tree.stats) > 0
-    for mode in ("batched", "naive"):
+    for mode in ("reencode", "naive"):
         for a, b in zip(tree.trajectories, runs[mode].trajectories):
             assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask
             torch.testing.assert_close(torch.tensor(a.logp), torch.tensor(b.logp), atol=1e-4, rtol=0)
             torch.testing.assert_close(torch.tensor(a.entropy), torch.tensor(b.entropy), atol=1e-4, rtol=0)
-    assert tree.prefill_tokens < runs["batched"].prefill_tokens
+    assert tree.prefill_tokens < runs["reencode"].prefill_tokens
 
 
 def test_same_seed_same_trajectories(tok):

@@ -1,0 +1,196 @@
+"""The generate engine under the tree sampler, in its simplest form: every round, re-encode every row.
+
+The sampler (rollout.py) drives an engine through five verbs. It holds one row per active trajectory,
+in the sampler's order, and never sees a tensor:
+
+    engine.add(prompts)             new rows, each starting from its prompt's token ids
+    engine.generate(n, tails)       sample up to n tokens for every row -> one Segment per row
+    engine.append(b, tokens)        tokens the policy did not sample (a tool result, a forced EOS)
+    engine.select(index)            keep rows `index`, in that order; a repeated index copies a row
+    engine.release(prompt)          no later row will start from this prompt
+
+`ReencodeEngine` below is the reference: about forty lines, no cache kept between rounds. It is what the
+tests compare the cached engine (kvcache.py) against, token for token, and the benchmark's baseline.
+Both share `sample_segments`, the one `model.generate` call that records, for every sampled token, its
+exact entropy and log-prob under the temperature-1 policy, and that knows where each row really
+stopped (a stop tag that is several tokens long, or EOS), so that filler never passes for a sample.
+
+    engine = ReencodeEngine(model, Sampling.make(tokenizer))
+    engine.add([prompt_ids])
+    (segment,) = engine.generate(64, tails=[[]])
+    segment.tokens, segment.logp, segment.entropy, segment.stop   # stop: "eos" | "tag" | None
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
+
+from loss import entropy_of_logp
+
+CLOSING_TAGS = ("</search>", "</python>")   # generation stops after a tool call (arXiv 2510.14545, sec. 3)
+
+
+@dataclass
+class Segment:
+    tokens: list[int]                 # sampled by the policy, the stop token(s) included
+    logp: list[float]                 # log pi(token) under the temperature-1 policy
+    entropy: list[float]              # exact entropy (nats) of the distribution each token came from
+    stop: str | None                  # "eos", "tag" (a tool closing tag) or None (ran out of tokens)
+
+
+@dataclass
+class Sampling:
+    """How tokens are drawn and where a segment stops: the same settings for every round."""
+
+    tokenizer: object
+    eos_ids: list[int]                # single tokens that end a trajectory (EOS, and the pad id)
+    tag_ids: list[int]                # closing tags that are single tokens (the tiny tokenizer)
+    tag_strings: list[str]            # closing tags that are several tokens (real tokenizers)
+    pad: int
+    generate_kwargs: dict = field(default_factory=dict)
+
+    @staticmethod
+    def make(tokenizer, *, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> "Sampling":
+        ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in CLOSING_TAGS}
+        single = {tag: i for tag, i in ids.items()
+                  if i is not None and i != tokenizer.unk_token_id and tokenizer.decode([i]) == tag}
+        pad = tokenizer.pad_token_id
+        kwargs = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else
+                  dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p))  # plain sampling
+        return Sampling(tokenizer, sorted({tokenizer.eos_token_id, pad}), sorted(single.values()),
+                        [tag for tag in CLOSING_TAGS if tag not in single], pad, kwargs)
+
+
+class _Recorder(LogitsProcessor):
+    """Records the exact entropy and the sampled token's log-prob from the raw logits of each step.
+
+    The processor sees logits before temperature / top-p, i.e. the temperature-1 policy. The token
+    sampled at step t is only known at step t + 1 (it is then the last input id), so the log-softmax of
+    one step is kept until the next: O(B x V) memory instead of all logits.
+    """
+
+    def __init__(self):
+        self.entropy, self.logp, self._prev = [], [], None
+
+    def __call__(self, input_ids, scores):
+        if self._prev is not None:
+            self.logp.append(self._prev.gather(1, input_ids[:, -1:]).squeeze(1))   # (B,)
+        self._prev = torch.log_softmax(scores.float(), dim=-1)                     # (B, V)
+        self.entropy.append(entropy_of_logp(self._prev))                            # (B,) exact
+        return scores
+
+    def finish(self, last_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.logp.append(self._prev.gather(1, last_ids[:, None]).squeeze(1))
+        return torch.stack(self.logp, 1).cpu(), torch.stack(self.entropy, 1).cpu()  # (B, N) each
+
+
+class _StopRecorder(StoppingCriteria):
+    """Stops each row at EOS or at a closing tag, and records the step and the reason.
+
+    A tag that is several tokens is found in the decoded text of the row's current segment (`tails`:
+    its tokens before this call, so a tag split across two calls is still seen). After a row stops,
+    `generate` fills it with the pad id; `stopped_at` tells the sampler where its real tokens end.
+    `eos_token_id` is set so that `generate` does that filling (it pads only when an EOS criterion is
+    present).
+    """
+
+    def __init__(self, sampling: Sampling, tails: list[list[int]], start: int):
+        self.s, self.start = sampling, start
+        self.eos_token_id = sampling.eos_ids
+        self.tails = [tail[-8:] for tail in tails]
+        self.longest = max((len(sampling.tokenizer.encode(t, add_special_tokens=False))
+                            for t in sampling.tag_strings), default=1) + 2
+        self.stopped_at: list[int | None] = [None] * len(tails)
+        self.reason: list[str | None] = [None] * len(tails)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        step = input_ids.shape[1] - self.start                  # tokens generated so far
+        last = input_ids[:, -1].tolist()
+        for b, token in enumerate(last):
+            if self.stopped_at[b] is not None:
+                continue
+            reason = ("eos" if token in self.s.eos_ids else "tag" if token in self.s.tag_ids else
+                      "tag" if self.s.tag_strings and self._ends_tag(input_ids[b], step, b) else None)
+            if reason:
+                self.stopped_at[b], self.reason[b] = step, reason
+        return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
+
+    def _ends_tag(self, row: torch.Tensor, step: int, b: int) -> bool:
+        new = row[self.start:].tolist()
+        tail = (self.tails[b] + new)[-self.longest:]
+        text = self.s.tokenizer.decode(tail, skip_special_tokens=False)
+        before = self.s.tokenizer.decode(tail[:-1], skip_special_tokens=False)
+        return any(tag in text and tag not in before for tag in self.s.tag_strings)
+
+
+def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: int,
+                    sampling: Sampling, tails: list[list[int]]):
+    """Continue every row of (B, W) `ids` by up to max_new_tokens, each until its first stop. `cache`
+    holds keys and values of a prefix of the columns (or is None). Returns the full (B, W + N) ids, the
+    (B, N) mask of the new columns (0 after a row's stop), the cache, and one Segment per row."""
+    recorder, stops = _Recorder(), _StopRecorder(sampling, tails, ids.shape[1])
+    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
+                         logits_processor=[recorder], stopping_criteria=StoppingCriteriaList([stops]),
+                         eos_token_id=sampling.eos_ids, pad_token_id=sampling.pad,
+                         return_dict_in_generate=True, **sampling.generate_kwargs)
+    seq = out.sequences                                                         # (B, W + N)
+    new = seq[:, ids.shape[1]:]                                                 # (B, N)
+    logp, entropy = recorder.finish(seq[:, -1])                                 # (B, N) each
+    new_mask = torch.ones_like(new)                                             # (B, N)
+    segments = []
+    for b, toks in enumerate(new.cpu().tolist()):
+        n = stops.stopped_at[b] or len(toks)
+        new_mask[b, n:] = 0
+        segments.append(Segment(toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist(), stops.reason[b]))
+    return seq, new_mask, out.cache, segments
+
+
+def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N) ids and mask of token lists, right-aligned, filler pads on the left."""
+    N = max(map(len, rows))
+    ids = torch.tensor([[pad] * (N - len(r)) + r for r in rows], device=device)          # (B, N)
+    mask = torch.tensor([[0] * (N - len(r)) + [1] * len(r) for r in rows], device=device)  # (B, N)
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference engine
+
+
+class ReencodeEngine:
+    """Keeps each row as a token list and re-encodes all of them every round. `rows_per_call=1` runs
+    one row at a time (the naive baseline); None puts every row in one left-padded batch."""
+
+    def __init__(self, model, sampling: Sampling, rows_per_call: int | None = None):
+        self.model, self.sampling, self.rows_per_call = model, sampling, rows_per_call
+        self.device = next(model.parameters()).device
+        self.seqs: list[list[int]] = []
+        self.prefill_tokens = self.generated_tokens = 0     # tokens encoded without sampling / sampled
+
+    def add(self, prompts: list[list[int]]) -> None:
+        self.seqs += [list(p) for p in prompts]
+
+    def append(self, b: int, tokens: list[int]) -> None:
+        self.seqs[b] += tokens
+
+    def select(self, index: list[int]) -> None:
+        self.seqs = [list(self.seqs[i]) for i in index]
+
+    def release(self, prompt: list[int]) -> None:
+        pass                                                 # nothing is kept between rounds
+
+    def generate(self, max_new_tokens: int, tails: list[list[int]]) -> list[Segment]:
+        n = self.rows_per_call or len(self.seqs)
+        segments = []
+        for i in range(0, len(self.seqs), n):
+            rows = self.seqs[i:i + n]
+            ids, mask = left_padded(rows, self.sampling.pad, self.device)      # (b, N)
+            segments += sample_segments(self.model, ids, mask, None, max_new_tokens, self.sampling,
+                                        tails[i:i + n])[3]
+            self.prefill_tokens += sum(map(len, rows))
+        for seq, seg in zip(self.seqs, segments):
+            seq += seg.tokens
+        self.generated_tokens += sum(len(s.tokens) for s in segments)
+        return segments
