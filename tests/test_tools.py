@@ -1,23 +1,13 @@
-"""Tests of tools.py: tool-call parsing, the search backends and cache, and the Python sandbox. Offline.
+"""Tests of tools.py: tool-call parsing, the search backends and cache (bounds, counters, locking). Offline.
 
-The tests named test_hostile_* run hostile code in the sandbox and check the host afterwards; each
-must come back within its timeout + 2 s. Some protections exist only when the tests run as root (the
-sandbox then switches to a throwaway uid and private namespaces); those tests skip otherwise, and the
-module docstring of tools.py says what a non-root sandbox leaves open.
+The Python sandbox has its own tests: tests/test_sandbox.py.
 """
-import ast
 import doctest
 import json
-import os
-import resource
+import multiprocessing
 import shutil
-import stat
-import subprocess
-import tempfile
 import threading
 import time
-import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ddgs
@@ -25,12 +15,9 @@ import pytest
 from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
 
 import tools
-from tools import (NO_RESULTS, SEARCH_FAILED, BM25Search, CachedSearch, WebSearch, format_results, parse_tool_call,
-                   result_block, run_python)
+from tools import (NO_RESULTS, SEARCH_FAILED, BM25Search, CachedSearch, SearchTool, WebSearch, format_results,
+                   parse_tool_call, result_block, take_search_stats)
 
-ROOT = Path(tools.__file__).resolve().parent
-IS_ROOT = os.getuid() == 0
-root_only = pytest.mark.skipif(not IS_ROOT, reason="without root the sandbox runs as the caller's user (see tools.py)")
 
 
 def test_docstring_examples():
@@ -137,7 +124,7 @@ def test_cache_round_trip_and_errors_not_cached(tmp_path):
     assert json.loads(path.read_text()) == {"Amy Smart": "Page 1: result for Amy Smart"}
     reloaded = CachedSearch(FakeBackend(), path)
     assert reloaded.search("Amy Smart") == "Page 1: result for Amy Smart" and reloaded.backend.calls == 0
-    assert [p.name for p in path.parent.iterdir()] == ["cache.json"]  # no temporary files left
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache.json", "cache.json.lock"]  # no temporary files
 
 
 def test_cache_concurrent_writes_keep_valid_json(tmp_path):
@@ -212,244 +199,85 @@ def test_web_search_results_empty_pages_and_empty_queries(monkeypatch):
     assert (search.calls, search.errors) == (3, 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# Python sandbox: ordinary code
+def test_web_search_bounds_the_whole_query(monkeypatch):
+    """A query whose engines hang (a black-holed network) returns an error text at query_timeout_s."""
+    class HangingDDGS:
+        def __init__(self, timeout):
+            pass
 
-@pytest.mark.parametrize("code, expected", [
-    ("print('hello')", "hello"),
-    ("1987 - 1962", "25"),
-    ("x = [3, 1, 2]\nsorted(x)", "[1, 2, 3]"),
-    ("print('a')\n'b'", "a\n'b'"),
-    ("print(None)", "None"),  # a bare call returning None prints nothing more
-    ("def f(n):\n    return n * 2\n\nf(21)", "42"),
-    ("import math\nmath.factorial(10)", "3628800"),
-    ("x = 1", ""),
-])
-def test_run_python_output(code, expected):
-    assert run_python(code) == expected
+        def text(self, query, max_results):
+            time.sleep(3)
+            return []
 
-
-def test_run_python_errors():
-    text = run_python("print('before')\nx = {}\nx['missing']")
-    assert text.startswith("before\nTraceback") and text.endswith("KeyError: 'missing'")
-    assert 'File "<python>", line 3' in text and "<string>" not in text  # the user's frames only
-    text = run_python("x = (1,\nprint(x)")
-    assert "SyntaxError" in text and "Traceback" not in text
-    assert run_python("if True:\nprint(1)").endswith("IndentationError: expected an indented block after 'if' "
-                                                       "statement on line 1")
-    assert run_python("import sys\nsys.exit(3)") == ""
-    assert run_python("input()").endswith("EOFError: EOF when reading a line")
-
-
-def test_run_python_working_directory_is_writable_and_removed_afterwards():
-    text = run_python("import os\nopen('notes.txt', 'w').write('hi')\nprint(os.getcwd())\nopen('notes.txt').read()")
-    folder, content = text.splitlines()
-    assert content == "'hi'" and not Path(folder).exists()
-
-
-def test_run_python_caps_output_keeping_head_and_tail():
-    text = run_python("for i in range(1000):\n    print(f'line {i:04d}')", max_output_chars=100)
-    assert text.startswith("line 0000\n") and text.endswith("line 0999")
-    assert "bytes of output cut" in text and len(text) < 100 + 50
-
-
-def test_run_python_in_parallel_threads():  # rollouts run tool calls in parallel
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: run_python(f"import os\n{i} * 10, os.getuid()"), range(4)))
-    assert all(text.startswith("(") for text in results), results
-    values = [ast.literal_eval(text) for text in results]
-    assert [value[0] for value in values] == [0, 10, 20, 30]
-    if IS_ROOT:
-        assert len({value[1] for value in values}) == 4  # one throwaway uid per call
-
-
-def test_run_python_odd_characters_become_text():
-    assert run_python("'\\N{GREEK SMALL LETTER ALPHA}' + '\\ud800'") == "'α\\ud800'"
-    assert run_python("print(1)\0") == "Python sandbox could not start: embedded null byte"
-    assert run_python("x = '\ud800'").startswith("Python sandbox could not start: 'utf-8' codec can't encode")
-
-
-def test_run_python_timeout_keeps_earlier_output():
-    text = run_python("print('started', flush=True)\nwhile True: pass", timeout_s=1)
-    assert text == "started\nTimed out after 1 s"
-
-
-# --------------------------------------------------------------------------------------------------
-# Python sandbox: hostile code. Each returns within timeout + 2 s and leaves the host as it was.
-
-def timed_run(code: str, timeout_s: float = 2.0, **kwargs) -> str:
+    monkeypatch.setattr(ddgs, "DDGS", HangingDDGS)
+    search = WebSearch(timeout_s=5, query_timeout_s=0.3)
     start = time.monotonic()
-    text = run_python(code, timeout_s=timeout_s, **kwargs)
-    assert time.monotonic() - start < timeout_s + 2
-    return text
+    assert search.search("q") == SEARCH_FAILED + "no answer within 0.3 s"
+    assert time.monotonic() - start < 0.6 and (search.calls, search.errors) == (1, 1)
 
 
-def live_processes(uid: int | None = None, pgid: int | None = None) -> list[int]:
-    """Pids of processes that are not zombies and have the given uid or process group.
-
-    SIGKILLed processes can take a few milliseconds to finish exiting (they run no more user code), so
-    this polls for up to a second while the list is not empty.
-    """
-    for _ in range(100):
-        pids = []
-        for entry in Path("/proc").iterdir():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()  # state ppid pgrp ...
-                owner = (entry / "status").stat().st_uid
-            except (OSError, IndexError):
-                continue
-            if fields[0] != "Z" and (owner == uid if uid is not None else int(fields[2]) == pgid):
-                pids.append(int(entry.name))
-        if not pids:
-            break
-        time.sleep(0.01)
-    return pids
+def test_web_search_retries_only_while_time_is_left(monkeypatch):
+    calls, sleeps = fake_ddgs(monkeypatch, error=DDGSException("DNSError")), []
+    search = WebSearch(timeout_s=3.0, retries=5, backoff_s=1.0, query_timeout_s=5.0, sleep=sleeps.append)
+    assert search.search("q").startswith(SEARCH_FAILED)
+    assert len(calls) == 2 and sleeps == [1.0]  # a third attempt would start after 1 + 2 s and could end at 6 s
 
 
-def test_hostile_infinite_loop():
-    text = timed_run("import os\nprint(os.getpgid(0), flush=True)\nwhile True: pass", timeout_s=1)
-    assert text.endswith("Timed out after 1 s") and live_processes(pgid=int(text.splitlines()[0])) == []
+def test_cache_path_that_is_a_directory(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path} is a directory; the search cache must be a JSON file"):
+        CachedSearch(FakeBackend(), tmp_path)
 
 
-def test_hostile_fork_bomb():
-    code = "import os\nprint(os.getuid(), os.getpgid(0), flush=True)\nwhile True: os.fork()"
-    text = timed_run(code, timeout_s=2)
-    uid, pgid = map(int, text.splitlines()[0].split())
-    assert "BlockingIOError" in text  # the process cap stopped it
-    assert live_processes(pgid=pgid) == []
-    if IS_ROOT:
-        assert live_processes(uid=uid) == []
-
-
-@root_only
-def test_hostile_child_leaving_the_process_group_is_killed():
-    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
-            "print(os.getuid(), flush=True)")
-    uid = int(timed_run(code))
-    assert live_processes(uid=uid) == []
-
-
-def test_hostile_setuid_programs_gain_nothing():
-    assert timed_run("'NoNewPrivs:\\t1' in open('/proc/self/status').read()") == "True"
-
-
-def test_hostile_huge_allocation():
-    assert timed_run("x = bytearray(50 * 2**30)").endswith("MemoryError")
-
-
-def test_hostile_print_100_mb():
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    text = timed_run("print('x' * (100 * 2**20))", timeout_s=5)
-    assert len(text) < 2000 + 100 and "bytes of output cut" in text
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before < 50 * 1024
-
-
-def test_hostile_environment_is_stripped(monkeypatch):
-    secret = f"sk-{uuid.uuid4().hex}"
-    monkeypatch.setenv("AEPO_TEST_SECRET", secret)
-    text = timed_run("import os\nsorted(os.environ)")
-    assert secret not in text and "AEPO_TEST_SECRET" not in text and "'PATH'" in text
-
-
-@root_only
-def test_hostile_cannot_read_the_parents_environment_through_proc(monkeypatch):
-    """/proc shows a process's environment as it was at exec; the point is that the file cannot be opened."""
-    secret = f"sk-{uuid.uuid4().hex}"
-    monkeypatch.setenv("AEPO_TEST_SECRET", secret)
-    text = timed_run("import os\nopen(f'/proc/{os.getppid()}/environ', 'rb').read()")
-    assert secret not in text and text.endswith("PermissionError: [Errno 13] Permission denied: "
-                                                f"'/proc/{os.getpid()}/environ'")
-
-
-@pytest.fixture
-def victim():
-    """A world-readable file in a world-readable folder that the sandbox can see: in the repository's
-    pytest cache, or in /var/lib when the checkout itself is hidden from the sandbox (under its private
-    /tmp, or below a folder closed to others)."""
-    def visible(folder: Path) -> bool:
-        if any(Path(d) == folder or Path(d) in folder.parents for d in tools.SCRATCH_DIRS):
-            return False
-        return all(p.stat().st_mode & stat.S_IXOTH for p in [folder, *folder.parents])
-
-    base = ROOT / ".pytest_cache" if visible(ROOT) else Path("/var/lib")
-    base.mkdir(exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix="aepo-victim-", dir=base))
-    folder.chmod(0o755)
-    path = folder / "precious.txt"
-    path.write_text("do not touch")
-    path.chmod(0o644)
-    yield path
-    shutil.rmtree(folder)
-
-
-@root_only
-def test_hostile_cannot_change_files_outside_its_directory(victim):
-    mode = victim.stat().st_mode
-    code = f"""
-import os, shutil
-victim = {str(victim)!r}
-print(os.path.exists(victim))
-for attack in [lambda: open(victim, "a").write("owned"), lambda: os.remove(victim),
-               lambda: os.rename(victim, victim + ".moved"), lambda: os.chmod(victim, 0o777),
-               lambda: open(victim + ".new", "w").write("x"), lambda: shutil.rmtree(os.path.dirname(victim))]:
-    try:
-        attack()
-        print("succeeded")
-    except OSError as error:
-        print(type(error).__name__)
-"""
-    lines = timed_run(code).splitlines()
-    assert lines[0] == "True" and "succeeded" not in lines  # it saw the file, and every attack failed
-    assert victim.read_text() == "do not touch" and victim.stat().st_mode == mode
-    assert [p.name for p in victim.parent.iterdir()] == ["precious.txt"]
-
-
-@root_only
-def test_hostile_scratch_files_do_not_reach_the_host():
-    name = f"aepo-escape-{uuid.uuid4().hex}"
-    code = f"for d in ['/tmp', '/var/tmp', '/dev/shm']:\n    open(d + '/{name}', 'w').write('x')\nprint('written')"
-    assert timed_run(code) == "written"
-    assert not any(Path(d, name).exists() for d in ["/tmp", "/var/tmp", "/dev/shm"])
-
-
-@root_only
-@pytest.mark.parametrize("code", [
-    "import os\nos.kill(os.getppid(), 9)",
-    "import os\nos.killpg(os.getpgid(os.getppid()), 9)",
-    "import os\nos.kill(-1, 9)\nprint('alone')",
+@pytest.mark.parametrize("content, message", [
+    ('{"q": 3}', r"cache.json: the entry for 'q' is int '3', expected result text"),
+    ('{"a": "Page 1: x", "q": null}', r"cache.json: the entry for 'q' is NoneType"),
+    ('{"q": ["Page 1: x"]}', r"cache.json: the entry for 'q' is list"),
+    ('["q"]', r"cache.json: expected a JSON object .* found list"),
+    (b'{"q": "\xff"}', r"cache.json: not a valid search cache"),
 ])
-def test_hostile_cannot_kill_its_parent(code):
-    text = timed_run(code)
-    assert text.endswith("PermissionError: [Errno 1] Operation not permitted") or text == "alone"
-    assert os.getpid() > 0  # still here
+def test_cache_rejects_values_of_the_wrong_type_at_load(tmp_path, content, message):
+    path = tmp_path / "cache.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ValueError, match=message):
+        CachedSearch(FakeBackend(), path)
 
 
-@root_only
-def test_hostile_code_as_an_unprivileged_caller():
-    """The non-root sandbox (rlimits and the process group only), run by a caller demoted to `nobody`."""
-    python = "/usr/bin/python3"
-    readable = all(p.stat().st_mode & stat.S_IXOTH for p in ROOT.parents) and ROOT.stat().st_mode & stat.S_IROTH
-    if not (os.path.exists(python) and readable):
-        pytest.skip("needs a system Python and a repository readable by other users")
-    script = f"""
-import json, os, sys, time
-sys.path.insert(0, {str(ROOT)!r})
-import tools
-results = {{"uid": os.getuid()}}
-for name, code in [("expr", "6 * 7"), ("loop", "while True: pass"), ("memory", "bytearray(50 * 2**30)"),
-                   ("bomb", "import os\\nprint(os.getpgid(0), flush=True)\\nwhile True: os.fork()")]:
-    start = time.monotonic()
-    results[name] = (tools.run_python(code, timeout_s=1), time.monotonic() - start)
-print(json.dumps(results))
-"""
-    done = subprocess.run([python, "-I", "-c", script], user=65534, group=65534, extra_groups=[], cwd="/",
-                          env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
-    if "SyntaxError" in done.stderr or "TypeError: unsupported operand" in done.stderr:
-        pytest.skip(f"{python} is older than Python 3.10")
-    results = json.loads(done.stdout)
-    assert results["uid"] == 65534 and results["expr"][0] == "42"
-    assert results["loop"][0] == "Timed out after 1 s"
-    assert results["memory"][0].endswith("MemoryError")
-    assert all(results[name][1] < 3 for name in ["expr", "loop", "memory", "bomb"])
-    bomb_pgid = int(results["bomb"][0].splitlines()[0])
-    assert live_processes(pgid=bomb_pgid) == []
+def _fill_cache(path: str, prefix: str, n: int) -> None:
+    cache = CachedSearch(FakeBackend(), path)
+    for i in range(n):
+        cache.search(f"{prefix}-{i}")
+
+
+def test_cache_two_processes_lose_no_entries(tmp_path):
+    path = tmp_path / "cache.json"
+    CachedSearch(FakeBackend(), path).search("before")
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_fill_cache, args=(str(path), name, 60)) for name in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    stored = json.loads(path.read_text())
+    assert len(stored) == 121 and stored["a-59"] == "Page 1: result for a-59" and "before" in stored
+    reloaded = CachedSearch(FakeBackend(), path)
+    assert reloaded.search("b-0") == "Page 1: result for b-0" and reloaded.hits == 1
+
+
+def test_search_stats_are_taken_per_step(tmp_path):
+    backend = CachedSearch(FakeBackend(), tmp_path / "cache.json")
+    tools_ = {"search": SearchTool(backend, k=3), "python": lambda code: ""}
+    for query in ("a", "a", "fail 1", "b"):
+        tools_["search"](query)
+    assert take_search_stats(tools_) == {"calls": 4, "errors": 1, "hits": 1, "misses": 3}
+    tools_["search"]("a")
+    assert take_search_stats(tools_) == {"calls": 1, "errors": 0, "hits": 1, "misses": 0}
+    assert take_search_stats({"search": lambda q: ""}) == {"calls": 0, "errors": 0, "hits": 0, "misses": 0}
+
+
+def test_log_line_says_when_searches_failed():
+    import report
+
+    row = {"step": 0, "reward": 0.5, "acc": 0.5, "entropy": 1.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0,
+           "search_calls": 1.0, "python_calls": 0.0, "branches_per_q": 0.0, "step_s": 3.0}
+    assert "search failed" not in report.log_line(row | {"search_errors": 0}, 10)
+    assert report.log_line(row | {"search_errors": 7}, 10).endswith(" | search failed 7")

@@ -1,0 +1,321 @@
+"""Tests of sandbox.py: ordinary code, the isolation modes, and the attack suite of tests/sandbox_attacks.py.
+
+The attack suite runs every hostile snippet as root (when the tests run as root) and as an ordinary
+user (created with useradd when the tests run as root; then the user runs the system python3, since
+root's interpreter may live under /root), with the strongest isolation found, and again with bwrap and
+Landlock forced where they exist. Each case asserts the snippet's output shows containment and that the
+host is unchanged afterwards: files, processes, listeners, SysV objects, the trainer alive and quiet.
+"""
+import ast
+import ctypes
+import hashlib
+import json
+import os
+import pwd
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import sandbox
+import sandbox_landlock
+from sandbox import run_python
+
+sys.path.insert(0, str(Path(__file__).parent))
+from sandbox_attacks import ATTACKS, LATER  # noqa: E402
+
+ROOT = Path(sandbox.__file__).resolve().parent
+IS_ROOT = os.getuid() == 0
+TEST_USER = "aepo-sandbox-test"
+SYSTEM_PYTHON = "/usr/bin/python3"
+libc = ctypes.CDLL(None, use_errno=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Ordinary code
+
+@pytest.mark.parametrize("code, expected", [
+    ("print('hello')", "hello"),
+    ("1987 - 1962", "25"),
+    ("x = [3, 1, 2]\nsorted(x)", "[1, 2, 3]"),
+    ("print('a')\n'b'", "a\n'b'"),
+    ("print(None)", "None"),  # a bare call returning None prints nothing more
+    ("def f(n):\n    return n * 2\n\nf(21)", "42"),
+    ("import math\nmath.factorial(10)", "3628800"),
+    ("x = 1", ""),
+])
+def test_run_python_output(code, expected):
+    assert run_python(code) == expected
+
+
+def test_run_python_errors():
+    text = run_python("print('before')\nx = {}\nx['missing']")
+    assert text.startswith("before\nTraceback") and text.endswith("KeyError: 'missing'")
+    assert 'File "<python>", line 3' in text and "<string>" not in text  # the user's frames only
+    text = run_python("x = (1,\nprint(x)")
+    assert "SyntaxError" in text and "Traceback" not in text
+    assert run_python("import sys\nsys.exit(3)") == ""
+    assert run_python("input()").endswith("EOFError: EOF when reading a line")
+
+
+def test_run_python_working_directory_is_writable_and_empty_at_each_call():
+    text = run_python("import os\nopen('notes.txt', 'w').write('hi')\nprint(os.listdir('.'))\nopen('notes.txt').read()")
+    assert text == "['notes.txt']\n'hi'"
+    assert run_python("import os\nos.listdir('.')") == "[]"
+
+
+def test_run_python_caps_output_keeping_head_and_tail():
+    text = run_python("for i in range(1000):\n    print(f'line {i:04d}')", max_output_chars=100)
+    assert text.startswith("line 0000\n") and text.endswith("line 0999")
+    assert "bytes of output cut" in text and len(text) < 100 + 50
+
+
+def test_run_python_in_parallel_threads():  # rollouts run tool calls in parallel
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: run_python(f"{i} * 10"), range(4)))
+    assert [ast.literal_eval(text) for text in results] == [0, 10, 20, 30]
+
+
+def test_run_python_odd_characters_become_text():
+    assert run_python("'\\N{GREEK SMALL LETTER ALPHA}' + '\\ud800'") == "'α\\ud800'"
+    assert run_python("print(1)\0") == "Python sandbox could not start: embedded null byte"
+    assert run_python("x = '\ud800'").startswith("Python sandbox could not start: 'utf-8' codec can't encode")
+
+
+def test_run_python_timeout_keeps_earlier_output():
+    assert run_python("print('started', flush=True)\nwhile True: pass", timeout_s=1) == "started\nTimed out after 1 s"
+
+
+# --------------------------------------------------------------------------------------------------
+# Modes
+
+def test_best_isolation_is_described_in_one_line():
+    assert sandbox.best_isolation() in sandbox.MODES
+    line = sandbox.describe_isolation()
+    assert line.startswith("Python sandbox: ") and "\n" not in line
+
+
+def test_no_isolation_is_refused_unless_unsafe():
+    assert run_python("6 * 7", isolation="none").startswith("Python sandbox refused: no isolation")
+    interpreter = Path(sys.executable).resolve()
+    if not IS_ROOT or all(p.stat().st_mode & 0o001 for p in interpreter.parents):  # the throwaway uid can reach it
+        assert run_python("6 * 7", isolation="none", unsafe=True) == "42"
+
+
+def test_landlock_rights_follow_the_abi():
+    assert sandbox_landlock.handled_fs(1) == (1 << 13) - 1
+    assert sandbox_landlock.handled_fs(3) == (1 << 15) - 1 and sandbox_landlock.handled_fs(5) == (1 << 16) - 1
+    assert ctypes.sizeof(sandbox_landlock.PathBeneath) == 12  # packed, as the kernel's struct
+
+
+def test_make_tools_refuses_without_isolation(monkeypatch):
+    import aepo
+    import policy
+
+    monkeypatch.setattr(sandbox, "best_isolation", lambda: "none")
+    with pytest.raises(SystemExit, match="NO isolation.*unsafe_python"):
+        policy.make_tools(aepo.Config())
+    tools = policy.make_tools(aepo.Config(unsafe_python=True))
+    assert tools["python"]("6 * 7").startswith(("42", "Python sandbox could not start"))
+
+
+# --------------------------------------------------------------------------------------------------
+# The attack suite: the host the snippets aim at
+
+class Listeners:
+    """TCP, UDP, Unix-socket-on-disk (world-writable) and abstract-socket listeners; records what arrives."""
+
+    def __init__(self, mark: str, folder: Path):
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.unix_path = str(folder / "agent.sock")
+        self.unix = socket.socket(socket.AF_UNIX)
+        self.unix.bind(self.unix_path)
+        os.chmod(self.unix_path, 0o777)
+        self.abstract = socket.socket(socket.AF_UNIX)
+        self.abstract.bind("\0" + mark)
+        for s in (self.tcp, self.unix, self.abstract):
+            s.listen()
+        self.got = {"tcp": [], "udp": [], "unix": [], "abstract": []}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        names = {self.tcp: "tcp", self.udp: "udp", self.unix: "unix", self.abstract: "abstract"}
+        while not self.stop.is_set():
+            for s in select.select(list(names), [], [], 0.05)[0]:
+                if s is self.udp:
+                    self.got["udp"].append(s.recv(4096))
+                else:
+                    conn = s.accept()[0]
+                    conn.settimeout(1)
+                    self.got[names[s]].append(b"connected:" + conn.recv(4096))
+                    conn.close()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for s in (self.tcp, self.udp, self.unix, self.abstract):
+            s.close()
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
+def sysv_ids() -> set:
+    ids = set()
+    for kind in ("shm", "msg", "sem"):
+        with open(f"/proc/sysvipc/{kind}") as f:
+            ids |= {(kind, line.split()[1]) for line in list(f)[1:]}
+    return ids
+
+
+def find_world_writable() -> list[str]:
+    found = subprocess.run(["find", "/", "-xdev", "-type", "d", "-perm", "-0002"], capture_output=True, text=True,
+                           timeout=60).stdout.split()
+    return sorted(set(found) | {d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)})
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    """Everything the attacks aim at, set up once: a victim home per user, listeners, a SysV segment."""
+    mark = f"aepo{uuid.uuid4().hex[:12]}"
+    base = Path("/var/lib" if IS_ROOT else Path.home()) / f"aepo-attack-{mark}"
+    base.mkdir()
+    (base / "world-writable").mkdir()
+    (base / "world-writable").chmod(0o1777)  # like /var/crash on Ubuntu: not on any fixed list
+    sockets = base / "sockets"
+    sockets.mkdir()
+    sockets.chmod(0o777)
+    listeners = Listeners(mark, sockets)
+    key = int.from_bytes(os.urandom(3), "big") + 1
+    segment = libc.shmget(key, 4096, 0o1666)
+    libc.shmat.restype = ctypes.c_void_p
+    address = libc.shmat(segment, None, 0)
+    ctypes.memmove(address, b"intact", 6)
+    state = {"mark": mark, "base": base, "listeners": listeners, "key": key, "segment": segment,
+             "address": address, "ww": find_world_writable(), "sysv": sysv_ids(), "secret": f"sk-{uuid.uuid4().hex}"}
+    yield state
+    listeners.close()
+    libc.shmdt(ctypes.c_void_p(address))
+    libc.shmctl(segment, 0, None)  # IPC_RMID
+    shutil.rmtree(base)
+
+
+def victim_home(folder: Path, owner: int | None) -> Path:
+    (folder / ".ssh").mkdir(parents=True)
+    (folder / ".ssh" / "id_ed25519").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    (folder / ".bashrc").write_text("export PS1='$ '\n")
+    (folder / ".ssh").chmod(0o700)
+    for path in [folder, *folder.rglob("*")]:
+        if owner is not None:
+            os.chown(path, owner, owner)
+    return folder
+
+
+def test_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(TEST_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", TEST_USER], check=True)
+        return pwd.getpwnam(TEST_USER)
+
+
+CONTEXTS = ([("root", None)] if IS_ROOT else []) + [("user", None)]
+CONTEXTS += [("user", "bwrap")] if shutil.which("bwrap") else []
+CONTEXTS += [("user", "landlock")] if sandbox_landlock.abi_version() >= 1 else []
+OUTCOMES: dict = {}
+
+
+def outcome(host: dict, who: str, mode: str | None) -> dict:
+    """Run every attack once per (who, mode) in a driver process; then measure the host."""
+    if (who, mode) in OUTCOMES:
+        return OUTCOMES[who, mode]
+    python, user, checkout = sys.executable, None, ROOT
+    if who == "user" and IS_ROOT:
+        if not (os.path.exists(SYSTEM_PYTHON) and all(p.stat().st_mode & 0o005 for p in [ROOT, *ROOT.parents])):
+            pytest.skip(f"needs {SYSTEM_PYTHON} and a checkout that other users can read")
+        python, user = SYSTEM_PYTHON, test_user()
+    home = victim_home(host["base"] / f"home-{who}-{mode}", user.pw_uid if user else None)
+    params = {"HOME_DIR": str(home), "CHECKOUT": str(checkout), "MARK": host["mark"], "SECRET": host["secret"],
+              "SLEEP_MARK": f"3600.{int(host['mark'][4:], 16) % 10**9}", "WW_DIRS": json.dumps(host["ww"]),
+              "TCP_PORT": host["listeners"].tcp.getsockname()[1], "UDP_PORT": host["listeners"].udp.getsockname()[1],
+              "UNIX_SOCKET": host["listeners"].unix_path, "SHM_KEY": host["key"]}
+    before = {"home": snapshot(home), "setup": (ROOT / "sandbox_setup.py").read_bytes()}
+    start = time.monotonic()
+    done = subprocess.run([python, "-I", str(ROOT / "tests" / "sandbox_attacks.py"),
+                           json.dumps({"mode": mode, "checkout": str(checkout), "params": params})],
+                          user=user.pw_uid if user else None, group=user.pw_gid if user else None,
+                          extra_groups=[] if user else None, cwd="/", capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "AEPO_TEST_SECRET": host["secret"], "HOME": str(home)})
+    results = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 and done.stdout else {}
+    assert results, f"the driver died (rc {done.returncode}): {done.stderr[-2000:]}"
+    results["_seconds"] = time.monotonic() - start
+    mark, got = host["mark"], host["listeners"].got
+    marked_dirs = [*host["ww"], str(ROOT), "/etc", "/etc/cron.d", *{p for p in sys.path if p.endswith("-packages")}]
+    results["_facts"] = {
+        "trainer_alive": done.returncode == 0,
+        "home_unchanged": snapshot(home) == before["home"],
+        "checkout_unchanged": (ROOT / "sandbox_setup.py").read_bytes() == before["setup"]
+                              and "def parse_tool_call" in (ROOT / "tools.py").read_text(),
+        "no_marked_files": not any(mark in name for d in marked_dirs if os.path.isdir(d) for name in os.listdir(d)),
+        "no_marked_processes": not marked_processes(params["SLEEP_MARK"]),
+        "trainer_output_clean": mark[::-1] not in done.stdout + done.stderr,
+        **{f"{kind}_untouched": not got[kind] for kind in got},
+        "host_segment_intact": ctypes.string_at(host["address"], 6) == b"intact" and libc.shmget(host["key"], 0, 0) >= 0,
+        "no_new_sysv": sysv_ids() <= host["sysv"],
+    }
+    for pid in marked_processes(params["SLEEP_MARK"]):  # daemons a weaker mode let live (it says so)
+        os.kill(int(pid), 9)
+    OUTCOMES[who, mode] = results
+    return results
+
+
+def marked_processes(marker: str) -> list[str]:
+    for _ in range(100):  # SIGKILLed processes take a few milliseconds to go
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    found.append(entry.name)
+            except OSError:
+                pass
+        if not found:
+            return []
+        time.sleep(0.01)
+    return found
+
+
+CASES = [pytest.param(who, mode, attack, id=f"{who}-{mode or 'best'}-{attack.category}-{attack.name}")
+         for who, mode in CONTEXTS for attack in ATTACKS + LATER if mode is None or mode in attack.modes]
+
+
+@pytest.mark.parametrize("who, mode, attack", CASES)
+def test_attack_is_contained(host, who, mode, attack):
+    results = outcome(host, who, mode)
+    if attack.category == "resources" and results["_mode"] not in attack.modes:
+        pytest.skip(f"the {results['_mode']} mode does not contain this (sandbox.py says so); no stronger one here")
+    output, seconds = results[attack.name]
+    assert results["_mode"] in attack.modes, f"{results['_mode']} mode does not contain {attack.name!r}"
+    assert attack.contained(output), output
+    assert seconds < attack.timeout_s + 3, seconds  # every call ends within its timeout (the rest: start-up)
+    facts = results["_facts"]
+    failed = [fact for fact in ("trainer_alive", *attack.host) if not facts[fact]]
+    assert not failed, f"host changed: {failed}; output: {output}"
+
+
+def test_attack_suite_is_large_and_covers_every_category():
+    categories = {a.category for a in ATTACKS}
+    assert len(ATTACKS) + len(LATER) >= 40 and categories == {
+        "resources", "filesystem", "process", "environment and memory", "network", "IPC", "persistence"}
