@@ -52,6 +52,7 @@ import data
 from aepo import Config, resolve
 from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
+from tools import describe_isolation
 
 Judge = Callable[[str, tuple, str], bool]   # (question, golds, predicted answer) -> correct?
 
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> dict:
     resolved = {"eval": dataclasses.asdict(args), "config": dataclasses.asdict(cfg)}
     (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     print(json.dumps(resolved))
+    print(describe_isolation(cfg.unsafe_python))
     model, tokenizer = load_policy(cfg.model, lora_r=0, adapter=args.adapter, load_in_4bit=cfg.load_in_4bit,
                                    trainable=False)
     judge = make_judge(*load_policy(args.judge_model, lora_r=0, trainable=False)) if args.judge_model else None

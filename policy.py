@@ -132,7 +132,7 @@ def make_tools(cfg: Config) -> Tools:
     import world
 
     if cfg.search == "web":
-        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars)
+        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars, query_timeout_s=cfg.search_timeout_s)
     elif cfg.search == "bm25":
         backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
                    if cfg.search_corpus else
@@ -141,5 +141,7 @@ def make_tools(cfg: Config) -> Tools:
         raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
     if cfg.search_cache:
         backend = tool_lib.CachedSearch(backend, cfg.search_cache)
-    return {"search": lambda query: backend.search(query, cfg.top_k),
-            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s)}
+    if not cfg.unsafe_python and tool_lib.describe_isolation().startswith("Python sandbox: NO"):
+        raise SystemExit(tool_lib.describe_isolation() + " (this machine allows no namespaces and no Landlock)")
+    return {"search": tool_lib.SearchTool(backend, cfg.top_k),
+            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s, unsafe=cfg.unsafe_python)}

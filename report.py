@@ -16,7 +16,7 @@ def log_line(m: dict, steps: int) -> str:
     return (f"step {m['step'] + 1}/{steps} | reward {m['reward']:.2f} | acc {m['acc']:.2f} | "
             f"ent {m['entropy']:.2f} | clip {m['clip_frac_low'] + m['clip_frac_high']:.3f} | "
             f"tools {m['search_calls'] + m['python_calls']:.2f} | branches {m['branches_per_q']:.1f} | "
-            f"{m['step_s']:.0f}s")
+            f"{m['step_s']:.0f}s" + (f" | search failed {m['search_errors']:g}" if m.get("search_errors") else ""))
 
 
 PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM)"), ("entropy", "policy entropy (sampled)"),

@@ -31,7 +31,7 @@ import world
 from aepo import Config, parse_config, save_config
 from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
-from tools import BM25Search
+from tools import BM25Search, describe_isolation, take_search_stats
 
 # ----------------------------------------------------------------------------------------------------
 # Cold-start SFT on demonstration trajectories (tool results masked out, as in RL)
@@ -199,6 +199,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
         by_kind.setdefault(batch[t.question_idx].kind or "other", []).append(ns > 0)
     metrics = {
         "step": step, "reward": rewards.mean().item(), "acc": sum(ems) / len(ems),
+        **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
         "format_fail": sum(data.format_error(t.text) is not None for t in trajs) / len(trajs),
         "entropy": sum(sampled) / max(1, len(sampled)),
         **{k: sum(s[k] for s in stats) / len(stats) for k in
@@ -348,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.json")
         print(json.dumps(vars(cfg), indent=1))
+        print(describe_isolation(cfg.unsafe_python))
         if cfg.stage in ("sft", "all") and cfg.sft_dataset and not (cfg.resume and (run / "sft").exists()):
             sft(cfg, run)
     acc.wait_for_everyone()
