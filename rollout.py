@@ -327,7 +327,8 @@ class _Sampler:
         delta_h = row.traj.seg_entropy[-1] - row.h_init
         n = n_children(delta_h, question.l, self.cfg.k - question.started, self.cfg, self.rng)
         s.n_branch += n
-        s.branches_per_source[row.traj.traj_id] = s.branches_per_source.get(row.traj.traj_id, 0) + n
+        if n:
+            s.branches_per_source[row.traj.traj_id] = s.branches_per_source.get(row.traj.traj_id, 0) + n
         s.consecutive_branch_steps += n * (question.l > 0)
         s.branches_after_first_call += n * (len(row.traj.tool_calls) > 1)
         return [self._child(row) for _ in range(n)]

