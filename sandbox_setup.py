@@ -73,6 +73,10 @@ def _write(path: str, text: str) -> None:
 
 def main(config: dict) -> None:
     mode, root = config["mode"], os.getuid() == 0
+    if mode == "bwrap-inside":  # stage 2 of the bwrap mode, inside its namespaces: watch the runner
+        limit = MAX_PROCESSES + 2  # counted in bwrap's new user namespace: its PID 1, this one, the code's
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        supervise(fork_runner(config["code"], None, None), config["memory_mb"])
     for group in config["cgroups"]:  # first: every process of the call is charged to them
         _write(os.path.join(group, "cgroup.procs"), str(os.getpid()))
     uid = SANDBOX_UID_BASE + os.getpid() if root else os.getuid()
@@ -86,11 +90,13 @@ def main(config: dict) -> None:
         os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
-    processes = MAX_PROCESSES + (0 if root else count_threads(uid))  # NPROC counts all the user's threads
     if mode == "bwrap":
-        resource.setrlimit(resource.RLIMIT_NPROC, (processes + 3, processes + 3))  # + bwrap's own
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
-        os.execve(config["bwrap"], bwrap_argv(config), {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
+        child = os.fork()
+        if child == 0:
+            os.execve(config["bwrap"], bwrap_argv(config), {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
+        relay(child)
+    processes = MAX_PROCESSES + (0 if root else count_threads(uid))  # NPROC counts all the user's threads
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     if mode == "landlock":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left it out
@@ -139,9 +145,10 @@ def bwrap_argv(config: dict) -> list[str]:
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.exists(path):
             argv += ["--ro-bind", path, path]
+    inside = "/run/aepo/sandbox_setup.py"  # this file, to watch the call's memory from inside
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
-             "--remount-ro", "/", "--chdir", "/tmp"]
-    return argv + ["--", sys.executable, "-I", "-u", "-c", RUNNER, config["code"]]
+             "--ro-bind", os.path.abspath(__file__), inside, "--remount-ro", "/", "--chdir", "/tmp"]
+    return argv + ["--", sys.executable, "-I", inside, json.dumps({**config, "mode": "bwrap-inside", "cgroups": []})]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -174,9 +181,15 @@ def namespaces(config: dict, uid: int, gid: int) -> None:
         except BaseException as error:
             print(f"Python sandbox could not start: {error}", flush=True)
         os._exit(1)
-    status = os.waitpid(init, 0)[1]
-    code = os.waitstatus_to_exitcode(status)
-    if code > 128:  # PID 1 cannot die of a signal it sends itself: it exits with 128 + the runner's signal
+    relay(init)
+
+
+def relay(child: int) -> None:
+    """Wait for the child and exit as it did: a code 128 + n (PID 1 cannot die of a signal it sends
+    itself) becomes death by signal n, which run_python reports."""
+    code = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    code = 128 - code if code < 0 else code
+    if code > 128:
         if code - 128 not in (signal.SIGKILL, signal.SIGSTOP):  # their handlers cannot change
             signal.signal(code - 128, signal.SIG_DFL)
         os.kill(os.getpid(), code - 128)
@@ -207,20 +220,29 @@ def pid1(config: dict, uid: int, gid: int) -> None:
             _write(f"/proc/sys/{path}", str(value))
         except OSError:
             pass
+    supervise(fork_runner(config["code"], uid, gid), config["memory_mb"])
+
+
+def fork_runner(code: str, uid: int | None, gid: int | None) -> int:
     runner = os.fork()
     if runner == 0:
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
-        run_code(config["code"], "/tmp", {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
-    budget = config["memory_mb"] << 20
-    while True:  # reap orphans too, until the runner ends; meanwhile watch the whole call's memory
+        if uid is not None:
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+        run_code(code, "/tmp", {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
+    return runner
+
+
+def supervise(runner: int, memory_mb: int) -> None:
+    """Reap orphans until the runner ends, then exit as it did; meanwhile watch the call's memory."""
+    while True:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == runner:
             signalled = os.WIFSIGNALED(status)
             os._exit(128 + os.WTERMSIG(status) if signalled else os.waitstatus_to_exitcode(status))
-        if pid == 0 and memory_used() > budget:
+        if pid == 0 and memory_used() > memory_mb << 20:
             print(f"Memory limit exceeded: this call's processes, files and shared memory held more than "
-                  f"{config['memory_mb']} MB", flush=True)
+                  f"{memory_mb} MB", flush=True)
             os.kill(-1, signal.SIGKILL)  # every process of the namespace but PID 1
             os._exit(128 + signal.SIGKILL)
         if pid == 0:
@@ -231,15 +253,15 @@ def memory_used() -> int:
     """Bytes held by the namespace: resident memory of its processes, its tmpfs files, SysV segments."""
     total = 0
     for name in os.listdir("/proc"):
-        if name.isdigit() and name != "1":
+        if name.isdigit() and name not in ("1", str(os.getpid())):
             try:
                 with open(f"/proc/{name}/statm") as f:
                     total += int(f.read().split()[1]) * PAGE
             except (OSError, IndexError):  # the process just ended
                 pass
     for path in ("/tmp", "/dev/shm"):
-        stats = os.statvfs(path)
-        total += (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+        stats = os.statvfs(path) if os.path.isdir(path) else None
+        total += (stats.f_blocks - stats.f_bfree) * stats.f_frsize if stats else 0
     with open("/proc/sysvipc/shm") as f:  # columns: ... size ... rss swap; rss is in bytes
         header = f.readline().split()
         total += sum(int(line.split()[header.index("rss")]) for line in f if line.strip())

@@ -53,17 +53,11 @@ ATTACKS = [
     # --- resources ---
     Attack("resources", "infinite loop", "while True: pass", lambda o: o.endswith("Timed out after 1 s"), timeout_s=1),
     Attack("resources", "50 GB allocation", "x = bytearray(50 * 2**30)", lambda o: o.endswith("MemoryError")),
-    Attack("resources", "6 processes x 200 MB (whole-call memory)",
-           "import os, time\npids = []\nfor i in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
-           "        b = bytearray(200 << 20)\n        b[::4096] = b'x' * len(b[::4096])\n        time.sleep(1.5)\n"
-           "        os._exit(0)\n    pids.append(pid)\n"
-           "print('held', sum(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in pids))",
-           lambda o: "held 6" not in o, timeout_s=5, modes=NS),
     Attack("resources", "print 100 MB", "print('x' * (100 * 2**20))", lambda o: "bytes of output cut" in o
            and len(o) < 2200, timeout_s=5),
     Attack("resources", "fill /tmp with 10 MB files", "n = 0\nwhile n < 500:\n    open(f'/tmp/f{n}', 'wb').write"
-           "(b'x' * (10 << 20))\n    n += 1\nprint('wrote', n)", lambda o: "No space left" in o or "Memory limit" in o,
-           timeout_s=5, modes=NS),
+           "(b'x' * (10 << 20))\n    n += 1\nprint('wrote', n)", lambda o: "No space left" in o or "Memory limit" in o
+           or denied(o), timeout_s=5, modes=FILE_MODES),
     Attack("resources", "fill the working directory", "n = 0\nwhile n < 500:\n    open(f'f{n}', 'wb').write"
            "(b'x' * (10 << 20))\n    n += 1\nprint('wrote', n)", lambda o: "No space left" in o or "Memory limit" in o,
            timeout_s=5, modes=NS),
@@ -168,18 +162,27 @@ ATTACKS = [
     Attack("persistence", "cron job", "open('/etc/cron.d/$MARK', 'w').write('* * * * * root id')",
            lambda o: denied(o), ("no_marked_files",)),
     Attack("persistence", "files for the next call", "open('/tmp/$MARK', 'w').write('x')\n"
-           "open('$MARK.txt', 'w').write('x')\nprint('left')", lambda o: o == "left", ("no_marked_files",), modes=NS),
+           "open('$MARK.txt', 'w').write('x')\nprint('left')", lambda o: o == "left" or denied(o), ("no_marked_files",),
+           modes=FILE_MODES),
 ]
-# Run one by one after all the others: a fork bomb (it would starve the calls beside it of CPU where no
-# cgroup caps it), and whether anything of the earlier calls remains visible.
-LATER = [Attack("resources", "fork bomb", "import os\nwhile True: os.fork()", lambda o: "BlockingIOError" in o
+# Run one by one after all the others: 1.2 GB in 6 processes and a fork bomb (beside other calls they would
+# starve them of memory or CPU where no cgroup caps a call), and whether anything of earlier calls remains.
+LATER = [Attack("resources", "6 processes x 200 MB (whole-call memory)",
+           "import os, time\npids = []\nfor i in range(6):\n    pid = os.fork()\n    if pid == 0:\n"
+           "        b = bytearray(200 << 20)\n        b[::4096] = b'x' * len(b[::4096])\n        time.sleep(1.5)\n"
+           "        os._exit(0)\n    pids.append(pid)\n"
+           "print('held', sum(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) == 0 for p in pids))",
+           lambda o: "held 6" not in o, timeout_s=5, modes=NS),
+         Attack("resources", "fork bomb", "import os\nwhile True: os.fork()", lambda o: "BlockingIOError" in o
                 or "Timed out" in o),
          Attack("persistence", "what earlier calls left", "import os\nprint(os.path.exists('/tmp/$MARK'), "
-                "os.path.exists('$MARK.txt'), os.listdir('.'))", lambda o: o == "False False []", modes=NS)]
+                "os.path.exists('$MARK.txt'), os.listdir('.'))", lambda o: o == "False False []", modes=FILE_MODES)]
 
 
-def run_all(mode: str | None, params: dict) -> dict:
-    """{name: [output, seconds]} for every attack; mode None: the strongest isolation here."""
+def run_all(mode: str | None, params: dict, everything: bool = False) -> dict:
+    """{name: [output, seconds]} for every attack the mode contains (`everything`: all, for the README's
+    table; what the mode lets through then stays on the host until the caller removes it); mode None:
+    the strongest isolation here."""
     import sandbox
 
     params = {**params, "TRAINER_PID": str(os.getpid())}
@@ -190,14 +193,14 @@ def run_all(mode: str | None, params: dict) -> dict:
                                  isolation=mode, unsafe=True)
         return attack.name, [out, time.monotonic() - start]
 
-    with ThreadPoolExecutor(6) as pool:
-        results = dict(pool.map(run, ATTACKS))
-    results.update(map(run, LATER))  # one at a time
-    return results | {"_mode": mode or sandbox.best_isolation(), "_describe": sandbox.describe_isolation(),
-                      "_uid": os.getuid()}
+    in_force = mode or sandbox.best_isolation()  # attacks a mode does not contain are not run (they would
+    with ThreadPoolExecutor(6) as pool:         # leave things behind on the host)
+        results = dict(pool.map(run, [a for a in ATTACKS if everything or in_force in a.modes]))
+    results.update(map(run, [a for a in LATER if everything or in_force in a.modes]))  # one at a time
+    return results | {"_mode": in_force, "_describe": sandbox.describe_isolation(), "_uid": os.getuid()}
 
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
     sys.path.insert(0, request["checkout"])
-    print(json.dumps(run_all(request["mode"], request["params"])))
+    print(json.dumps(run_all(request["mode"], request["params"], request.get("everything", False))))
