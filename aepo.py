@@ -198,9 +198,10 @@ def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
     return cfg.preset, f"the default for --model {cfg.model}; Qwen3 models get qwen3-1.7b (one CUDA GPU)"
 
 
-def resolve(cfg: Config, explicit: set[str] = frozenset()) -> Config:
+def resolve(cfg: Config, explicit: set[str] = frozenset(), device_check: bool = True) -> Config:
     """Pick the recipe (pick_preset; one line says which and why), then apply the preset and the
-    algorithm's switches, leaving explicitly given fields alone. A 4-bit recipe without CUDA stops."""
+    algorithm's switches, leaving explicitly given fields alone. A 4-bit recipe without CUDA stops
+    (device_check=False: for tools that only read the config, like memory.py)."""
     preset, why = pick_preset(cfg, explicit)
     if preset not in PRESETS:
         raise SystemExit(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
@@ -209,7 +210,7 @@ def resolve(cfg: Config, explicit: set[str] = frozenset()) -> Config:
     print(f"recipe: {preset} ({why})")
     overrides = {**PRESETS[preset], **ALGOS[cfg.algo]}
     cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in overrides.items() if k not in explicit})
-    if cfg.load_in_4bit and not torch.cuda.is_available():
+    if device_check and cfg.load_in_4bit and not torch.cuda.is_available():
         raise SystemExit(f"recipe {preset} needs a CUDA GPU (it loads {cfg.model} in 4-bit; memory: python "
                          f"memory.py --preset {preset}) and this machine has none: on CPU run python train.py "
                          "--preset tiny (the built-in world) or --model smollm2-135m (a real 135M LM)")

@@ -128,6 +128,18 @@ def micro_batches(tensors: dict, rows: torch.Tensor, n: int):
         yield micro, {k: v[micro, :width] for k, v in tensors.items()}
 
 
+@torch.no_grad()
+def recompute_old_logp(model, tensors: dict, n: int) -> torch.Tensor:
+    """log pi_old of every sampled token by a forward pass (as the paper's code does), in n micro-batches
+    of rows sorted by length: never more rows in flight than one update micro-batch. Returns (B, T)."""
+    old_logp = torch.zeros_like(tensors["old_logp"])                                      # (B, T)
+    by_length = tensors["attn"].sum(1).argsort()                                          # (B,)
+    for micro, t in micro_batches(tensors, by_length, n):
+        first = int(t["loss_mask"].any(0).int().argmax())    # the first sampled column: no logits before
+        old_logp[micro, :t["ids"].shape[1]] = L.token_logprobs(model, t["ids"], t["attn"], first=first)
+    return old_logp
+
+
 def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch (AEPO.md 5.2-5.3; token mean over its sampled tokens) and its stats.
     t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
@@ -167,9 +179,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
     adv = adv_fn(rewards, group).to(device)                                                 # (B,)
     tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
     if cfg.recompute_old_logp:
-        with torch.no_grad():
-            first = int(tensors["loss_mask"].any(0).int().argmax())
-            tensors["old_logp"] = L.token_logprobs(model, tensors["ids"], tensors["attn"], first=first)
+        tensors["old_logp"] = recompute_old_logp(model, tensors, cfg.mini_batches * cfg.grad_accum)
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

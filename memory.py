@@ -1,0 +1,202 @@
+"""Peak GPU memory of a training recipe, estimated from the model's shape and the config: will a run fit?
+
+    python memory.py                                     # Qwen3-1.7B at the qwen3-1.7b recipe: 24, 16, 12 GB
+    python memory.py --model Qwen3-4B --rollout_questions 1 --gpu_gb 24
+    python memory.py --preset tiny --model tiny          # any Config flag works
+
+In: a Shape (layers, widths, vocabulary; known for the Qwen3 aliases, else read from a folder's
+config.json) and a Config. Out: bytes per component and the peak of each phase of an RL step:
+  rollout    weights + LoRA + AdamW state + the KV cache of the rows rolled out together
+             (rollout_questions x k rows x (prompt + response) tokens x `filler`, the share of the
+             batched layout's columns that are filler) + one no-grad forward over the largest block
+             fed at once (a prompt, or a tool result of top_k x snippet_chars / 4 tokens, per row)
+  recompute  (--recompute_old_logp) one no-grad forward of an update micro-batch + one logits chunk
+  update     weights + LoRA + its gradients + AdamW state + the activations autograd keeps (every
+             layer's, or with gradient checkpointing each layer's input) + the larger of one logits
+             chunk of token_logprobs (B x 128 positions x V; never B x T x V) and, with checkpointing,
+             one recomputed layer
+Activation bytes per token and layer are counted tensor by tensor (layer_bytes below, Qwen3/Llama
+layers, LoRA on all linear layers, SDPA attention that stores no T x T matrix) and checked against
+measured peaks on CPU by benchmarks/memory.py. `cuda_overhead_gb` is an allowance for the CUDA context
+and allocator fragmentation: it is not measured (no GPU has been lent to this project).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+GB = 1e9
+F32 = 4          # bytes: LoRA weights, their gradients and AdamW moments, float32 log-prob work
+CHUNK = 128      # positions per logits chunk in loss.token_logprobs
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The sizes that set memory. q = heads x head_dim, kv = kv_heads x head_dim."""
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool = True
+
+    @property
+    def q(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+# Published config.json values (hub: Qwen/<name>).
+SHAPES = {
+    "qwen3-0.6b": Shape(28, 1024, 3072, 16, 8, 128, 151936),
+    "qwen3-1.7b": Shape(28, 2048, 6144, 16, 8, 128, 151936),
+    "qwen3-4b": Shape(36, 2560, 9728, 32, 8, 128, 151936),
+    "qwen3-8b": Shape(36, 4096, 12288, 32, 8, 128, 151936, tied=False),
+}
+
+
+def model_shape(model: str) -> Shape:
+    """Shape of an alias / hub id (SHAPES) or of a local folder with a config.json."""
+    name = model.split("/")[-1].lower()
+    if name in SHAPES:
+        return SHAPES[name]
+    path = Path(model) / "config.json"
+    if not path.exists():
+        raise SystemExit(f"memory.py: no shape for --model {model!r}: not one of {sorted(SHAPES)} and no "
+                         f"{path}. Give a model folder, or add its config.json values to SHAPES in memory.py.")
+    c = json.loads(path.read_text())
+    return Shape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
+                 c["num_key_value_heads"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+                 c["vocab_size"], c.get("tie_word_embeddings", True))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameters and per-token bytes (pure functions of the shape)
+
+
+def param_counts(s: Shape, lora_r: int) -> tuple[int, int, int]:
+    """(linear, embedding, LoRA) parameter counts. LoRA on q, k, v, o, gate, up, down: r x (in + out)."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
+    linear = s.layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
+    embedding = s.vocab * h * (1 if s.tied else 2)
+    lora = s.layers * lora_r * ((h + q) + 2 * (h + kv) + (q + h) + 2 * (h + i) + (i + h))
+    return linear, embedding, lora
+
+
+def layer_bytes(s: Shape, d: int, lora_r: int) -> int:
+    """Bytes per token one decoder layer keeps for backward (LoRA on every linear layer, frozen base,
+    model dtype of d bytes, float32 adapters). Counted from what autograd saves:
+      RMSNorm (x2, and q_norm, k_norm)   its float32 input, 1 / rms              4 (2h + q + kv) + 4 (2 + 2)
+      LoRA A inputs                      bf16 model: a float32 copy per adapter  4 (5h + q + i)
+                                         fp32 model: the shared inputs          4 (2h + q + i)
+      LoRA B inputs                      r wide, 7 adapters                      4 x 7 r
+      attention (SDPA)                   q, k, v, log-sum-exp (+ output in bf16) d (q + 2kv) + 4 heads (+ d q)
+      SwiGLU                             gate, up, silu(gate)                    3 d i
+    Frozen base weights save no input (their gradient needs only the weight)."""
+    h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
+    cast = d < F32                              # peft casts each adapter's input to float32
+    norms = F32 * (2 * h + q + kv) + F32 * 4
+    lora_in = F32 * ((5 * h + q + i) if cast else (2 * h + q + i)) + F32 * 7 * lora_r
+    attention = d * (q + 2 * kv) + F32 * s.heads + (d * q if cast else 0)
+    return norms + lora_in + attention + 3 * d * i
+
+
+def forward_bytes(s: Shape, d: int) -> int:
+    """Bytes per token alive at the peak of one no-grad layer forward, inside the MLP's up projection:
+    the residual stream and its normed input (+ the float32 copy an adapter makes of it), silu(gate),
+    the base output, and the adapter's float32 output and sum (peft adds in float32)."""
+    cast = d < F32
+    return d * (2 * s.hidden + 2 * s.intermediate) + 2 * F32 * s.intermediate + (F32 * s.hidden if cast else 0)
+
+
+def logits_chunk_bytes(s: Shape, rows: int, d: int, entropy: bool) -> int:
+    """token_logprobs' largest transient: rows x CHUNK positions of logits in float32 (+ the model-dtype
+    head output when d < 4) and float32 temporaries: the log-sum-exp's, and with the entropy the
+    log-softmax, exp, product and result (+ a bool mask), as in loss.entropy_of_logp."""
+    per = (d if d < F32 else 0) + (4 * F32 + 1 if entropy else 2 * F32)
+    return rows * CHUNK * s.vocab * per
+
+
+# ----------------------------------------------------------------------------------------------------
+# The estimate of one recipe
+
+
+def estimate(s: Shape, cfg, *, dtype_bytes: int = 2, filler: float = 1.0,
+             cuda_overhead_gb: float = 1.0) -> dict[str, float]:
+    """Bytes per component and per phase ("peak_*") for Config `cfg` on Shape `s`; "peak" is their max."""
+    d = dtype_bytes
+    linear, embedding, lora = param_counts(s, cfg.lora_r)
+    bits = 4 + 8 / 64 + 32 / (64 * 256) if cfg.load_in_4bit else 8 * d   # NF4, double-quantised absmax
+    tokens = cfg.max_prompt_tokens + cfg.max_response_tokens             # per row at the budget
+    rows_out = (cfg.rollout_questions or cfg.questions_per_step) * cfg.k
+    rows_in = math.ceil(cfg.questions_per_step * cfg.k / (cfg.mini_batches * cfg.grad_accum))
+    fed = max(cfg.max_prompt_tokens, cfg.top_k * cfg.snippet_chars // 4)   # tokens fed at once per row
+    saved = s.layers * (s.hidden * d if cfg.gradient_checkpointing else layer_bytes(s, d, cfg.lora_r))   # per token
+    saved += 2 * s.hidden * d + F32 * s.hidden    # embeddings out, final hidden states, final norm input
+    e = {
+        "weights": linear * bits / 8 + embedding * d,
+        "lora": lora * F32,
+        "lora_grad": lora * F32,
+        "adamw": 2 * lora * F32,
+        "kv_cache": rows_out * tokens * filler * s.layers * 2 * s.kv * d,
+        "rollout_forward": rows_out * fed * forward_bytes(s, d) + rows_out * s.vocab * 3 * F32,
+        "recompute_forward": rows_in * tokens * s.hidden * d
+        + max(rows_in * tokens * forward_bytes(s, d), logits_chunk_bytes(s, rows_in, d, entropy=False)),
+        "activations": rows_in * tokens * saved + rows_in * tokens * tokens,         # + the bool attention mask
+        # backward meets the logits chunks first, then (checkpointing) one recomputed layer at a time
+        "backward_transient": max(logits_chunk_bytes(s, rows_in, d, entropy=True),
+                                  rows_in * tokens * layer_bytes(s, d, cfg.lora_r) if cfg.gradient_checkpointing else 0),
+        "cuda_overhead": cuda_overhead_gb * GB,
+    }
+    state = e["weights"] + e["lora"] + e["adamw"] + e["cuda_overhead"]
+    e["peak_rollout"] = state + e["kv_cache"] + e["rollout_forward"]
+    e["peak_recompute"] = state + e["recompute_forward"] if cfg.recompute_old_logp else 0.0
+    e["peak_update"] = state + e["lora_grad"] + e["activations"] + e["backward_transient"]
+    e["peak"] = max(e["peak_rollout"], e["peak_recompute"], e["peak_update"])
+    return e
+
+
+def table(s: Shape, cfg, gpus: list[float], **kw) -> str:
+    """A markdown table of the estimate in GB, with whether it fits each GPU (peak <= 90% of it)."""
+    e = estimate(s, cfg, **kw)
+    rows = [f"| {k} | {v / GB:.2f} |" for k, v in e.items() if v]
+    fits = [f"| fits {g:g} GB | {'yes' if e['peak'] <= 0.9 * g * GB else 'NO'} "
+            f"({e['peak'] / GB:.1f} of {0.9 * g:.1f} usable) |" for g in gpus]
+    head = (f"{cfg.model}: {cfg.rollout_questions or cfg.questions_per_step} questions x k={cfg.k} rolled "
+            f"out together, {cfg.max_prompt_tokens} + {cfg.max_response_tokens} tokens, update micro-batch "
+            f"of {math.ceil(cfg.questions_per_step * cfg.k / (cfg.mini_batches * cfg.grad_accum))} rows, "
+            f"{'4-bit' if cfg.load_in_4bit else 'bf16'} weights, LoRA r={cfg.lora_r}, gradient checkpointing "
+            f"{'on' if cfg.gradient_checkpointing else 'off'}")
+    return "\n".join([head, "", "| component | GB |", "|---|---|", *rows, *fits])
+
+
+def main(argv: list[str] | None = None) -> None:
+    from transformers import HfArgumentParser
+
+    from aepo import Config, resolve
+
+    argv = sys.argv[1:] if argv is None else argv
+    gpus = [24.0, 16.0, 12.0]
+    if "--gpu_gb" in argv:
+        at = argv.index("--gpu_gb")
+        gpus = [float(argv.pop(at + 1)) for _ in range(len(argv) - at - 1) if not argv[at + 1].startswith("--")]
+        argv.pop(at)
+    if not any(a.startswith("--model") for a in argv):
+        argv = ["--model", "Qwen3-1.7B", *argv]
+    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    cfg = resolve(dataclasses.replace(cfg, output_dir="unused"), explicit, device_check=False)
+    print(table(model_shape(cfg.model), cfg, gpus))
+
+
+if __name__ == "__main__":
+    main()
