@@ -224,7 +224,7 @@ def victim_home(folder: Path, owner: int | None) -> Path:
     return folder
 
 
-def test_user() -> pwd.struct_passwd:
+def ordinary_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(TEST_USER)
     except KeyError:
@@ -242,20 +242,25 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
     """Run every attack once per (who, mode) in a driver process; then measure the host."""
     if (who, mode) in OUTCOMES:
         return OUTCOMES[who, mode]
-    python, user, checkout = sys.executable, None, ROOT
-    if who == "user" and IS_ROOT:
-        if not (os.path.exists(SYSTEM_PYTHON) and all(p.stat().st_mode & 0o005 for p in [ROOT, *ROOT.parents])):
-            pytest.skip(f"needs {SYSTEM_PYTHON} and a checkout that other users can read")
-        python, user = SYSTEM_PYTHON, test_user()
+    python, user, code = sys.executable, None, ROOT
+    if who == "user" and IS_ROOT:  # a copy of the code the user can read, wherever the checkout lies
+        user, code = ordinary_user(), host["base"] / "code"
+        code.mkdir(exist_ok=True)
+        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py", "tests/sandbox_attacks.py"):
+            shutil.copy(ROOT / name, code)
+        python = next((p for p in (sys.executable, SYSTEM_PYTHON) if runs_as(user, p)), None)
+        if python is None:
+            pytest.skip(f"no Python >= 3.10 that {TEST_USER} may run ({sys.executable}, {SYSTEM_PYTHON})")
     home = victim_home(host["base"] / f"home-{who}-{mode}", user.pw_uid if user else None)
-    params = {"HOME_DIR": str(home), "CHECKOUT": str(checkout), "MARK": host["mark"], "SECRET": host["secret"],
+    params = {"HOME_DIR": str(home), "CHECKOUT": str(ROOT), "MARK": host["mark"], "SECRET": host["secret"],
               "SLEEP_MARK": f"3600.{int(host['mark'][4:], 16) % 10**9}", "WW_DIRS": json.dumps(host["ww"]),
               "TCP_PORT": host["listeners"].tcp.getsockname()[1], "UDP_PORT": host["listeners"].udp.getsockname()[1],
               "UNIX_SOCKET": host["listeners"].unix_path, "SHM_KEY": host["key"]}
     before = {"home": snapshot(home), "setup": (ROOT / "sandbox_setup.py").read_bytes()}
     start = time.monotonic()
-    done = subprocess.run([python, "-I", str(ROOT / "tests" / "sandbox_attacks.py"),
-                           json.dumps({"mode": mode, "checkout": str(checkout), "params": params,
+    driver = code / "sandbox_attacks.py" if user else ROOT / "tests" / "sandbox_attacks.py"
+    done = subprocess.run([python, "-I", str(driver),
+                           json.dumps({"mode": mode, "checkout": str(code), "params": params,
                                        "everything": everything})],
                           user=user.pw_uid if user else None, group=user.pw_gid if user else None,
                           extra_groups=[] if user else None, cwd="/", capture_output=True, text=True, timeout=300,
@@ -283,6 +288,15 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
         {"shm": libc.shmctl, "msg": libc.msgctl, "sem": libc.semctl}[kind](int(number), 0, None)  # IPC_RMID
     OUTCOMES[who, mode] = results
     return results
+
+
+def runs_as(user: pwd.struct_passwd, python: str) -> bool:
+    check = "import sys; assert sys.version_info >= (3, 10)"
+    try:
+        return subprocess.run([python, "-I", "-c", check], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
+                              cwd="/", capture_output=True).returncode == 0
+    except OSError:  # e.g. an interpreter under /root
+        return False
 
 
 def marked_processes(marker: str) -> list[str]:
