@@ -140,7 +140,10 @@ PRESETS: dict[str, dict] = {
                        call_limit=6, max_prompt_tokens=2000, max_response_tokens=4096,
                        segment_tokens=512, max_rounds=16, questions_per_step=4, mini_batches=4,
                        grad_accum=4, gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
-                       steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5),
+                       steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5,
+                       # memory (python memory.py): one question's k rows in flight keep the KV cache
+                       # at ~5.6 GB (all 4: ~22 GB); old log-probs recomputed (bf16 gap: README)
+                       rollout_questions=1, recompute_old_logp=True),
 }
 
 # Each algorithm is a handful of switches; each switch gates one code site (rollout.py or loss.py).
