@@ -1,22 +1,27 @@
-"""Questions, answers and the one grader: `Example`, the system prompts, reward, loaders.
+"""Questions, answers and the one grader: `Example`, `Demo`, the system prompts, reward, loaders.
 
 In and out:
-- `reward(response, golds)` grades a decoded trajectory (AEPO.md section 3): -1 on a format failure, else
-  token F1 of the last `\\boxed{}` in the answer, +0.1 when F1 > 0 and both tools were used. Training and
-  evaluation call this same function, so reward and metric cannot drift.
-- `load_examples(spec)` reads "world", "world:train", "world:heldout", a verl parquet, a jsonl file or a hub
-  dataset id into `Example`s; `load_demos(path)` reads SFT demonstrations (`world.Demo`) from jsonl.
-- The built-in world, its questions and the generated demonstrations live in world.py.
+- `reward(response, golds)` grades a decoded trajectory (arXiv 2510.14545, section 3): -1 on a format
+  failure, else token F1 of the last `\\boxed{}` in the answer, +0.1 when F1 > 0 and both tools were used.
+  Training and evaluation call this same function, so reward and metric cannot drift.
+- `load_examples(spec)` reads a verl parquet, a jsonl file or a hub dataset id into `Example`s;
+  `load_demos(path)` reads SFT demonstrations (`Demo`) from jsonl. Named built-in datasets are not
+  known here: their owner dispatches them (world.load_examples handles "world:*", then calls this).
 
 Example:
     python data.py path/to/valid.parquet   # counts and first examples
 
 Decisions worth knowing:
-1. Tool-result blocks (`" <result>\\n...\\n</result>"` right after `</search>` / `</python>`) are cut out before
-   the format check, so tags inside search pages or program output cannot break or fake the format.
-2. A GSM8K-style gold ("... #### 18") is cut to its final answer ("18"); the parquet `ability` is the kind.
-3. This module imports nothing from the project at module level; only `load_examples("world...")` and
-   `load_demos` import world.py, inside the function (world.py imports `Example` from here).
+1. Tool-result blocks (`" <result>\\n...\\n</result>"` right after `</search>` / `</python>`) are cut out
+   before the format check, so only the policy's own words are graded. Each block ends at the first
+   `"\\n</result>"`: this is sound because the harness escapes agent tags in tool output
+   (tools.result_block), so no program or web page can close its block early and write an answer.
+2. The grader scans each response once, left to right (linear time: a 300 KB hostile response takes
+   milliseconds). `golds` must be a string or a list/tuple of strings: anything else is a caller's bug.
+3. A GSM8K-style gold ("... #### 18") is cut to its final answer ("18"); the parquet `ability` is the kind.
+4. Loaders stop at the first problem with the file, the line or row, and the fix: an empty file, bytes
+   that are not UTF-8, a missing path, a folder, a question that is not a string, a boolean answer.
+5. This module imports nothing of the project.
 """
 import json
 import numbers
@@ -29,7 +34,6 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,16 @@ class Example:
     golds: tuple[str, ...]  # gold answers; a prediction scores its best match
     source: str  # "world:train", "hotpotqa", a file stem, ...
     kind: str = ""  # question type for per-type stats: "1hop", "2hop", "math", the parquet ability, or ""
+
+
+@dataclass
+class Demo:
+    """One SFT demonstration: a question and a full trajectory in the AEPO format."""
+    question: str
+    response: str  # the assistant text, tool-result blocks included
+    golds: tuple[str, ...]
+    kind: str
+    quality: str  # "good", or the mistake it shows: "no_search", "wasted_search", "guessed_math"
 
 
 # The paper's system prompt, verbatim from the released parquet files (with `\boxed` repaired).
@@ -63,7 +77,9 @@ AGENT_TAGS = ["<think>", "</think>", "<search>", "</search>", "<python>", "</pyt
 
 # ------------------------------------------------------------------------------------------------ grading
 _PUNCTUATION = set(string.punctuation)
-_RESULT_BLOCK = re.compile(r"(?<=</search>|</python>) <result>\n.*?\n</result>", re.DOTALL)
+_TOOL_CLOSES = ("</search>", "</python>")
+_RESULT_OPEN, _RESULT_CLOSE = " <result>\n", "\n</result>"
+_EMPTIED_RESULT = " <result></result>"  # a tool result as the format check sees it
 _TOOL_TAG = re.compile(r"</?(?:search|python|result)>")
 _BOXED = "\\boxed{"
 
@@ -75,7 +91,15 @@ def normalize_answer(s: str) -> str:
 
 
 def _as_golds(golds) -> tuple[str, ...]:
-    return (golds,) if isinstance(golds, str) else () if golds is None else tuple(str(g) for g in golds)
+    """A gold answer or a list/tuple of them, all strings. Anything else (None, 98, b"x") is a bug of the
+    caller, which would otherwise be graded against the text "None" or "98"."""
+    if isinstance(golds, str):
+        return (golds,)
+    if isinstance(golds, (list, tuple)) and all(isinstance(g, str) for g in golds):
+        return tuple(golds)
+    bad = next((g for g in golds if not isinstance(g, str)), None) if isinstance(golds, (list, tuple)) else golds
+    raise TypeError(f"golds must be a string or a list/tuple of strings, got {type(golds).__name__} "
+                    f"holding {type(bad).__name__} {bad!r:.40}; convert gold answers to strings when loading them")
 
 
 def exact_match(pred: str, golds) -> float:
@@ -99,22 +123,49 @@ def f1_score(pred: str, golds) -> float:
     return max((_token_f1(pred, g) for g in _as_golds(golds)), default=0.0)
 
 
+def result_spans(response: str) -> list[tuple[int, int]]:
+    """(start, end) of each tool-result block: `" <result>\\n...\\n</result>"` right after `</search>` or
+    `</python>`, ending at the first `"\\n</result>"`. One left-to-right scan: linear time."""
+    spans, pos = [], 0
+    while (start := response.find(_RESULT_OPEN, pos)) >= 0:
+        if not response.endswith(_TOOL_CLOSES, 0, start):  # a <result> the policy wrote itself
+            pos = start + 1
+            continue
+        close = response.find(_RESULT_CLOSE, start + len(_RESULT_OPEN))
+        if close < 0:  # nothing closes this block, nor any later one
+            break
+        pos = close + len(_RESULT_CLOSE)
+        spans.append((start, pos))
+    return spans
+
+
 def split_response(response: str) -> list[tuple[str, bool]]:
     """Cut a response into model text (False) and the tool-result blocks the harness appended (True)."""
     pieces, start = [], 0
-    for block in _RESULT_BLOCK.finditer(response):
-        if block.start() > start:
-            pieces.append((response[start : block.start()], False))
-        pieces.append((block.group(), True))
-        start = block.end()
+    for block_start, block_end in result_spans(response):
+        if block_start > start:
+            pieces.append((response[start:block_start], False))
+        pieces.append((response[block_start:block_end], True))
+        start = block_end
     if start < len(response):
         pieces.append((response[start:], False))
     return pieces
 
 
 def _model_text(response: str) -> str:
-    """The response with each tool result emptied, so only the policy's own words are checked."""
-    return "".join(" <result></result>" if is_result else piece for piece, is_result in split_response(response))
+    """The policy's structure: each tool result emptied, and the content of each call that got a result
+    blanked too (code may print or mention tags: it is an argument, not structure)."""
+    pieces = []
+    for piece, is_result in split_response(response):
+        if is_result:  # the piece before ends with </search> or </python> (result_spans)
+            close = "</python>" if pieces[-1].endswith("</python>") else "</search>"
+            opening = "<" + close[2:]
+            start = pieces[-1].rfind(opening, 0, len(pieces[-1]) - len(close))
+            if start >= 0:
+                pieces[-1] = pieces[-1][: start + len(opening)] + " " + close
+            piece = _EMPTIED_RESULT
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def extract_answer(response: str) -> str | None:
@@ -140,22 +191,23 @@ def extract_answer(response: str) -> str | None:
 
 
 def format_error(response: str) -> str | None:
-    """None if the AEPO.md section 3 format check passes, else a short reason."""
+    """None if the format check (arXiv 2510.14545, section 3) passes, else a short reason."""
     text = _model_text(response)
     opened, closed = text.count("<think>"), text.count("</think>")
     if opened == 0 or opened != closed:
         return f"{opened} <think> and {closed} </think> (need equal numbers, at least one)"
     if text.count("<answer>") != 1 or text.count("</answer>") != 1 or text.find("<answer>") > text.find("</answer>"):
         return "need exactly one <answer> ... </answer>"
-    tags = _TOOL_TAG.findall(text)
+    tags = list(_TOOL_TAG.finditer(text))
     i = 0
-    while i < len(tags):
-        if tags[i] not in ("<search>", "<python>"):
-            return f"{tags[i]} outside a tool call"
-        close = "</" + tags[i][1:]
-        if tags[i + 1 : i + 2] != [close]:
-            return f"unclosed {tags[i]}"
-        if tags[i + 2 : i + 4] != ["<result>", "</result>"]:
+    while i < len(tags):  # (<search> or <python>, its close, the harness's emptied result)*
+        opening = tags[i].group()
+        if opening not in ("<search>", "<python>"):
+            return f"{opening} outside a tool call"
+        close = "</" + opening[1:]
+        if i + 1 == len(tags) or tags[i + 1].group() != close:
+            return f"unclosed {opening}"
+        if not text.startswith(_EMPTIED_RESULT, tags[i + 1].end()):  # a result the policy wrote is no result
             return f"{close} without a <result>"
         i += 4
     if extract_answer(response) is None:
@@ -170,7 +222,9 @@ def tool_counts(response: str) -> tuple[int, int]:
 
 
 def reward(response: str, golds) -> float:
-    """AEPO.md section 3: -1 on format failure; else F1, plus 0.1 when F1 > 0 and both tools were used."""
+    """arXiv 2510.14545, section 3: -1 on format failure; else F1, plus 0.1 when F1 > 0 and both tools
+    were used. golds: a string or a list/tuple of strings (anything else raises TypeError)."""
+    golds = _as_golds(golds)
     if format_error(response) is not None:
         return -1.0
     f1 = f1_score(extract_answer(response) or "", golds)
@@ -185,6 +239,7 @@ QUESTION_FIELDS = ("question", "Question", "problem")
 ANSWER_FIELDS = ("answer", "Answer", "golds", "solution")
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(:[\w.-]+)?")
 _SPLIT_NAMES = {"test", "train", "dev", "val", "valid", "validation"}
+_FILE_TYPES = (".parquet", ".jsonl", ".json", ".csv", ".tsv", ".txt", ".arrow")  # a name that is surely a path
 
 
 def _repair(text: str) -> str:
@@ -198,26 +253,40 @@ def _is_empty(value) -> bool:
     return value is None or value != value or (isinstance(value, str) and not value.strip())  # NaN != NaN
 
 
-def _first(row: dict, fields: Iterable[str]):
-    return next((row[f] for f in fields if f in row and not _is_empty(row[f])), None)
+def _first(row: dict, fields: Iterable[str]) -> tuple[str, object]:
+    """(field, value) of the first field present with a non-empty value, else ("", None)."""
+    return next(((f, row[f]) for f in fields if f in row and not _is_empty(row[f])), ("", None))
 
 
-def _golds(value, where: str) -> tuple[str, ...]:
+def _kind_of(value) -> str:
+    """ "a boolean", "an int", "a list", ... (for error messages)."""
+    name = "boolean" if isinstance(value, (bool, np.bool_)) else type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def _golds(value, where: str, field: str = "answer") -> tuple[str, ...]:
     items = list(value) if isinstance(value, (list, tuple, np.ndarray)) else [value]
-    if not items or not all(isinstance(x, (str, numbers.Number)) for x in items):
-        raise ValueError(f"{where}: the answer must be a string, a number or a list of them, got {value!r:.80}")
+    for x in items:  # True would be graded as the text "True": say so instead
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (str, numbers.Number)):
+            raise ValueError(f"{where}: the {field} is {_kind_of(x)} ({x!r:.60}); write it as a string, a number "
+                             "or a list of them")
+    if not items:
+        raise ValueError(f"{where}: the {field} is an empty list; give at least one gold answer")
     # A GSM8K solution ends with "#### <final answer>": grade against the final answer only.
     return tuple(_repair(str(x).rsplit("####", 1)[-1].strip() if "####" in str(x) else str(x)) for x in items)
 
 
 def _example(row: dict, where: str, source: str, need_answer: bool = True) -> Example:
     """One question/answer row of a jsonl or plain parquet file."""
-    question, answer = _first(row, QUESTION_FIELDS), _first(row, ANSWER_FIELDS)
-    if not isinstance(question, str):
+    (q_field, question), (a_field, answer) = _first(row, QUESTION_FIELDS), _first(row, ANSWER_FIELDS)
+    if question is None:
         raise ValueError(f"{where}: no question field (expected a string under one of {', '.join(QUESTION_FIELDS)})")
+    if not isinstance(question, str):
+        raise ValueError(f"{where}: the question ({q_field!r}) is {_kind_of(question)} ({question!r:.60}), "
+                         "not a string")
     if answer is None and need_answer:
         raise ValueError(f"{where}: no answer field (expected one of {', '.join(ANSWER_FIELDS)})")
-    golds = () if answer is None else _golds(answer, where)
+    golds = () if answer is None else _golds(answer, where, f"answer ({a_field!r})")
     return Example(_repair(question), golds, source, str(row.get("kind") or ""))
 
 
@@ -233,7 +302,7 @@ def _verl_example(row: dict, where: str, source: str) -> Example:
     if _is_empty(truth):
         raise ValueError(f"{where}: no reward_model.ground_truth; expected reward_model = {{'ground_truth': answer}}")
     kind = row.get("ability") if isinstance(row.get("ability"), str) else ""
-    return Example(_repair(users[-1]["content"]), _golds(truth, where), source, kind)
+    return Example(_repair(users[-1]["content"]), _golds(truth, where, "ground_truth"), source, kind)
 
 
 def _source(path: Path) -> str:
@@ -241,11 +310,24 @@ def _source(path: Path) -> str:
     return path.parent.name if path.stem in _SPLIT_NAMES and path.parent.name else path.stem
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+def _check_file(path: Path, kind: str) -> None:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not a {kind} file; pass a file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of every non-blank line; an empty file, bad UTF-8 or bad JSON stops."""
+    _check_file(path, ".jsonl")
+    rows = 0
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path} line {n}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                 "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -255,7 +337,10 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict]]:
                                  "each line must be one JSON object") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{path} line {n}: expected a JSON object, got {type(row).__name__}")
+            rows += 1
             yield n, row
+    if rows == 0:
+        raise ValueError(f"{path}: no rows (the file is empty or blank); expected one JSON object a line")
 
 
 def _read_jsonl(path: Path) -> list[Example]:
@@ -263,13 +348,16 @@ def _read_jsonl(path: Path) -> list[Example]:
 
 
 def _read_parquet(path: Path) -> list[Example]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    import pandas as pd  # imported here: a second of start-up that only parquet files need
+
+    _check_file(path, ".parquet")
     try:
         table = pd.read_parquet(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not a readable parquet file ({e})") from None
+        raise ValueError(f"{path}: not a readable parquet file ({' '.join(str(e).split())})") from None
     columns, rows = set(table.columns), table.to_dict("records")
+    if not rows:
+        raise ValueError(f"{path}: no rows (the table is empty)")
     if {"prompt", "reward_model"} <= columns:
         return [_verl_example(row, f"{path} row {i} (0-based)", _source(path)) for i, row in enumerate(rows)]
     if "question" in columns and columns & {"answer", "golds"}:
@@ -281,8 +369,8 @@ def _read_parquet(path: Path) -> list[Example]:
 def _read_hub(spec: str) -> list[Example]:
     """Download the .parquet/.jsonl files of a hub dataset `owner/name[:split]` and read them."""
     repo_id, _, split = spec.partition(":")
-    unreachable = (f"cannot load {spec!r}: the Hugging Face hub is unreachable ({{}}); download the data "
-                   "elsewhere and pass a local .parquet or .jsonl file instead")
+    unreachable = (f"cannot load {spec!r}: there is no local file or folder of that name, and the Hugging Face "
+                   "hub is unreachable ({}); download the data elsewhere and pass a local .parquet or .jsonl file")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         raise ConnectionError(unreachable.format("HF_HUB_OFFLINE is set"))
     import huggingface_hub  # imported here: only hub ids need it
@@ -295,48 +383,58 @@ def _read_hub(spec: str) -> list[Example]:
     except huggingface_hub.errors.RepositoryNotFoundError:
         raise ValueError(f"{spec!r}: no such dataset on the Hugging Face hub (nor a local file)") from None
     except (OSError, huggingface_hub.errors.HTTPError) as e:
-        raise ConnectionError(unreachable.format(e)) from None
+        raise ConnectionError(unreachable.format(" ".join(str(e).split()))) from None
     if not paths:
         raise ValueError(f"{spec!r}: the hub dataset has no .parquet or .jsonl files {split}".rstrip())
     examples = [ex for p in paths for ex in (_read_parquet(p) if p.suffix == ".parquet" else _read_jsonl(p))]
     return [replace(ex, source=repo_id) for ex in examples]
 
 
-def load_examples(spec: str, limit: int | None = None) -> list[Example]:
-    """Questions from "world" (= "world:train"), "world:heldout", a .parquet or .jsonl file, or a hub id."""
-    spec = str(spec)
-    if spec == "world" or spec.startswith("world:"):
-        if spec not in ("world", "world:train", "world:heldout"):
-            raise ValueError(f"unknown world split {spec!r}: use world (= world:train), world:train or world:heldout")
-        import world  # the one allowed project import (here and in load_demos): lazy, as world.py imports data
+def _is_local(spec: str) -> bool:
+    """Whether a name can only mean a local path (./x, /x, ~/x, a/b/c, x.json, or a/b with a local a/)."""
+    parts = Path(spec).parts
+    return (spec.startswith((".", "/", "~")) or spec.lower().endswith(_FILE_TYPES) or len(parts) > 2
+            or (len(parts) == 2 and Path(parts[0]).is_dir()))
 
-        train, heldout = world.world_splits(0)
-        examples = heldout if spec == "world:heldout" else train
-    elif spec.endswith(".parquet"):
-        examples = _read_parquet(Path(spec))
-    elif spec.endswith(".jsonl"):
-        examples = _read_jsonl(Path(spec))
-    elif Path(spec).exists():
-        raise ValueError(f"{spec}: unsupported file type; pass a .parquet or .jsonl file")
-    elif _HUB_ID.fullmatch(spec):
-        examples = _read_hub(spec)
-    else:
-        raise ValueError(f"unknown data {spec!r}: expected world, world:train, world:heldout, a .parquet or "
-                         ".jsonl file, or a hub dataset id owner/name[:split]")
+
+def head(examples: list, limit: int | None) -> list:
+    """The first `limit` examples (None: all); a limit below 1 is an error, not an empty dataset."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of examples or None (all), got {limit!r}")
     return examples[:limit] if limit is not None else examples
 
 
-def load_demos(path: str | Path) -> "list[world.Demo]":
-    """SFT demonstrations from a jsonl of {"question", "response", "answer" (optional)} objects."""
-    import world  # the allowed exception, as in load_examples: lazy, as world.py imports data
+def load_examples(spec: str, limit: int | None = None) -> list[Example]:
+    """Questions from a .parquet or .jsonl file or a hub dataset id `owner/name[:split]`."""
+    spec, path = str(spec), Path(str(spec)).expanduser()
+    head([], limit)  # a bad limit fails before any reading
+    if spec.endswith(".parquet"):
+        examples = _read_parquet(path)
+    elif spec.endswith(".jsonl"):
+        examples = _read_jsonl(path)
+    elif path.is_dir():
+        raise IsADirectoryError(f"{spec} is a directory; pass a .parquet or .jsonl file inside it")
+    elif path.exists():
+        raise ValueError(f"{spec}: unsupported file type; pass a .parquet or .jsonl file")
+    elif _is_local(spec):
+        raise FileNotFoundError(f"{spec}: no such file or folder")
+    elif _HUB_ID.fullmatch(spec):
+        examples = _read_hub(spec)
+    else:
+        raise ValueError(f"unknown data {spec!r}: expected a .parquet or .jsonl file, or a hub dataset id "
+                         "owner/name[:split]")
+    return head(examples, limit)
 
-    path, demos = Path(path), []
+
+def load_demos(path: str | Path) -> list[Demo]:
+    """SFT demonstrations from a jsonl of {"question", "response", "answer" (optional)} objects."""
+    path, demos = Path(path).expanduser(), []
     for n, row in _jsonl_rows(path):
         example = _example(row, f"{path} line {n}", "", need_answer=False)
         if not isinstance(row.get("response"), str) or not row["response"].strip():
             raise ValueError(f"{path} line {n}: no response field (expected the assistant text under 'response')")
         quality = str(row.get("quality") or "")
-        demos.append(world.Demo(example.question, _repair(row["response"]), example.golds, example.kind, quality))
+        demos.append(Demo(example.question, _repair(row["response"]), example.golds, example.kind, quality))
     return demos
 
 
@@ -352,8 +450,9 @@ def save_jsonl(rows: Iterable, path: str | Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    spec = sys.argv[1] if len(sys.argv) > 1 else "world:heldout"
-    examples = load_examples(spec)
-    print(f"{len(examples)} examples from {spec}; kinds {dict(Counter(ex.kind for ex in examples))}")
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python data.py FILE.parquet | FILE.jsonl | owner/name[:split]")
+    examples = load_examples(sys.argv[1])
+    print(f"{len(examples)} examples from {sys.argv[1]}; kinds {dict(Counter(ex.kind for ex in examples))}")
     for ex in examples[:3]:
         print(" ", ex)

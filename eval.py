@@ -49,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import world
 from aepo import Config, resolve
 from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
@@ -305,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        examples = [ex for spec in args.dataset for ex in data.load_examples(spec, limit=args.limit or None)]
+        examples = [ex for spec in args.dataset for ex in world.load_examples(spec, limit=args.limit or None)]
     except (ValueError, FileNotFoundError, ConnectionError) as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")

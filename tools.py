@@ -51,8 +51,19 @@ def parse_tool_call(text: str) -> tuple[str, str] | None:
     return None
 
 
+# Never verbatim inside a result: output printing "\n</result>" would close its block early and could then
+# write an answer the grader takes for the policy's own (data.py, decision 1); "<|" starts chat control
+# tokens (<|im_end|> would end the turn inside a result).
+_ESCAPED = ("<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>", "</result>",
+            "<answer>", "</answer>", "<|")
+
+
 def result_block(output: str) -> str:
-    """The text appended after a tool call (the policy never samples it: loss mask 0)."""
+    """The text appended after a tool call (the policy never samples it: loss mask 0). Agent tags and
+    chat control tokens in the output are escaped, "</result>" -> "&lt;/result>": no program or page
+    can close its block, open an answer, or end the turn."""
+    for tag in _ESCAPED:
+        output = output.replace(tag, "&lt;" + tag[1:])
     return " <result>\n" + output + "\n</result>"
 
 

@@ -297,7 +297,7 @@ def load_rl_policy(cfg: Config, run: Path, device=None):
 def rl(cfg: Config, run: Path, model, tok, acc) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    examples = data.load_examples(cfg.dataset)
+    examples = world.load_examples(cfg.dataset)
     tools = make_tools(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -340,7 +340,7 @@ def _truncate_metrics(run: Path, next_step: int) -> None:
 def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
     from eval import evaluate
 
-    examples = data.load_examples(cfg.eval_dataset, limit=cfg.eval_limit or None)
+    examples = world.load_examples(cfg.eval_dataset, limit=cfg.eval_limit or None)
     return evaluate(model, tok, examples, make_tools(cfg), cfg, runs=cfg.eval_runs,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
                     system_prompt=system_prompt_for(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")

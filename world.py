@@ -5,9 +5,11 @@ In and out:
 - `build_world(seed)` makes a fictional encyclopedia (200 people, 40 cities, 10 countries, 40 companies, one
   short document each) whose questions cannot be answered without searching. `world_splits` splits its
   questions (`data.Example`s) by subject; `world_corpus` gives the documents to search.
-- `demonstrations(n, seed, make_search)` writes cold-start SFT trajectories (`Demo`s) in the exact AEPO
+- `demonstrations(n, seed, make_search)` writes cold-start SFT trajectories (`data.Demo`s) in the exact AEPO
   format, each in a fresh random world; `tokenizer_corpus()` yields text for training a tiny BPE tokenizer.
-- `data.load_examples("world:train" | "world:heldout")` and `data.load_demos` reach this module lazily.
+- `load_examples(spec)` is the dataset entry point of train.py, eval.py and the benchmarks: it answers
+  "world" (= "world:train") and "world:heldout" itself and passes every other name (a file, a hub id)
+  to `data.load_examples`, which knows no particular world.
 - `build_tiny()` builds (once, cached under .cache/) the tiny policy: a 1.9M-parameter Qwen3 with a BPE
   tokenizer trained on `tokenizer_corpus()`; `policy.load_policy("tiny")` loads it.
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import data
-from data import AGENT_TAGS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Example
+from data import AGENT_TAGS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Demo, Example
 
 # ------------------------------------------------------------------------------------------ built-in world
 # Invented one-word names, distinct across lexicons. Every world recombines the same words, so a model
@@ -175,16 +177,23 @@ def world_corpus(seed: int = 0) -> list[dict]:
     return build_world(seed).docs
 
 
+WORLD_SPECS = ("world", "world:train", "world:heldout")  # "world" is world:train
+
+
+def load_examples(spec: str, limit: int | None = None) -> list[Example]:
+    """Questions of a dataset name: world, world:train or world:heldout (world 0) here; a .parquet or
+    .jsonl file or a hub id through data.load_examples."""
+    spec = str(spec)
+    if spec != "world" and not spec.startswith("world:"):
+        return data.load_examples(spec, limit)
+    if spec not in WORLD_SPECS:
+        raise ValueError(f"unknown world split {spec!r}: use world (= world:train), world:train or world:heldout")
+    data.head([], limit)  # a bad limit fails before the world is built
+    train, heldout = world_splits(0)
+    return data.head(heldout if spec == "world:heldout" else train, limit)
+
+
 # ----------------------------------------------------------------------------------------- demonstrations
-@dataclass
-class Demo:
-    question: str
-    response: str  # the assistant text, tool-result blocks included
-    golds: tuple[str, ...]
-    kind: str
-    quality: str  # "good", "no_search", "wasted_search", "guessed_math"
-
-
 DEMO_KINDS = {"1hop": 0.5, "2hop": 0.25, "math": 0.25}  # share of demonstrations per question type
 
 

@@ -104,7 +104,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu.md"))
     args = p.parse_args()
 
-    import data
+    import world
     import train
     from accelerate import Accelerator
     from aepo import parse_config
@@ -138,7 +138,7 @@ def main() -> None:
 
     tools = make_tools(cfg)
     system_prompt = system_prompt_for(cfg)
-    heldout = data.load_examples("world:heldout")
+    heldout = world.load_examples("world:heldout")
     questions = [e.question for e in heldout[:cfg.questions_per_step]]
     model.eval()
     warm = dataclasses.replace(cfg, k=2, max_response_tokens=32, segment_tokens=16)
@@ -162,7 +162,7 @@ def main() -> None:
     ddp_model, opt = acc.prepare(model, torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay))
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    metrics, _ = train.rl_step(ddp_model, tok, opt, data.load_examples(cfg.dataset), tools, cfg, 0, acc)
+    metrics, _ = train.rl_step(ddp_model, tok, opt, world.load_examples(cfg.dataset), tools, cfg, 0, acc)
     peak_step = gib(torch.cuda.max_memory_allocated()) if cuda else 0.0
     log(f"rl_step: {metrics['step_s']:.1f} s (rollout {metrics['rollout_s']:.1f} s)")
 

@@ -104,7 +104,7 @@ def status_mb(key: str) -> float:
 def worker(args) -> dict:
     import torch
 
-    import data
+    import world
     from aepo import Config, resolve
     from policy import load_policy, make_tools, system_prompt_for
     from rollout import rollout
@@ -116,7 +116,7 @@ def worker(args) -> dict:
     positions = [0]                  # every position the model computes, padding included
     count = lambda module, args_, kwargs: positions.__setitem__(0, positions[0] + kwargs["input_ids"].numel())
     model.register_forward_pre_hook(count, with_kwargs=True)
-    heldout = data.load_examples("world:heldout")
+    heldout = world.load_examples("world:heldout")
     questions = [e.question for e in heldout[:args.questions]]
     warm = [e.question for e in heldout[args.questions:args.questions + 2]]
     spans: list = []

@@ -48,6 +48,7 @@ import data  # noqa: E402
 import kvcache  # noqa: E402
 import loss as L  # noqa: E402
 import train  # noqa: E402
+import world  # noqa: E402
 from aepo import Config, resolve  # noqa: E402
 from policy import make_tools, system_prompt_for  # noqa: E402
 from rollout import rollout  # noqa: E402
@@ -169,7 +170,7 @@ def main() -> None:
     cfg.questions_per_step, cfg.k = args.questions or cfg.questions_per_step, args.k or cfg.k
     torch.manual_seed(cfg.seed)                                   # as train.main: the same fresh LoRA weights
     model, tok = train.load_rl_policy(cfg, Path("unused"))
-    examples, tools, acc = data.load_examples(cfg.dataset), make_tools(cfg), Accelerator(cpu=True)  # 1 process
+    examples, tools, acc = world.load_examples(cfg.dataset), make_tools(cfg), Accelerator(cpu=True)  # 1 process
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in params.items()}
     new_opt = lambda: torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)

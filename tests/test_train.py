@@ -202,7 +202,7 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     real = L.policy_loss
     monkeypatch.setattr(L, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    metrics, _ = train.rl_step(model, tok, opt, data.load_examples("world:train")[:8], make_tools(cfg), cfg, 0,
+    metrics, _ = train.rl_step(model, tok, opt, world.load_examples("world:train")[:8], make_tools(cfg), cfg, 0,
                                Accelerator(cpu=True))
     assert metrics["skipped"] == cfg.mini_batches
     for n, p in model.named_parameters():

@@ -1,13 +1,15 @@
 """Tests for world.py: the lexicons, the world and its questions, splits, demonstrations, the tokenizer
-corpus, and the world through data.py's loaders."""
+corpus, and world.load_examples (world names here, everything else through data.py's loaders)."""
+import json
 import re
 from collections import Counter
 
 import pytest
 
 import world
-from data import format_error, load_demos, load_examples, reward, save_jsonl, tool_counts
-from world import build_world, demonstrations, world_questions, world_splits
+import data
+from data import Demo, Example, format_error, load_demos, reward, save_jsonl, tool_counts
+from world import build_world, demonstrations, load_examples, world_questions, world_splits
 
 
 # ------------------------------------------------------------------------------------------ built-in world
@@ -121,11 +123,24 @@ def test_tokenizer_corpus_covers_names_numbers_and_demos():
     assert sum(t.startswith("<think>") for t in texts) == 10  # the demonstrations
 
 
-# ------------------------------------------------------------------------------ through data.py's loaders
+# ----------------------------------------------------------------------------------- world.load_examples
 def test_world_specs():
     train, heldout = world_splits(0)
     assert load_examples("world") == load_examples("world:train") == train
     assert load_examples("world:heldout", limit=7) == heldout[:7]
+    with pytest.raises(ValueError, match="unknown world split 'world:test'"):
+        load_examples("world:test")
+    with pytest.raises(ValueError, match="limit must be a positive number"):
+        load_examples("world:heldout", limit=0)
+
+
+def test_other_names_go_to_data_which_knows_no_world(tmp_path):
+    path = tmp_path / "mine.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    assert load_examples(str(path)) == data.load_examples(str(path)) == [Example("q", ("a",), "mine")]
+    with pytest.raises(ValueError, match="unknown data 'world:heldout'"):
+        data.load_examples("world:heldout")
+    assert world.Demo is Demo
 
 
 def test_demos_round_trip(tmp_path):
