@@ -62,7 +62,7 @@ def run_python(code: str, timeout_s: float = 5.0, max_output_chars: int = 2000, 
                 "--unsafe_python to run model-written code unprotected")
     with tempfile.TemporaryDirectory(prefix="aepo-python-", ignore_cleanup_errors=True) as work:
         os.chmod(work, 0o755)
-        groups = setup.make_cgroups(memory_mb) if os.getuid() == 0 and mode != "none" else []
+        groups = make_cgroups(memory_mb) if os.getuid() == 0 and mode != "none" else []
         config = {"code": code, "work": work, "cpu_s": math.ceil(timeout_s) + 1, "memory_mb": memory_mb,
                   "mode": mode, "cgroups": groups, "bwrap": shutil.which("bwrap") or ""}
         try:  # sandbox_setup.py, run as a script, builds the isolation, then runs the code
@@ -70,7 +70,7 @@ def run_python(code: str, timeout_s: float = 5.0, max_output_chars: int = 2000, 
                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     env=setup.SANDBOX_ENV, start_new_session=True)
         except (OSError, ValueError) as error:  # e.g. code over the kernel's limit of 128 KiB for one argument
-            setup.remove_cgroups(groups)
+            remove_cgroups(groups)
             return f"Python sandbox could not start: {error}"
         output, timed_out = _read_output(proc, time.monotonic() + timeout_s, max_output_chars)
         _kill_sandbox(proc, groups)
@@ -93,7 +93,7 @@ def best_isolation() -> str:
 def describe_isolation(unsafe: bool = False) -> str:
     """One line for the start of a run: which isolation holds model-written Python code here."""
     mode, root = best_isolation(), os.getuid() == 0
-    memory = ("memory and CPU capped per call (cgroups)" if root and setup.cgroup_roots() else
+    memory = ("memory and CPU capped per call (cgroups)" if root and cgroup_roots() else
               "memory capped per call (checked every 20 ms)")
     who = "a throwaway uid" if root else "the caller's uid"
     return {"namespaces": f"Python sandbox: user namespaces (private root, no network, own IPC and PID), "
@@ -156,7 +156,60 @@ def _kill_sandbox(proc: subprocess.Popen, groups: list[str]) -> None:
     with contextlib.suppress(subprocess.TimeoutExpired):  # if stuck in the kernel, Popen reaps it later
         proc.wait(timeout=2)
     proc.stdout.close()
-    setup.remove_cgroups(groups)
+    remove_cgroups(groups)
+
+
+# --------------------------------------------------------------------------------------------------
+# The call's cgroups (as root)
+
+CPU_QUOTA = "100000 100000"  # one CPU per call, however many processes it starts
+
+
+def cgroup_roots() -> list[str]:
+    """Writable cgroup folders for the memory and cpu controllers: v2 at /sys/fs/cgroup, else v1's."""
+    if os.access("/sys/fs/cgroup/cgroup.subtree_control", os.W_OK):
+        with open("/sys/fs/cgroup/cgroup.subtree_control") as f:
+            return ["/sys/fs/cgroup"] if "memory" in f.read().split() else []
+    v1 = [f"/sys/fs/cgroup/{c}" for c in ("memory", "cpu") if os.access(f"/sys/fs/cgroup/{c}/cgroup.procs", os.W_OK)]
+    return v1 if v1[:1] == ["/sys/fs/cgroup/memory"] else []
+
+
+def make_cgroups(memory_mb: int) -> list[str]:
+    """New cgroups for one call: memory (with swap) capped at memory_mb, one CPU; [] if cgroups are not writable."""
+    made, limit = [], str(memory_mb << 20)
+    try:
+        for root in cgroup_roots():
+            path = os.path.join(root, f"aepo-sandbox-{os.getpid()}-{os.urandom(4).hex()}")
+            os.mkdir(path)
+            made.append(path)
+            for name, value in [("memory.limit_in_bytes", limit), ("memory.memsw.limit_in_bytes", limit),
+                                ("memory.max", limit), ("memory.swap.max", "0"), ("cpu.max", CPU_QUOTA),
+                                ("cpu.cfs_period_us", CPU_QUOTA.split()[1]), ("cpu.cfs_quota_us", CPU_QUOTA.split()[0])]:
+                if os.path.exists(os.path.join(path, name)):  # the files of this version and controller
+                    Path(path, name).write_text(value)
+        return made
+    except OSError:
+        remove_cgroups(made)
+        return []
+
+
+def remove_cgroups(paths: list[str]) -> None:
+    """Kill whatever is left in each cgroup, then remove it (a dying process can hold it a few ms)."""
+    for path in paths:
+        for _ in range(200):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                with open(os.path.join(path, "cgroup.procs")) as f:
+                    for pid in f.read().split():
+                        try:
+                            os.kill(int(pid), signal.SIGKILL)
+                        except ProcessLookupError:
+                            pass
+                time.sleep(0.005)
 
 
 def _probe_main() -> None:  # python sandbox.py: print the isolation in force

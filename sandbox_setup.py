@@ -336,61 +336,6 @@ def mount_flags(point: str) -> int:
     return sum(ms for st, ms in st_to_ms.items() if flag & st)
 
 
-# --------------------------------------------------------------------------------------------------
-# The call's cgroups (as root; used by sandbox.py in the caller's process)
-
-CPU_QUOTA = "100000 100000"  # one CPU per call, however many processes it starts
-
-
-def cgroup_roots() -> list[str]:
-    """Writable cgroup folders for the memory and cpu controllers: v2 at /sys/fs/cgroup, else v1's."""
-    if os.access("/sys/fs/cgroup/cgroup.subtree_control", os.W_OK):
-        with open("/sys/fs/cgroup/cgroup.subtree_control") as f:
-            return ["/sys/fs/cgroup"] if "memory" in f.read().split() else []
-    v1 = [f"/sys/fs/cgroup/{c}" for c in ("memory", "cpu") if os.access(f"/sys/fs/cgroup/{c}/cgroup.procs", os.W_OK)]
-    return v1 if v1[:1] == ["/sys/fs/cgroup/memory"] else []
-
-
-def make_cgroups(memory_mb: int) -> list[str]:
-    """New cgroups for one call: memory (with swap) capped at memory_mb, one CPU; [] if cgroups are not writable."""
-    made, limit = [], str(memory_mb << 20)
-    try:
-        for root in cgroup_roots():
-            path = os.path.join(root, f"aepo-sandbox-{os.getpid()}-{os.urandom(4).hex()}")
-            os.mkdir(path)
-            made.append(path)
-            for name, value in [("memory.limit_in_bytes", limit), ("memory.memsw.limit_in_bytes", limit),
-                                ("memory.max", limit), ("memory.swap.max", "0"), ("cpu.max", CPU_QUOTA),
-                                ("cpu.cfs_period_us", CPU_QUOTA.split()[1]), ("cpu.cfs_quota_us", CPU_QUOTA.split()[0])]:
-                if os.path.exists(os.path.join(path, name)):  # the files of this version and controller
-                    _write(os.path.join(path, name), value)
-        return made
-    except OSError:
-        remove_cgroups(made)
-        return []
-
-
-def remove_cgroups(paths: list[str]) -> None:
-    """Kill whatever is left in each cgroup, then remove it (a dying process can hold it a few ms)."""
-    import time
-
-    for path in paths:
-        for _ in range(200):
-            try:
-                os.rmdir(path)
-                break
-            except FileNotFoundError:
-                break
-            except OSError:
-                with open(os.path.join(path, "cgroup.procs")) as f:
-                    for pid in f.read().split():
-                        try:
-                            os.kill(int(pid), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
-                time.sleep(0.005)
-
-
 if __name__ == "__main__":
     try:
         main(json.loads(sys.argv[1]))
