@@ -7,7 +7,7 @@ Same work in every mode: the first 8 held-out world questions, k = 8 each, the t
 seed 0, greedy decoding, local tools (BM25 + Python sandbox). Two settings: the GRPO chain (branching
 off: k global trajectories per question) and the AEPO tree (pre-monitoring, entropy-guided branching,
 branch penalty). The policy is the bare SFT'd model, as eval loads it (RL samples through LoRA adapters:
-see benchmarks/step.py). Three modes of `rollout(..., cache_mode=...)`:
+see benchmarks/step.py). Three modes, each an engine of `rollout(..., engine=...)`:
   naive    one trajectory at a time; every round re-encodes its whole sequence
   batched  every active trajectory of every question in one generate call; full re-encode each round
   tree     ours: batched, and the KV cache is kept across rounds and copied to branch children and
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SETTINGS = {"grpo": "GRPO chain", "aepo": "AEPO tree"}
 MODES = ("naive", "batched", "tree")
+ENGINE = {"naive": "naive", "batched": "reencode", "tree": "cached"}    # rollout(engine=...)
 
 
 def tps(r: dict) -> float:
@@ -122,7 +123,7 @@ def worker(args) -> dict:
     spans: list = []
     tools = timed(make_tools(cfg), spans)
     run = lambda qs: rollout(model, tok, qs, tools, cfg, seed=0, system_prompt=system_prompt_for(cfg),
-                             greedy=True, cache_mode=args.worker)
+                             greedy=True, engine=ENGINE[args.worker])
     run(warm)
     spans.clear()
     positions[0] = 0
