@@ -151,6 +151,8 @@ def rollout(model, tokenizer, questions: list[str], tools: Tools, cfg: Config, s
     sampling = Sampling.make(tokenizer, greedy=greedy, top_p=top_p,
                              temperature=cfg.temperature if temperature is None else temperature)
     prompts = [prompt_ids(tokenizer, q, system_prompt)[-cfg.max_prompt_tokens:] for q in questions]
+    if not prompts:
+        return RolloutResult([], [])
     chunk = cfg.rollout_questions or len(prompts)                     # bounds the KV cache (memory)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
