@@ -141,8 +141,8 @@ PRESETS: dict[str, dict] = {
                        segment_tokens=512, max_rounds=16, questions_per_step=4, mini_batches=4,
                        grad_accum=4, gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
                        steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5,
-                       # memory (python memory.py): one question's k rows in flight keep the KV cache
-                       # at ~5.6 GB (all 4: ~22 GB); old log-probs recomputed (bf16 gap: README)
+                       # memory (python memory.py: peak ~10.5 GB): one question's k rows in flight keep
+                       # the KV cache at ~5.6 GB (all 4: ~22 GB); old log-probs recomputed (bf16 gap: README)
                        rollout_questions=1, recompute_old_logp=True),
 }
 

@@ -112,17 +112,19 @@ def layer_bytes(s: Shape, d: int, lora_r: int) -> int:
 
 def forward_bytes(s: Shape, d: int) -> int:
     """Bytes per token alive at the peak of one no-grad layer forward, inside the MLP's up projection:
-    the residual stream and its normed input (+ the float32 copy an adapter makes of it), silu(gate),
-    the base output, and the adapter's float32 output and sum (peft adds in float32)."""
+    the residual, the hidden states and their normed copy (+ the float32 copy an adapter makes of it),
+    silu(gate), the base output, and the adapter's float32 output and sum (peft adds in float32)."""
     cast = d < F32
-    return d * (2 * s.hidden + 2 * s.intermediate) + 2 * F32 * s.intermediate + (F32 * s.hidden if cast else 0)
+    return d * (3 * s.hidden + 2 * s.intermediate) + 2 * F32 * s.intermediate + (F32 * s.hidden if cast else 0)
 
 
-def logits_chunk_bytes(s: Shape, rows: int, d: int, entropy: bool) -> int:
+def logits_chunk_bytes(s: Shape, rows: int, d: int, backward: bool) -> int:
     """token_logprobs' largest transient: rows x CHUNK positions of logits in float32 (+ the model-dtype
-    head output when d < 4) and float32 temporaries: the log-sum-exp's, and with the entropy the
-    log-softmax, exp, product and result (+ a bool mask), as in loss.entropy_of_logp."""
-    per = (d if d < F32 else 0) + (4 * F32 + 1 if entropy else 2 * F32)
+    head output when d < 4) and float32 temporaries. No grad: the log-sum-exp's. Training: the larger
+    of the forward with the entropy (log-softmax, exp, product, result, a bool mask) and the chunk's
+    backward (recomputed logits, softmax, the gather's scattered gradient, their sum, the head's input
+    gradient): 5 float32 copies."""
+    per = (d if d < F32 else 0) + (5 * F32 + 1 if backward else 2 * F32)
     return rows * CHUNK * s.vocab * per
 
 
@@ -148,12 +150,14 @@ def estimate(s: Shape, cfg, *, dtype_bytes: int = 2, filler: float = 1.0,
         "lora_grad": lora * F32,
         "adamw": 2 * lora * F32,
         "kv_cache": rows_out * tokens * filler * s.layers * 2 * s.kv * d,
-        "rollout_forward": rows_out * fed * forward_bytes(s, d) + rows_out * s.vocab * 3 * F32,
+        # + one layer's K and V copied when the cache grows (torch.cat), + last-position logits
+        "rollout_forward": rows_out * fed * forward_bytes(s, d) + rows_out * tokens * filler * 2 * s.kv * d
+        + rows_out * s.vocab * 3 * F32,
         "recompute_forward": rows_in * tokens * s.hidden * d
-        + max(rows_in * tokens * forward_bytes(s, d), logits_chunk_bytes(s, rows_in, d, entropy=False)),
+        + max(rows_in * tokens * forward_bytes(s, d), logits_chunk_bytes(s, rows_in, d, backward=False)),
         "activations": rows_in * tokens * saved + rows_in * tokens * tokens,         # + the bool attention mask
         # backward meets the logits chunks first, then (checkpointing) one recomputed layer at a time
-        "backward_transient": max(logits_chunk_bytes(s, rows_in, d, entropy=True),
+        "backward_transient": max(logits_chunk_bytes(s, rows_in, d, backward=True),
                                   rows_in * tokens * layer_bytes(s, d, cfg.lora_r) if cfg.gradient_checkpointing else 0),
         "cuda_overhead": cuda_overhead_gb * GB,
     }
@@ -169,6 +173,8 @@ def table(s: Shape, cfg, gpus: list[float], **kw) -> str:
     """A markdown table of the estimate in GB, with whether it fits each GPU (peak <= 90% of it)."""
     e = estimate(s, cfg, **kw)
     rows = [f"| {k} | {v / GB:.2f} |" for k, v in e.items() if v]
+    doubled = estimate(s, cfg, **{**kw, "filler": 2 * kw.get("filler", 1.0)})["peak"]
+    rows.append(f"| peak if filler columns doubled the KV cache | {doubled / GB:.2f} |")
     fits = [f"| fits {g:g} GB | {'yes' if e['peak'] <= 0.9 * g * GB else 'NO'} "
             f"({e['peak'] / GB:.1f} of {0.9 * g:.1f} usable) |" for g in gpus]
     head = (f"{cfg.model}: {cfg.rollout_questions or cfg.questions_per_step} questions x k={cfg.k} rolled "
