@@ -30,6 +30,7 @@ CLIP_MODES = ("ppo", "gppo", "cispo", "aepo")  # DAPO is "ppo" with eps_high = 0
 def _group_centred(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     """R_i - mean(R_group) and the group's unbiased std, per row (B,). Exactly 0 when a group is a
     singleton or all its rewards are equal (a float mean of equal values can be off by one ulp)."""
+    # >>> solution A2
     labels, g = torch.unique(group_ids, return_inverse=True)  # (B,) any labels -> 0..G-1
     zeros = rewards.new_zeros(labels.numel())  # (G,)
     n = zeros.index_add(0, g, torch.ones_like(rewards))  # (G,) group sizes
@@ -40,6 +41,7 @@ def _group_centred(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
     r_min = zeros.scatter_reduce(0, g, rewards, "amin", include_self=False)  # (G,)
     flat = (r_max == r_min)[g]  # (B,) nothing to learn from this group
     return torch.where(flat, 0.0, centred), var.sqrt()[g]
+    # <<< solution
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
@@ -47,16 +49,20 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> T
 
     rewards (B,) float; group_ids (B,) integer labels, one per question. Returns A (B,); singleton
     groups and groups of equal rewards give 0. The caller broadcasts A to the tokens of row i."""
+    # >>> solution A2
     centred, std = _group_centred(rewards, group_ids)  # (B,), (B,)
     return centred / (std + eps)  # (B,)
+    # <<< solution
 
 
 def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     """REINFORCE++ baseline: A_i = (R_i - mean(R_group)) / (std_batch + eps) (AEPO.md 5.1), where
     std_batch is the unbiased std of the centred rewards over all B rows. rewards, group_ids (B,)."""
+    # >>> solution A2
     centred, _ = _group_centred(rewards, group_ids)  # (B,)
     std = centred.std() if centred.numel() > 1 else centred.new_zeros(())  # ()
     return centred / (std + eps)  # (B,)
+    # <<< solution
 
 
 # --------------------------------------------------------------------------------------------------
@@ -69,6 +75,7 @@ def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor, al
     adv (B,) or (B, T); entropy (B, T), the current policy's token entropy; loss_mask (B, T).
     Mean and unbiased std run over the mask-1 tokens of the batch; std 0 (or one token) -> z = 0.
     Returns A~ (B, T), 0 at masked positions. No gradient reaches `entropy`."""
+    # >>> solution A2
     valid = loss_mask > 0  # (B, T)
     H = entropy.detach()  # (B, T) stop-gradient: z only reweights the signal
     h = H[valid]  # (N,) entropies of sampled tokens
@@ -78,6 +85,7 @@ def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor, al
         z = torch.zeros_like(H)  # (B, T) std 0 -> 1, and H - mean = 0
     adv = adv[:, None] if adv.dim() == 1 else adv  # (B, 1) or (B, T)
     return torch.where(valid, adv * (1 + alpha * z), 0.0)  # (B, T)
+    # <<< solution
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,6 +142,7 @@ def policy_loss(
         clipped_low, clipped_high = valid & (ratio < lo), valid & (ratio > hi)  # (B, T)
         loss_t = -ratio.detach().clamp(lo, hi) * adv * logp  # (B, T)
     else:
+        # >>> solution A3
         # The clipped branch wins the max exactly when A > 0, r > hi or A < 0, r < lo.
         clipped_low = valid & (adv < 0) & (ratio < lo)  # (B, T)
         clipped_high = valid & (adv > 0) & (ratio > hi)  # (B, T)
@@ -144,6 +153,7 @@ def policy_loss(
         if dual_clip is not None:
             dual = valid & (adv < 0) & (loss_t > -adv * dual_clip)  # (B, T)
             loss_t = torch.where(dual, -adv * dual_clip, loss_t)  # (B, T) constant: no gradient
+        # <<< solution
     loss = torch.where(valid, loss_t, 0.0).sum() / n_tokens  # ()
 
     with torch.no_grad():

@@ -109,15 +109,18 @@ def initial_globals(cfg: Config) -> tuple[int | None, int]:
 def budget_from_probe(seg_entropies: list[float], k: int, beta: float) -> tuple[int, float, float]:
     """[pre-monitoring] (m, H_root, H_tool) from the probe's segment entropies: H_root is its first
     segment, H_tool the mean of the segments after tool results (H_root when it used no tool)."""
+    # >>> solution A4
     h_root = seg_entropies[0] if seg_entropies else 0.0
     after = seg_entropies[1:]
     h_tool = sum(after) / len(after) if after else h_root
     return global_budget(k, h_root, h_tool, beta), h_root, h_tool
+    # <<< solution
 
 
 def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Random) -> int:
     """[branching] How many of the Z - 1 child slots of one source branch, given Delta H, the streak l
     and the room left under k. One uniform draw per slot while there is room."""
+    # >>> solution A4
     n = 0
     for _ in range(cfg.branch_z - 1):
         if n == room:
@@ -126,17 +129,22 @@ def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Rando
         n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.penalty) if cfg.branch_penalty
               else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
     return n
+    # <<< solution
 
 
 def next_streak(l: int, created: bool) -> int:
     """[branch penalty] l counts consecutive rounds in which the question created a trajectory."""
+    # >>> solution A4
     return l + 1 if created else 0
+    # <<< solution
 
 
 def wants_restart(q: Question, k: int, round_: int, max_rounds: int) -> bool:
     """Restart rule: an idle question with a known budget and fewer than k trajectories starts one more
     global, during the call's first max_rounds rounds (later, what is short is padded by duplicates)."""
+    # >>> solution A4
     return q.m is not None and q.active == 0 and q.owed == 0 and q.started < k and round_ < max_rounds
+    # <<< solution
 
 
 # ----------------------------------------------------------------------------------------------------
