@@ -112,13 +112,14 @@ class _StopRecorder(StoppingCriteria):
             if self.stopped_at[b] is not None:
                 continue
             reason = ("eos" if token in self.s.eos_ids else "tag" if token in self.s.tag_ids else
-                      "tag" if self.s.tag_strings and self._ends_tag(input_ids[b], step, b) else None)
+                      "tag" if self.s.tag_strings and self._ends_tag(input_ids[b], b) else None)
             if reason:
                 self.stopped_at[b], self.reason[b] = step, reason
         return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
 
-    def _ends_tag(self, row: torch.Tensor, step: int, b: int) -> bool:
-        new = row[self.start:].tolist()
+    def _ends_tag(self, row: torch.Tensor, b: int) -> bool:
+        """A closing tag that the row's last token completes (it was not in the text before it)."""
+        new = row[max(self.start, row.shape[0] - self.longest):].tolist()          # this call's last tokens
         tail = (self.tails[b] + new)[-self.longest:]
         text = self.s.tokenizer.decode(tail, skip_special_tokens=False)
         before = self.s.tokenizer.decode(tail[:-1], skip_special_tokens=False)
