@@ -1,5 +1,5 @@
 """The cached engine: the five verbs of engine.py (add, generate, append, select, release) with one KV
-cache kept across rounds, so that each token is encoded once.
+cache prefix_kv across rounds, so that each token is encoded once.
 
     engine = CachedEngine(model, Sampling.make(tokenizer))   # a drop-in for engine.ReencodeEngine
 
@@ -41,13 +41,13 @@ class CachedEngine:
         self.ids = torch.empty((0, 0), dtype=torch.long, device=self.device)    # (B, W)
         self.mask = torch.empty((0, 0), dtype=torch.long, device=self.device)   # (B, W)
         self.cache: DynamicCache | None = None       # keys and values of ids[:, :c]
-        self.pending: list[list[int]] = []           # per row: tokens of its sequence not yet in ids
+        self.unfed: list[list[int]] = []           # per row: tokens of its sequence not yet in ids
         self.prompt_kv: dict[tuple[int, ...], KV] = {}   # prompt -> keys and values of prompt[:-1]
         self.prefill_tokens = self.generated_tokens = 0
 
     # -- the verbs ----------------------------------------------------------------------------------
     def add(self, prompts: list[list[int]]) -> None:
-        """New rows: prompt[:-1] copied from the kept cache (encoded now if new), the last token pending."""
+        """New rows: prompt[:-1] copied from its kept cache (encoded now if new), the last token unfed."""
         todo = sorted({tuple(p) for p in prompts if len(p) > 1} - self.prompt_kv.keys())
         if todo:
             self.prompt_kv |= dict(zip(todo, self._encode_alone([list(p[:-1]) for p in todo])))
@@ -56,23 +56,23 @@ class CachedEngine:
         self._add_filler_rows(len(prompts))
         for b, prompt in enumerate(prompts, start=B):
             if len(prompt) > 1:
-                self._place(b, prompt[:-1], self.prompt_kv[tuple(prompt)])
-            self.pending.append(list(prompt[-1:]))
+                self._copy_prefix(b, prompt[:-1], self.prompt_kv[tuple(prompt)])
+            self.unfed.append(list(prompt[-1:]))
 
     def append(self, b: int, tokens: list[int]) -> None:
-        self.pending[b] += tokens
+        self.unfed[b] += tokens
 
     def select(self, index: list[int]) -> None:
-        """Keep rows `index`. Pending tokens but the last are encoded first, so that the copies of a row
+        """Keep rows `index`. Unfed tokens but the last are encoded first, so that the copies of a row
         share its encoded tool result instead of each encoding it again."""
-        if not index:                                        # no rows left (kept prompts stay)
-            self.ids, self.mask, self.cache, self.pending = self.ids[:0, :0], self.mask[:0, :0], None, []
+        if not index:                                        # no rows left (prefix_kv prompts stay)
+            self.ids, self.mask, self.cache, self.unfed = self.ids[:0, :0], self.mask[:0, :0], None, []
             return
-        self._encode_pending_heads()
+        self._encode_unfed_heads()
         idx = torch.tensor(index, device=self.device)
         self.cache.batch_select_indices(idx)
         self.ids, self.mask = self.ids[idx], self.mask[idx]                       # (B', W)
-        self.pending = [list(self.pending[i]) for i in index]
+        self.unfed = [list(self.unfed[i]) for i in index]
         used = self.mask[:, :-1].any(0).nonzero()            # drop leading columns no row attends to
         self._drop_leading(int(used[0]) if len(used) else self.ids.shape[1] - 1)
 
@@ -80,13 +80,13 @@ class CachedEngine:
         self.prompt_kv.pop(tuple(prompt), None)
 
     def generate(self, max_new_tokens: int, tails: list[list[int]]) -> list[Segment]:
-        """Feed every row's pending tokens and sample up to max_new_tokens for each row."""
-        for b, pending in enumerate(self.pending):
-            if not pending:                                  # continuing a segment: re-feed its last token
-                pending.append(self._pop_last(b))
-        self.prefill_tokens += sum(map(len, self.pending))
-        self._append_columns(self.pending)
-        self.pending = [[] for _ in self.pending]
+        """Feed every row's unfed tokens and sample up to max_new_tokens for each row."""
+        for b, unfed in enumerate(self.unfed):
+            if not unfed:                                  # continuing a segment: re-feed its last token
+                unfed.append(self._pop_last(b))
+        self.prefill_tokens += sum(map(len, self.unfed))
+        self._append_columns(self.unfed)
+        self.unfed = [[] for _ in self.unfed]
         seq, new_mask, self.cache, segments = sample_segments(
             self.model, self.ids, self.mask, self.cache, max_new_tokens, self.sampling, tails)
         self.ids, self.mask = seq, torch.cat([self.mask, new_mask], 1)           # (B, W + N)
@@ -101,12 +101,12 @@ class CachedEngine:
         ids, mask = left_padded(rows, self.pad, self.device)                    # (B, N)
         self.ids, self.mask = torch.cat([self.ids, ids], 1), torch.cat([self.mask, mask], 1)
 
-    def _encode_pending_heads(self) -> None:
-        """Run pending[:-1] of every row through the model into the cache (with any uncached column)."""
-        heads = [p[:-1] for p in self.pending]
+    def _encode_unfed_heads(self) -> None:
+        """Run unfed[:-1] of every row through the model into the cache (with any uncached column)."""
+        heads = [p[:-1] for p in self.unfed]                                 # all but the last token
         if not any(heads):
             return
-        self.pending = [p[-1:] for p in self.pending]
+        self.unfed = [p[-1:] for p in self.unfed]
         self.prefill_tokens += sum(map(len, heads))
         c = self.cache.get_seq_length()
         self._append_columns(heads)
@@ -123,16 +123,16 @@ class CachedEngine:
         return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):]) for layer in cache.layers]
                 for u, s in enumerate(seqs)]
 
-    def _place(self, b: int, tokens: list[int], kept: KV) -> None:
-        """Make `tokens`, whose keys and values are `kept`, the history of row b (an all-filler row):
+    def _copy_prefix(self, b: int, tokens: list[int], prefix_kv: KV) -> None:
+        """Make `tokens`, whose keys and values are `prefix_kv`, the history of row b (an all-filler row):
         they go in the last cached columns, after widening the batch on the left if it is too short."""
         if self.cache is None:
-            self._start_cache(kept)
+            self._start_cache(prefix_kv)
         n, c = len(tokens), self.cache.get_seq_length()
         if n > c:
             self._widen(n - c)
             c = n
-        for layer, (k, v) in zip(self.cache.layers, kept):
+        for layer, (k, v) in zip(self.cache.layers, prefix_kv):
             layer.keys[b, :, c - n:c], layer.values[b, :, c - n:c] = k, v
         self.ids[b, c - n:c] = torch.tensor(tokens, device=self.device)
         self.mask[b, c - n:c] = 1

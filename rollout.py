@@ -78,7 +78,7 @@ class Question:
     prompt: list[int]
     m: int | None                 # global budget; None until the probe has ended (AEPO)
     started: int = 0              # trajectories started: globals and branches
-    owed: int = 0                 # globals to start next round
+    globals_due: int = 0                 # globals to start next round
     l: int = 0                    # consecutive rounds that created a trajectory (branch penalty)
     active: int = 0               # rows in flight
     finished: list[Trajectory] = field(default_factory=list)
@@ -143,7 +143,7 @@ def wants_restart(q: Question, k: int, round_: int, max_rounds: int) -> bool:
     """Restart rule: an idle question with a known budget and fewer than k trajectories starts one more
     global, during the call's first max_rounds rounds (later, what is short is padded by duplicates)."""
     # >>> solution A4
-    return q.m is not None and q.active == 0 and q.owed == 0 and q.started < k and round_ < max_rounds
+    return q.m is not None and q.active == 0 and q.globals_due == 0 and q.started < k and round_ < max_rounds
     # <<< solution
 
 
@@ -325,7 +325,7 @@ class _Sampler:
         entropies; the other m - 1 globals start next round."""
         question, s = self.qs[q], self.res.stats[q]
         s.m, s.h_root, s.h_tool = budget_from_probe(question.finished[0].seg_entropy, self.cfg.k, self.cfg.beta)
-        question.m, question.owed = s.m, s.m - 1
+        question.m, question.globals_due = s.m, s.m - 1
 
     def _branch(self, row: Row) -> list[Row]:
         """[branching] Delta H = H(segment that just called a tool) - H_init; up to Z - 1 children, at
@@ -353,8 +353,8 @@ class _Sampler:
                 new.append(q)
                 self.res.stats[q].n_restart += 1
                 created.add(q)
-            new += [q] * question.owed
-            question.owed = 0
+            new += [q] * question.globals_due
+            question.globals_due = 0
             question.l = next_streak(question.l, q in created)
         return new
 

@@ -30,7 +30,7 @@ def play(engine, script):
 
 
 def engine_rows(engine):
-    return len(engine.seqs) if isinstance(engine, ReencodeEngine) else len(engine.pending)
+    return len(engine.seqs) if isinstance(engine, ReencodeEngine) else len(engine.unfed)
 
 
 @torch.no_grad()
