@@ -3,6 +3,8 @@
     >>> run_python("1987 - 1962")
     '25'
 
+    python sandbox.py     # which isolation holds here, in one line
+
 Each call runs a new interpreter (`-I`) with an environment holding nothing of the caller's, rlimits on
 CPU time, address space, file size, open files and core files, no_new_privs, and a wall-clock timeout
 after which every process of the call dies. Around that, the strongest isolation the machine offers
@@ -10,8 +12,8 @@ after which every process of the call dies. Around that, the strongest isolation
 
 - "namespaces": new user, mount, network, IPC, PID and UTS namespaces, as bubblewrap builds them, with
   no privilege needed. The code sees a new root holding only /usr, /bin, /lib*, /etc and the Python
-  installation, read-only, a fresh /proc of its own processes, /dev/null-like devices, and one 64 MB
-  tmpfs for /tmp, /dev/shm and its working directory. So: no home, no checkout, no host /tmp or /run
+  installation, read-only, a fresh /proc of its own processes, /dev/null-like devices, and a 64 MB
+  tmpfs each for /tmp (its working directory) and /dev/shm. So: no home, no checkout, no host /tmp or /run
   (no world-writable folder and no Unix socket of the host), no network, no host process to read,
   trace or signal, SysV memory and every process gone when the call ends. As root the code runs as a
   throwaway uid (SANDBOX_UID_BASE + pid) and cgroups cap the whole call's memory and CPU (one core);
@@ -20,7 +22,8 @@ after which every process of the call dies. Around that, the strongest isolation
   has its AppArmor profile, as on Ubuntu 24.04).
 - "landlock": files only. The code may read the system and Python folders and write its working
   directory; TCP and (kernel ABI >= 6) signals and abstract sockets to outside processes are refused.
-  UDP, Unix sockets on disk and SysV memory stay open; a process that calls setsid() may outlive the call.
+  UDP, Unix sockets on disk and SysV memory stay open; a process that calls setsid() may outlive the call;
+  the working directory lies on the host's disk (10 MB per file, files without limit).
 - "none": rlimits and the process group only. Refused unless the caller passes `unsafe=True`
   (`--unsafe_python`).
 Kernel exploits are out of scope: against hostile users rather than a confused model, use a VM.

@@ -8,6 +8,7 @@ host is unchanged afterwards: files, processes, listeners, SysV objects, the tra
 """
 import ast
 import ctypes
+import doctest
 import hashlib
 import json
 import os
@@ -41,6 +42,10 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 # --------------------------------------------------------------------------------------------------
 # Ordinary code
+
+def test_docstring_examples():
+    assert doctest.testmod(sandbox).failed == 0
+
 
 @pytest.mark.parametrize("code, expected", [
     ("print('hello')", "hello"),
