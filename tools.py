@@ -189,6 +189,8 @@ class CachedSearch:
     `<path>.lock` (entries other processes wrote meanwhile are kept, and read in) and the file is
     replaced atomically: two runs sharing one cache lose nothing, and a crash leaves the old file whole."""
 
+    LOCK_WAIT_S = 5.0
+
     def __init__(self, backend, path: str | Path):
         self.backend, self.path = backend, Path(path)
         if self.path.is_dir():
@@ -233,7 +235,7 @@ class CachedSearch:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+                self._lock(lock)  # released when the file closes
                 if self.path.exists():
                     self.cache = {**self._read(), **self.cache}
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
@@ -242,6 +244,18 @@ class CachedSearch:
                 os.replace(tmp, self.path)
         except (OSError, ValueError) as error:  # a full disk must not stop training: the entry stays in memory
             warnings.warn(f"could not write the search cache {self.path}: {error}")
+
+    def _lock(self, lock) -> None:
+        """Wait for the file lock at most LOCK_WAIT_S: a stopped process holding it must not stop a step."""
+        deadline = time.monotonic() + self.LOCK_WAIT_S
+        while True:
+            try:
+                return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise OSError(f"{lock.name} stayed locked {self.LOCK_WAIT_S:g} s; the entry is kept in "
+                                  "memory and written with the next one") from None
+                time.sleep(0.01)
 
 
 class SearchTool:

@@ -263,6 +263,22 @@ def test_cache_two_processes_lose_no_entries(tmp_path):
     assert reloaded.search("b-0") == "Page 1: result for b-0" and reloaded.hits == 1
 
 
+def test_cache_lock_held_elsewhere_costs_a_bounded_wait(tmp_path):
+    import fcntl
+
+    path = tmp_path / "cache.json"
+    cache = CachedSearch(FakeBackend(), path)
+    cache.LOCK_WAIT_S = 0.2
+    with open(tmp_path / "cache.json.lock", "a") as held:  # a stopped process holding the lock
+        fcntl.flock(held, fcntl.LOCK_EX)
+        start = time.monotonic()
+        with pytest.warns(UserWarning, match="stayed locked 0.2 s"):
+            assert cache.search("q1") == "Page 1: result for q1"
+        assert time.monotonic() - start < 1 and not path.exists()
+    cache.search("q2")
+    assert set(json.loads(path.read_text())) == {"q1", "q2"}
+
+
 def test_search_stats_are_taken_per_step(tmp_path):
     backend = CachedSearch(FakeBackend(), tmp_path / "cache.json")
     tools_ = {"search": SearchTool(backend, k=3), "python": lambda code: ""}
