@@ -103,6 +103,8 @@ ATTACKS = [
            lambda o: "forked" in o, ("no_marked_processes",), modes=NS),
     Attack("process", "ptrace the trainer", LIBC + "print(libc.ptrace(16, $TRAINER_PID, 0, 0))", lambda o: o == "-1",
            ("trainer_alive",), modes=FILE_MODES),
+    Attack("process", "nested user namespace (capabilities again)", LIBC + "print(libc.unshare(0x10000000))",
+           lambda o: o == "-1", modes=NS),
     Attack("process", "setuid programs", "'NoNewPrivs:\\t1' in open('/proc/self/status').read()",
            lambda o: o == "True" or denied(o)),
     Attack("process", "signal PID 1", "import os\nos.kill(1, 9)\nprint('after')", lambda o: "after" in o or denied(o),
