@@ -34,14 +34,19 @@ response_tokens (tool results included); by_source: the same per source.
 """
 from __future__ import annotations
 
+import sys
+
+import cli
+
+if __name__ == "__main__":    # flags, paths and data are checked first, before the slow imports below
+    CHECKED = cli.eval_config(sys.argv[1:])      # a bad input stops here: one line, nothing written
+
 import dataclasses
 import json
 import math
 import re
 import statistics
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -49,29 +54,13 @@ import torch
 from tqdm import tqdm
 
 import data
-import world
-from aepo import Config, resolve
+from aepo import Config
+from cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401 (the flags, parsed and checked in cli.py)
 from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import describe_isolation
 
 Judge = Callable[[str, tuple, str], bool]   # (question, golds, predicted answer) -> correct?
-
-
-@dataclass
-class EvalArgs:
-    """Eval-only flags; the rest (model, search, budgets, seed) are Config's."""
-
-    dataset: list[str] = field(default_factory=list, metadata={
-        "help": "jsonl | parquet | world:heldout | hub id; repeat the flag for several.", "action": "extend"})
-    adapter: str = field(default="", metadata={"help": "A PEFT adapter folder (runs/x/checkpoint-40)."})
-    runs: int = field(default=5, metadata={"help": "Independent samples per question (the k of Pass@k)."})
-    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature (paper: 0.6)."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling (paper: 0.95)."})
-    limit: int = field(default=0, metadata={"help": "First N questions of each dataset (0: all)."})
-    batch_questions: int = field(default=16, metadata={"help": "Questions per rollout call."})
-    judge_model: str = field(default="", metadata={"help": "Local HF causal LM as a judge ('' = off)."})
-    output_dir: str = field(default="", metadata={"help": "Results folder; default runs/eval-<timestamp>."})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -280,35 +269,11 @@ def format_table(summary: dict) -> str:
 # Command line
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[EvalArgs, Config]:
-    """EvalArgs flags first; the remaining flags are Config's (preset < algo < explicit flags)."""
-    from transformers import HfArgumentParser
-
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser(EvalArgs, allow_abbrev=False, epilog="Every Config flag (python aepo.py --help) "
-                              "also applies: --preset, --search, --top_k, --call_limit, --max_response_tokens, ...")
-    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    cfg, unknown = HfArgumentParser(Config, allow_abbrev=False).parse_args_into_dataclasses(
-        args=rest, return_remaining_strings=True)
-    if unknown:
-        raise SystemExit(f"unknown arguments {unknown}: see python eval.py --help and python aepo.py --help")
-    explicit = {a[2:].split("=")[0].replace("-", "_") for a in rest if a.startswith("--")}
-    cfg = resolve(cfg, explicit)
-    if cfg.model != "tiny" and "system_prompt" not in explicit:
-        cfg = dataclasses.replace(cfg, system_prompt="paper")   # only the tiny model wants the short one
-    if not args.dataset:
-        raise SystemExit("give at least one --dataset (a .jsonl or .parquet file, world:heldout, or a hub id)")
-    return args, cfg
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args, cfg = parse_args(argv)
+def main(argv: list[str] | None = None, checked: tuple | None = None) -> dict:
+    """Evaluate as the command line `argv` says (or `checked`, what cli.eval_config returned for it)."""
+    args, cfg, examples = checked or cli.eval_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        examples = [ex for spec in args.dataset for ex in world.load_examples(spec, limit=args.limit or None)]
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
-        raise SystemExit(f"error: {e}") from None
     out = Path(args.output_dir or f"runs/eval-{time.strftime('%Y%m%d-%H%M%S')}")
     out.mkdir(parents=True, exist_ok=True)
     cfg = dataclasses.replace(cfg, output_dir=str(out))
@@ -330,4 +295,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(checked=CHECKED)

@@ -13,6 +13,13 @@ samples.jsonl, checkpoint-<step>/ (LoRA adapter + optimizer + RNG), sft/, eval-*
 """
 from __future__ import annotations
 
+import sys
+
+import cli
+
+if __name__ == "__main__":    # flags, paths and data are checked first, before the slow imports below
+    CHECKED = cli.train_config(sys.argv[1:])     # a bad input stops here: one line, nothing written
+
 import json
 import math
 import os
@@ -346,10 +353,11 @@ def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
                     system_prompt=system_prompt_for(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
+    """Run the job of the command line `argv` (or of `cfg`, already checked by cli.train_config)."""
     from accelerate import Accelerator
 
-    cfg = parse_config(argv)
+    cfg = cfg or cli.train_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -379,4 +387,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(cfg=CHECKED)

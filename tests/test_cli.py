@@ -1,0 +1,173 @@
+"""cli.py: every bad command line of train.py and eval.py stops before any work, in a subprocess as a user
+runs it: one line on stderr, exit status 1, no traceback, little CPU time, torch never imported, and
+nothing written (neither in the working folder nor in the model cache)."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import aepo
+import cli
+from aepo import ALGOS, PRESETS, Config, config_errors
+
+ROOT = Path(cli.__file__).resolve().parent
+ROW = json.dumps({"question": "q", "answer": "a"}) + "\n"
+FILES = {  # prepared in every case's working folder
+    "afile": "not a folder\n", "empty.jsonl": "", "ok.jsonl": ROW,
+    "latin.jsonl": b'{"question": "caf\xe9", "answer": "a"}\n',
+    "int_question.jsonl": json.dumps({"question": 7, "answer": "a"}) + "\n",
+    "bool_answer.jsonl": json.dumps({"question": "q", "answer": True}) + "\n",
+    "folder.jsonl/": None, "plain_folder/": None,
+}
+TRAIN, EVAL = "train.py", "eval.py"
+CASES = [  # (script, arguments, what the one line must say): each runs as a user runs it, in a subprocess
+    (TRAIN, ["--k", "0"], "error: --k 0: must be at least 1 ([k] trajectories per question"),
+    (TRAIN, ["--k", "-3"], "error: --k -3: must be at least 1"),
+    (TRAIN, ["--lr", "nan"], "error: --lr nan: must be a finite number (AdamW learning rate"),
+    (TRAIN, ["--steps", "-1"], "error: --steps -1: must be at least 1"),
+    (TRAIN, ["--stage", "bogus"], "error: --stage bogus: must be one of sft | rl | all"),
+    (TRAIN, ["--search", "bogus"], "error: --search bogus: must be one of bm25 | web"),
+    (TRAIN, ["--bogus", "1"], "error: unknown arguments --bogus 1 (python train.py --help lists the flags)"),
+    (TRAIN, ["--dataset", "missing.jsonl"], "error: --dataset: missing.jsonl: no such file"),
+    (TRAIN, ["--eval_dataset", "empty.jsonl"], "error: --eval_dataset: empty.jsonl: no rows (the file is empty"),
+    (TRAIN, ["--sft_dataset", "latin.jsonl"], "error: --sft_dataset: latin.jsonl line 1: not UTF-8 (byte 0xe9"),
+    (TRAIN, ["--resume"], "error: --resume: run holds no checkpoint-<step>/ or sft/ to continue from"),
+    (TRAIN, ["--output_dir", "afile"], "error: --output_dir afile is a file"),
+    (TRAIN, ["--model", "./missing_folder"], "error: --model ./missing_folder: no such folder"),
+    (EVAL, ["--dataset", "ok.jsonl", "--runs", "0"], "error: --runs 0: must be at least 1"),
+    (EVAL, ["--dataset", "ok.jsonl", "--limit", "-1"], "error: --limit -1: must be at least 0"),
+    (EVAL, ["--dataset", "ok.jsonl", "--temperature", "nan"], "error: --temperature nan: must be a finite number"),
+    (EVAL, ["--dataset", "ok.jsonl", "--adapter", "missing_adapter"], "error: --adapter missing_adapter: no such folder"),
+]
+MORE = [  # the same checks, called in this process (a subprocess each would cost a second of CPU)
+    (TRAIN, ["--k", "two"], "error: argument --k: invalid int value: 'two' ("),
+    (TRAIN, ["--stpes", "3"], "error: unknown arguments --stpes 3"),
+    (TRAIN, ["--dataset", "./missing_data"], "error: --dataset: ./missing_data: no such file or folder"),
+    (TRAIN, ["--dataset", "folder.jsonl"], "error: --dataset: folder.jsonl is a directory, not a .jsonl file"),
+    (TRAIN, ["--dataset", "plain_folder"], "error: --dataset: plain_folder is a directory"),
+    (TRAIN, ["--dataset", "int_question.jsonl"], "int_question.jsonl line 1: the question ('question') is an int (7)"),
+    (TRAIN, ["--dataset", "bool_answer.jsonl"], "bool_answer.jsonl line 1: the answer ('answer') is a boolean (True)"),
+    (TRAIN, ["--init_from", "../nowhere"], "error: --init_from ../nowhere: no such folder"),
+    (TRAIN, ["--search_corpus", "corpus.jsonl"], "error: --search_corpus corpus.jsonl: no such file"),
+    (EVAL, ["--dataset", "ok.jsonl", "--adapter", "plain_folder"], "plain_folder: is not a PEFT adapter folder"),
+    (EVAL, [], "error: give at least one --dataset"),
+    (EVAL, ["--dataset", "ok.jsonl", "--top_p", "0"], "error: --top_p 0.0: must be above 0 and at most 1"),
+    (EVAL, ["--dataset", "world:test"], "error: --dataset: unknown world split 'world:test'"),
+    (EVAL, ["--dataset", "empty.jsonl"], "error: --dataset: empty.jsonl: no rows"),
+    (EVAL, ["--dataset", "ok.jsonl", "--output_dir", "afile"], "error: --output_dir afile is a file"),
+    (EVAL, ["--dataset", "ok.jsonl", "--judge_model", "./judge"], "error: --judge_model ./judge: no such folder"),
+    (EVAL, ["--dataset", "ok.jsonl", "--bogus"], "error: unknown arguments --bogus"),
+]
+
+
+def _prepare(folder: Path) -> dict[str, tuple]:
+    """The case's working folder with FILES and a torch that fails on import; returns its snapshot."""
+    for name, content in FILES.items():
+        if content is None:
+            (folder / name).mkdir(parents=True)
+        elif isinstance(content, bytes):
+            (folder / name).write_bytes(content)
+        else:
+            (folder / name).write_text(content)
+    (folder / "poison" / "torch").mkdir(parents=True)
+    (folder / "poison" / "torch" / "__init__.py").write_text(
+        "raise ImportError('torch was imported before the command line was checked')\n")
+    return _snapshot(folder)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(folder)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if "__pycache__" not in p.parts}
+
+
+def _run(case: int, folder: Path) -> dict:
+    script, args, _ = CASES[case]
+    argv = [sys.executable, str(ROOT / script), *args] + (["--output_dir", "run"] if "--output_dir" not in args else [])
+    env = {**os.environ, "PYTHONPATH": str(folder / "poison"), "AEPO_CACHE": str(folder / "cache"),
+           "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.stdout.read(), proc.stderr.read()   # a line or two: no pipe fills up
+    _, status, usage = os.wait4(proc.pid, 0)            # this child's own CPU time
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stdout.close(), proc.stderr.close()
+    return dict(rc=proc.returncode, out=out, err=err, wall=time.perf_counter() - start,
+                cpu=usage.ru_utime + usage.ru_stime)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case at once (each in its own folder), four at a time: the table costs about a minute of
+    CPU, not of waiting."""
+    folders = [tmp_path_factory.mktemp(f"case{i}") for i in range(len(CASES))]
+    before = [_prepare(folder) for folder in folders]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        runs = list(pool.map(_run, range(len(CASES)), folders))
+    for run, folder, snapshot in zip(runs, folders, before):
+        run["written"] = sorted(set(_snapshot(folder).items()) ^ set(snapshot.items()))
+    return runs
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in CASES])
+def test_bad_input_stops_at_once_with_one_line(results, case):
+    run, expected = results[case], CASES[case][2]
+    lines = run["err"].splitlines()
+    assert len(lines) == 1 and expected in lines[0], run["err"][-2000:]
+    assert lines[0].startswith("error: ") and "Traceback" not in run["err"] + run["out"]
+    assert run["rc"] == 1
+    assert run["written"] == []                  # no run folder, no config.json, no model cache
+    assert run["cpu"] < 5.0                      # measured ~1 s: the parser and the data, no torch
+
+
+@pytest.mark.parametrize("script, args, expected", MORE, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in MORE])
+def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys, script, args, expected):
+    monkeypatch.chdir(tmp_path)
+    before = _prepare(tmp_path)
+    check = cli.train_config if script == TRAIN else lambda argv: cli.eval_config(argv)
+    with pytest.raises(SystemExit) as stop:
+        check(args + (["--output_dir", "run"] if "--output_dir" not in args else []))
+    assert expected in str(stop.value.code) and len(str(stop.value.code).splitlines()) == 1
+    assert capsys.readouterr().err == "" and _snapshot(tmp_path) == before
+
+
+def test_the_table_is_fast_in_wall_time_too(results):
+    """A loose bound: the cases ran four at a time on a shared machine."""
+    assert max(r["wall"] for r in results) < 30.0, [round(r["wall"], 1) for r in results]
+
+
+def test_a_good_command_line_passes_the_checks(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ok.jsonl").write_text(ROW)
+    cfg = cli.train_config(["--dataset", "ok.jsonl", "--eval_limit", "3", "--output_dir", "run"])
+    assert (cfg.dataset, cfg.eval_limit, cfg.stage) == ("ok.jsonl", 3, "all") and not Path("run").exists()
+    (tmp_path / "run" / "sft").mkdir(parents=True)
+    assert cli.train_config(["--output_dir", "run", "--resume"]).resume    # after SFT, before a checkpoint
+    args, cfg, examples = cli.eval_config(["--dataset", "ok.jsonl", "--dataset", "world:heldout", "--limit", "2",
+                                           "--runs", "3"])
+    assert args.runs == 3 and [e.source for e in examples] == ["ok", "world:heldout", "world:heldout"]
+
+
+def test_every_preset_and_algorithm_is_a_valid_config():
+    names = {f.name for f in dataclasses.fields(Config)}
+    assert set(aepo.CHOICES) | set(aepo.AT_LEAST) | set(aepo.AT_MOST) | set(aepo.POSITIVE) <= names
+    assert config_errors(Config()) == []
+    for preset in PRESETS:
+        for algo in ALGOS:
+            assert config_errors(dataclasses.replace(Config(), **PRESETS[preset], **ALGOS[algo])) == [], (preset, algo)
+
+
+def test_config_errors_name_every_bad_field_at_once():
+    bad = Config(k=0, lr=float("inf"), tau=1.5, eval_top_p=0.0, clip_mode="ppo2", call_limit=-1)
+    assert sorted(config_errors(bad)) == sorted([
+        "--k 0: must be at least 1 ([k] trajectories per question (group size))",
+        "--call_limit -1: must be at least 0 (Tool calls per trajectory (then forced EOS))",
+        "--tau 1.5: must be at most 1 ([tau] branch threshold)",
+        "--clip_mode ppo2: must be one of ppo | gppo | cispo | aepo",
+        "--lr inf: must be a finite number (AdamW learning rate on LoRA parameters)",
+        "--eval_top_p 0.0: must be above 0 (Eval nucleus sampling)"])
