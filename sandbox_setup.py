@@ -6,9 +6,11 @@ Standard library only: this runs in a fresh interpreter, as the caller, before a
 1. Stage 1 (the caller's pid): join the call's cgroups (as root), set rlimits, then by mode:
    namespaces: unshare user, mount, network, IPC, PID and UTS namespaces, map one uid (the caller's; as
    root a throwaway one), fork PID 1 of the new PID namespace, wait for it and pass on its exit status;
-   bwrap: exec `bwrap` with the same layout; landlock: restrict itself to a few folders; none: nothing.
-2. PID 1 (namespaces) builds the new root (read-only binds, one tmpfs, /proc, devices), pivots into it,
-   forks the runner and waits for it: when PID 1 exits, the kernel kills every process left in it.
+   bwrap: run `bwrap` with the same layout, which runs this file again inside ("bwrap-inside": fork
+   the runner, watch the call's memory); landlock: restrict itself to a few folders; none: nothing.
+2. PID 1 (namespaces) builds the new root (read-only binds, tmpfs, /proc, devices), pivots into it,
+   forks the runner and watches the call's memory until the runner ends; when PID 1 exits, the kernel
+   kills every process left in its namespace.
 3. The runner switches to the sandbox uid (exec then leaves it no capability) and execs the interpreter.
 """
 import ctypes
