@@ -5,19 +5,18 @@ In and out:
   failure, else token F1 of the last `\\boxed{}` in the answer, +0.1 when F1 > 0 and both tools were used.
   Training and evaluation call this same function, so reward and metric cannot drift.
 - `load_examples(spec)` reads a verl parquet, a jsonl file or a hub dataset id into `Example`s;
-  `load_demos(path)` reads SFT demonstrations (`Demo`) from jsonl. Named built-in datasets are not
-  known here: their owner dispatches them (world.load_examples handles "world:*", then calls this).
+  `load_demos(path)` reads SFT demonstrations (`Demo`s) from jsonl. Named built-in datasets are their
+  owner's business (world.load_examples answers "world:*" and passes every other name here).
 
 Example:
     python data.py path/to/valid.parquet   # counts and first examples
 
 Decisions worth knowing:
 1. Tool-result blocks (`" <result>\\n...\\n</result>"` right after `</search>` / `</python>`) are cut out
-   before the format check, so only the policy's own words are graded. Each block ends at the first
-   `"\\n</result>"`: this is sound because the harness escapes agent tags in tool output
-   (tools.result_block), so no program or web page can close its block early and write an answer.
-2. The grader scans each response once, left to right (linear time: a 300 KB hostile response takes
-   milliseconds). `golds` must be a string or a list/tuple of strings: anything else is a caller's bug.
+   before the format check, so only the policy's own words are graded. A block ends at the first
+   `"\\n</result>"`: sound, as tools.result_block escapes agent tags in tool output, so no program or
+   page can close its block and write an answer. One left-to-right scan: linear time.
+2. `golds` must be a string or a list/tuple of strings: anything else (None, 98) is a caller's bug.
 3. A GSM8K-style gold ("... #### 18") is cut to its final answer ("18"); the parquet `ability` is the kind.
 4. Loaders stop at the first problem with the file, the line or row, and the fix: an empty file, bytes
    that are not UTF-8, a missing path, a folder, a question that is not a string, a boolean answer.
@@ -45,8 +44,7 @@ class Example:
 
 
 @dataclass
-class Demo:
-    """One SFT demonstration: a question and a full trajectory in the AEPO format."""
+class Demo:  # one SFT demonstration: a question and a full trajectory in the AEPO format
     question: str
     response: str  # the assistant text, tool-result blocks included
     golds: tuple[str, ...]
@@ -91,8 +89,7 @@ def normalize_answer(s: str) -> str:
 
 
 def _as_golds(golds) -> tuple[str, ...]:
-    """A gold answer or a list/tuple of them, all strings. Anything else (None, 98, b"x") is a bug of the
-    caller, which would otherwise be graded against the text "None" or "98"."""
+    """A gold answer or a list/tuple of them, all strings (None would be graded against "None")."""
     if isinstance(golds, str):
         return (golds,)
     if isinstance(golds, (list, tuple)) and all(isinstance(g, str) for g in golds):
@@ -258,8 +255,7 @@ def _first(row: dict, fields: Iterable[str]) -> tuple[str, object]:
     return next(((f, row[f]) for f in fields if f in row and not _is_empty(row[f])), ("", None))
 
 
-def _kind_of(value) -> str:
-    """ "a boolean", "an int", "a list", ... (for error messages)."""
+def _kind_of(value) -> str:  # "a boolean", "an int", "a list", ...
     name = "boolean" if isinstance(value, (bool, np.bool_)) else type(value).__name__
     return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
@@ -270,8 +266,6 @@ def _golds(value, where: str, field: str = "answer") -> tuple[str, ...]:
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, (str, numbers.Number)):
             raise ValueError(f"{where}: the {field} is {_kind_of(x)} ({x!r:.60}); write it as a string, a number "
                              "or a list of them")
-    if not items:
-        raise ValueError(f"{where}: the {field} is an empty list; give at least one gold answer")
     # A GSM8K solution ends with "#### <final answer>": grade against the final answer only.
     return tuple(_repair(str(x).rsplit("####", 1)[-1].strip() if "####" in str(x) else str(x)) for x in items)
 
@@ -450,9 +444,7 @@ def save_jsonl(rows: Iterable, path: str | Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        raise SystemExit("usage: python data.py FILE.parquet | FILE.jsonl | owner/name[:split]")
-    examples = load_examples(sys.argv[1])
+    examples = load_examples(sys.argv[1])  # python data.py FILE.parquet | FILE.jsonl | owner/name[:split]
     print(f"{len(examples)} examples from {sys.argv[1]}; kinds {dict(Counter(ex.kind for ex in examples))}")
     for ex in examples[:3]:
         print(" ", ex)
