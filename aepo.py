@@ -312,41 +312,53 @@ class Trajectory:
 
 def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
     """Step entropy of a segment (section 4.2, released convention): sum_{t < w} H_t / log|V|."""
+    # >>> solution A1
     head = [float(h) for h in list(token_entropies)[:w]]
     return sum(head) / math.log(vocab_size)
+    # <<< solution
 
 
 def arpo_branch_probability(delta_h: float, tau: float, gamma: float) -> float:
     """ARPO (section 4.3): P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
+    # >>> solution A1
     return min(1.0, max(0.0, tau + gamma * delta_h))
+    # <<< solution
 
 
 def arpo_should_branch(u: float, delta_h: float, tau: float, gamma: float) -> bool:
     """One draw of the ARPO rule: branch iff clip(u - gamma * delta_h, 0, 1) <= tau, u ~ U(0, 1)."""
+    # >>> solution A1
     return min(1.0, max(0.0, u - gamma * delta_h)) <= tau
+    # <<< solution
 
 
 def aepo_branch_probability(delta_h: float, tau: float, gamma: float, l: int,
                             penalty: float = 0.05) -> float:
     """AEPO (section 4.5): with c = max(0, 1 - penalty * l), P = clip(1 + gamma * delta_h - tau / c, 0, 1)."""
+    # >>> solution A1
     c = max(0.0, 1.0 - penalty * l)
     if c == 0.0:
         return 0.0
     return min(1.0, max(0.0, 1.0 + gamma * delta_h - tau / c))
+    # <<< solution
 
 
 def aepo_should_branch(u: float, delta_h: float, tau: float, gamma: float, l: int,
                        penalty: float = 0.05) -> bool:
     """One draw of the AEPO rule: branch iff clip((u + gamma * delta_h) * c, 0, 1) >= tau."""
+    # >>> solution A1
     c = max(0.0, 1.0 - penalty * l)
     return min(1.0, max(0.0, (u + gamma * delta_h) * c)) >= tau
+    # <<< solution
 
 
 def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
     """AEPO pre-monitoring (section 4.4, released formula): m = clamp(floor(k * sigmoid(beta *
     (h_root - h_tool))) + 1, 1, k). More uncertainty at the root than after tools -> more global samples."""
+    # >>> solution A1
     m = math.floor(k / (1.0 + math.exp(-beta * (h_root - h_tool)))) + 1
     return max(1, min(k, m))
+    # <<< solution
 
 
 Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
