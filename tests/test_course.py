@@ -1,0 +1,109 @@
+"""The course kit (course.py): the reference passes every assignment's tests; the student version imports,
+fails exactly the tests of its blanked functions and its planted bug, and passes the rest. Three pytest
+subprocesses over ~60 selected tests (about a minute on 2 cores), plus the stub and bug mechanics."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import course
+
+ROOT = Path(__file__).resolve().parents[1]
+OPEN, CLOSE = "# >>> " + "solution", "# <<< " + "solution"   # split so this file holds no marker itself
+ALL_TESTS = [t for a in course.ASSIGNMENTS for t in a.tests]
+
+
+def outcomes_of(checkout: Path, selectors: list[str]) -> dict[str, set[str]]:
+    outcomes = course.run_tests(checkout, selectors)
+    assert outcomes, f"pytest produced no report in {checkout}"
+    return {s: set(course.select(outcomes, s).values()) for s in selectors}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mechanics
+
+
+def test_stub_keeps_markers_and_indentation_and_names_the_function():
+    src = (f"def f(x):\n    \"\"\"doc\"\"\"\n    {OPEN} A1\n    y = x + 1\n    return y\n    {CLOSE}\n\n"
+           f"class C:\n    def g(self):\n        if True:\n            {OPEN} A2\n            return 2\n"
+           f"            {CLOSE}\n")
+    out, blanked = course.stub_regions(src, "m.py")
+    assert blanked == ["A1 m.py:f", "A2 m.py:g"]
+    assert "y = x + 1" not in out and "return 2" not in out
+    assert f'    {OPEN} A1\n    raise NotImplementedError("A1: implement f' in out
+    assert f'            raise NotImplementedError("A2: implement g' in out
+    namespace = {}
+    exec(out, namespace)                                   # still valid Python
+    with pytest.raises(NotImplementedError, match="A1: implement f"):
+        namespace["f"](1)
+    only, blanked = course.stub_regions(src, "m.py", only={"A2"})
+    assert blanked == ["A2 m.py:g"] and "y = x + 1" in only
+
+
+def test_an_open_region_and_a_stale_bug_stop_with_file_and_line():
+    with pytest.raises(SystemExit, match=r"m.py:2: .* no '# <<< solution'"):
+        course.stub_regions(f"def f():\n    {OPEN} A1\n    return 1\n", "m.py")
+    with pytest.raises(SystemExit, match="occurs 0 times"):
+        course.plant_bug("x = 1\n", "m.py", "x = 2\n", "x = 3\n")
+
+
+def test_every_assignment_has_a_handout_and_code_to_write_or_a_bug():
+    regions = {line.split()[-1] for f in ("aepo.py", "loss.py", "rollout.py")
+               for line in (ROOT / f).read_text().splitlines() if line.strip().startswith(OPEN)}
+    bugs = {key for key, *_ in course.BUGS}
+    for a in course.ASSIGNMENTS:
+        assert (ROOT / "docs" / "assignments" / a.handout).is_file(), a.handout
+        assert (a.key in regions) != (a.key in bugs), a.key
+    for name in course.HANDOUTS_ONLY:
+        assert (ROOT / "docs" / "assignments" / name).is_file()
+    assert regions | bugs == {a.key for a in course.ASSIGNMENTS}
+
+
+def test_the_student_copy_of_course_py_holds_no_bug_table(tmp_path):
+    text = course.drop_instructor_block((ROOT / "course.py").read_text())
+    assert "BUGS = (" not in text
+    for *_, buggy in course.BUGS:
+        assert buggy not in text
+    (tmp_path / "course.py").write_text(text)
+    check = subprocess.run([sys.executable, "-c", "import course; assert course.BUGS == (), course.BUGS"],
+                           cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+
+
+# ----------------------------------------------------------------------------------------------------
+# The reference and the student version, through pytest
+
+
+def test_the_reference_passes_every_assignment_and_control():
+    results = outcomes_of(ROOT, ALL_TESTS + list(course.CONTROLS))
+    assert {s: o for s, o in results.items() if o != {"passed"}} == {}
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    done = course.write_student(out)
+    return out, done
+
+
+def test_the_student_version_imports_and_fails_exactly_the_blanked_tests(student):
+    out, done = student
+    assert "A5 rollout.py: bug planted" in done and any(d.startswith("A3 loss.py:policy_loss") for d in done)
+    for handout in (ROOT / "docs" / "assignments").glob("*.md"):
+        assert (out / "docs" / "assignments" / handout.name).is_file()
+    imports = subprocess.run([sys.executable, "-c", "import " + ", ".join(course.MODULES)], cwd=out,
+                             capture_output=True, text=True)
+    assert imports.returncode == 0, imports.stderr[-2000:]
+    results = outcomes_of(out, ALL_TESTS + list(course.CONTROLS))
+    assert {s: o for s, o in results.items() if s in ALL_TESTS and o != {"failed"}} == {}
+    assert {s: o for s, o in results.items() if s in course.CONTROLS and o != {"passed"}} == {}
+
+
+def test_the_planted_bug_alone_fails_only_its_assignment(tmp_path):
+    """Only A5: its test fails, and the tests of the assignments it runs (A1, A4) still pass."""
+    assert course.write_student(tmp_path, only={"A5"}) == ["A5 rollout.py: bug planted"]
+    by_key = {a.key: a.tests for a in course.ASSIGNMENTS}
+    results = outcomes_of(tmp_path, list(by_key["A5"] + by_key["A1"] + by_key["A4"]))
+    assert all(results[s] == {"failed"} for s in by_key["A5"])
+    assert {s: o for s, o in results.items() if s not in by_key["A5"] and o != {"passed"}} == {}
