@@ -206,30 +206,10 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
             skipped += 1
         opt.zero_grad(set_to_none=True)
 
-    n_search = [sum(c[0] == "search" for c in t.tool_calls) for t in trajs]
-    n_python = [sum(c[0] == "python" for c in t.tool_calls) for t in trajs]
-    ems = [data.exact_match(data.extract_answer(t.text) or "", g) for t, g in zip(trajs, golds)]
-    sampled = [e for t in trajs for e, m in zip(t.entropy, t.loss_mask) if m]
-    n_branch = sum(s.n_branch for s in res.stats)
-    by_kind = {}
-    for t, ns in zip(trajs, n_search):
-        by_kind.setdefault(batch[t.question_idx].kind or "other", []).append(ns > 0)
-    metrics = {
-        "step": step, "reward": rewards.mean().item(), "acc": sum(ems) / len(ems),
-        **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
-        "format_fail": sum(data.format_error(t.text) is not None for t in trajs) / len(trajs),
-        "entropy": sum(sampled) / max(1, len(sampled)),
-        **{k: sum(s[k] for s in stats) / len(stats) for k in
-           ("clip_frac_low", "clip_frac_high", "clip_kept_frac", "ratio_mean", "approx_kl")},
-        "grad_norm": float(grad_norm), "skipped": skipped,
-        "search_calls": sum(n_search) / len(trajs), "python_calls": sum(n_python) / len(trajs),
-        **{f"search_rate_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
-        "globals_per_q": sum(s.n_global for s in res.stats) / len(batch),
-        "branches_per_q": n_branch / len(batch),
-        "consecutive_branch_share": sum(s.consecutive_branch_steps for s in res.stats) / max(1, n_branch),
-        "response_tokens": sum(len(t.response_ids) for t in trajs) / len(trajs),
-        "rollout_s": t_rollout, "step_s": time.time() - t0, "processes": acc.num_processes,
-    }
+    metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res, rewards.tolist(), stats),
+               **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
+               "grad_norm": float(grad_norm), "skipped": skipped, "rollout_s": t_rollout,
+               "step_s": time.time() - t0, "processes": acc.num_processes}
     if acc.num_processes > 1:   # the mean over processes (per-kind rates: the main process's own)
         shared = [k for k in metrics if not k.startswith("search_rate_")]
         values = acc.reduce(torch.tensor([metrics[k] for k in shared], device=device, dtype=torch.float64), "mean")
