@@ -1,11 +1,10 @@
-"""The shared vocabulary of the project: configuration, the trajectory type, the pure entropy and
-branching rules of AEPO (arXiv 2510.14545; spec in AEPO.md sections 4.2-4.5), and the policy and tools
-a configuration names.
+"""The shared vocabulary of the project: the configuration, the trajectory type, and the pure entropy
+and branching rules of AEPO (arXiv 2510.14545: "Entropy Pre-Monitoring" and "Entropy-Balanced Adaptive
+Rollout") and of ARPO (arXiv 2507.19849: entropy-based adaptive rollout). Imports nothing of the project.
 
-    from aepo import Config, load_policy, make_tools, token_entropy, global_budget
+    from aepo import Config, global_budget
     cfg = Config(model="tiny")
-    model, tokenizer = load_policy(cfg.model, lora_r=cfg.lora_r)
-    tools = make_tools(cfg)          # {"search": ..., "python": ...}
+    global_budget(cfg.k, h_root=0.3, h_tool=0.1, beta=cfg.beta)     # AEPO's m
 
 `python aepo.py --preset tiny` prints the resolved configuration.
 
@@ -73,7 +72,7 @@ class Config:
     search_timeout_s: float = field(default=20.0, metadata={"help": "Bound on one web query's wall time, every "
                                     "engine and retry included; past it the model reads 'Search failed'."})
 
-    # --- rollout [AEPO.md 4] ---
+    # --- rollout (arXiv 2510.14545: dynamic entropy-balanced rollout) ---
     k: int = field(default=8, metadata={"help": "[k] trajectories per question (group size)."})
     global_rollouts: int = field(default=4, metadata={"help": "[m] global rollouts when not pre-monitored."})
     branching: bool = field(default=True, metadata={"help": "ARPO entropy-guided branching at tool results."})
@@ -95,7 +94,7 @@ class Config:
         "help": "Questions rolled out together in one batch (0: all); bounds the rollout's KV cache."})
     temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
 
-    # --- update [AEPO.md 5] ---
+    # --- update (arXiv 2510.14545: entropy-balanced policy optimization) ---
     adv_estimator: str = field(default="grpo", metadata={"help": "grpo | reinforce_pp."})
     entropy_adv_alpha: float = field(default=0.2, metadata={"help": "[alpha] entropy-aware advantage (0: off)."})
     clip_mode: str = field(default="aepo", metadata={"help": "ppo | gppo | cispo | aepo."})
@@ -300,18 +299,19 @@ class Trajectory:
     traj_id: int = 0                  # unique within the rollout call
     parent_id: int | None = None      # the trajectory it branched from
     is_global: bool = True            # started from the question (not a branch)
-    is_duplicate: bool = False        # pad-by-duplicate row (section 4.1)
+    is_duplicate: bool = False        # a copy that pads a question short of k trajectories
     finish: str = ""                  # eos | call_limit | length | rounds | malformed
     seg_entropy: list[float] = field(default_factory=list)  # segment entropies, in order
     rounds: int = 0                   # generate rounds that produced its tokens (a branch counts its parent's)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pure rules (AEPO.md 4.2-4.5). No model, no config: numbers and tensors in, numbers out.
+# Pure rules. No model, no config: numbers in, numbers out.
 
 
 def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
-    """Step entropy of a segment (section 4.2, released convention): sum_{t < w} H_t / log|V|."""
+    """Step entropy of a segment (ARPO and AEPO, released convention: the first w sampled tokens of the
+    segment, each token entropy normalised by log|V|): sum_{t < w} H_t / log|V|."""
     # >>> solution A1
     head = [float(h) for h in list(token_entropies)[:w]]
     return sum(head) / math.log(vocab_size)
@@ -319,7 +319,7 @@ def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
 
 
 def arpo_branch_probability(delta_h: float, tau: float, gamma: float) -> float:
-    """ARPO (section 4.3): P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
+    """ARPO's entropy-based branching (arXiv 2507.19849): P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
     # >>> solution A1
     return min(1.0, max(0.0, tau + gamma * delta_h))
     # <<< solution
@@ -334,7 +334,8 @@ def arpo_should_branch(u: float, delta_h: float, tau: float, gamma: float) -> bo
 
 def aepo_branch_probability(delta_h: float, tau: float, gamma: float, l: int,
                             penalty: float = 0.05) -> float:
-    """AEPO (section 4.5): with c = max(0, 1 - penalty * l), P = clip(1 + gamma * delta_h - tau / c, 0, 1)."""
+    """AEPO's consecutive-branch penalty (arXiv 2510.14545, Entropy-Balanced Adaptive Rollout): with
+    c = max(0, 1 - penalty * l), P = clip(1 + gamma * delta_h - tau / c, 0, 1)."""
     # >>> solution A1
     c = max(0.0, 1.0 - penalty * l)
     if c == 0.0:
@@ -353,7 +354,7 @@ def aepo_should_branch(u: float, delta_h: float, tau: float, gamma: float, l: in
 
 
 def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
-    """AEPO pre-monitoring (section 4.4, released formula): m = clamp(floor(k * sigmoid(beta *
+    """AEPO's Entropy Pre-Monitoring (arXiv 2510.14545; the released formula): m = clamp(floor(k * sigmoid(beta *
     (h_root - h_tool))) + 1, 1, k). More uncertainty at the root than after tools -> more global samples."""
     # >>> solution A1
     m = math.floor(k / (1.0 + math.exp(-beta * (h_root - h_tool)))) + 1
