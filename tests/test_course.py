@@ -1,6 +1,8 @@
 """The course kit (course.py): the reference passes every assignment's tests; the student version imports,
 fails exactly the tests of its blanked functions and its planted bug, and passes the rest. Three pytest
 subprocesses over ~60 selected tests (about a minute on 2 cores), plus the stub and bug mechanics."""
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import course
+from aepo import global_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 OPEN, CLOSE = "# >>> " + "solution", "# <<< " + "solution"   # split so this file holds no marker itself
@@ -107,3 +110,22 @@ def test_the_planted_bug_alone_fails_only_its_assignment(tmp_path):
     results = outcomes_of(tmp_path, list(by_key["A5"] + by_key["A1"] + by_key["A4"]))
     assert all(results[s] == {"failed"} for s in by_key["A5"])
     assert {s: o for s, o in results.items() if s not in by_key["A5"] and o != {"passed"}} == {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The walkthrough's script, on the untrained tiny model
+
+
+def test_the_walkthrough_script_prints_every_number_it_talks_about():
+    run = subprocess.run([sys.executable, "docs/walkthrough.py", "--model", "tiny", "--k", "4"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    for heading in ("Entropy Pre-Monitoring", "Entropy-Balanced Adaptive Rollout", "group advantages",
+                    "Entropy-aware advantage", "gradient weight"):
+        assert heading in out, heading
+    h_root, h_tool, m = re.search(r"H_root = ([\d.]+)\s+H_tool = ([\d.]+) .* = (\d+)", out).groups()
+    assert int(m) == global_budget(4, float(h_root), float(h_tool), beta=0.5)
+    weights = {line.split()[0]: re.findall(r"F=([\d.]+)", line) for line in out.splitlines()
+               if line.startswith(("ppo ", "aepo "))}
+    assert weights == {"ppo": ["1.00", "1.10", "0.00", "0.00"], "aepo": ["1.00", "1.10", "1.20", "0.00"]}
