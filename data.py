@@ -79,7 +79,7 @@ _TOOL_CLOSES = ("</search>", "</python>")
 _RESULT_OPEN, _RESULT_CLOSE = " <result>\n", "\n</result>"
 _EMPTIED_RESULT = " <result></result>"  # a tool result as the format check sees it
 _TOOL_TAG = re.compile(r"</?(?:search|python|result)>")
-_BOXED = "\\boxed{"
+_BOXED, _BRACE = "\\boxed{", re.compile(r"[{}]")
 
 
 def normalize_answer(s: str) -> str:
@@ -176,14 +176,14 @@ def extract_answer(response: str) -> str | None:
     i = answer.find(_BOXED)
     while i >= 0:
         opening, depth = i + len(_BOXED) - 1, 0
-        for j in range(opening, len(answer)):
-            depth += {"{": 1, "}": -1}.get(answer[j], 0)
+        for brace in _BRACE.finditer(answer, opening):
+            depth += 1 if brace.group() == "{" else -1
             if depth == 0:
                 break
         if depth != 0:  # unclosed: keep the last complete box
             break
-        found = answer[opening + 1 : j]
-        i = answer.find(_BOXED, j)  # boxes nested inside this one belong to it
+        found = answer[opening + 1 : brace.start()]
+        i = answer.find(_BOXED, brace.start())  # boxes nested inside this one belong to it
     return None if found is None else found.strip()
 
 

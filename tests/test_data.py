@@ -191,13 +191,15 @@ def test_result_spans_match_the_regex_they_replace(parts):
     " <result>\nx\n</result>",                     # results nobody asked for
     "<answer> \\boxed{",                           # unclosed boxes
     "<think> \\boxed{\\boxed{x}} </think>",
+    "{", "x",                                      # one answer, one box, 300 KB of braces or of text
 ])
 def test_hostile_responses_grade_in_linear_time(unit):
     for size in (76_000, 304_000):
-        response = unit * (size // len(unit)) + "<answer> \\boxed{a} </answer>"
-        start = time.perf_counter()
-        reward(response, "a")
-        assert time.perf_counter() - start < 0.5, (unit, size)
+        body = unit * (size // len(unit))
+        answer = f"<answer> \\boxed{{{body}}} </answer>" if len(unit) == 1 else body + "<answer> \\boxed{a} </answer>"
+        start = time.process_time()                # this process's CPU: other jobs on the machine do not count
+        reward("<think> a </think> " + answer, "a")
+        assert time.process_time() - start < 0.5, (unit, size)
 
 
 @pytest.mark.parametrize("golds", [98, 9.5, b"Paris", None, ["Paris", 98], ("Paris", None), {"Paris"}])
