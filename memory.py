@@ -2,7 +2,7 @@
 
     python memory.py                                     # Qwen3-1.7B at the qwen3-1.7b recipe: 24, 16, 12 GB
     python memory.py --model Qwen3-4B --rollout_questions 1 --gpu_gb 24
-    python memory.py --preset tiny --model tiny          # any Config flag works
+    python memory.py --max_response_tokens 8192 --grad_accum 8   # any Config flag works
 
 In: a Shape (layers, widths, vocabulary; known for the Qwen3 aliases, else read from a folder's
 config.json) and a Config. Out: bytes per component and the peak of each phase of an RL step:
