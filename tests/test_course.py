@@ -130,3 +130,13 @@ def test_the_walkthrough_script_prints_every_number_it_talks_about():
     weights = {line.split()[0]: re.findall(r"F=([\d.]+)", line) for line in out.splitlines()
                if line.startswith(("ppo ", "aepo "))}
     assert weights == {"ppo": ["1.00", "1.10", "0.00", "0.00"], "aepo": ["1.00", "1.10", "1.20", "0.00"]}
+
+
+def test_every_function_and_test_the_walkthrough_names_exists():
+    text = (ROOT / "docs" / "walkthrough.md").read_text()
+    named = re.findall(r"`(tests/test_\w+\.py)::(\w+)`", text)
+    assert len(named) >= 15
+    for file, name in named:
+        assert f"def {name}(" in (ROOT / file).read_text(), f"{file}::{name}"
+    for file, name in re.findall(r"`(\w+\.py):(\w+)`", text):            # a function or a table
+        assert re.search(rf"^\s*(def {name}\(|{name}\b.*=)", (ROOT / file).read_text(), re.M), f"{file}:{name}"
