@@ -3,6 +3,7 @@
     python course.py student OUT_DIR            # solution regions -> NotImplementedError stubs, bugs planted
     python course.py student OUT_DIR --only A2  # blank one assignment only
     python course.py grade [CHECKOUT]           # run each assignment's tests there, print a score per assignment
+                                                # (exit status 0 iff every assignment passes)
 
 A solution region is the lines between `# >>> solution An` and `# <<< solution` (aepo.py, loss.py,
 rollout.py); the student version keeps both marker lines and puts one `raise NotImplementedError` between
@@ -109,20 +110,22 @@ def stub_regions(text: str, where: str, only: set[str] | None = None) -> tuple[s
         if only is not None and key not in only:
             out += lines[start:i]
             continue
-        func = _enclosing_def(lines, start - 1, len(indent))
+        func, def_indent = _enclosing_def(lines, start - 1, len(indent))
+        what = func if len(indent) <= def_indent + 4 else f"the marked block of {func}"
         handout = next((a.handout for a in ASSIGNMENTS if a.key == key), "")
-        out.append(f'{indent}raise NotImplementedError("{key}: implement {func} '
+        out.append(f'{indent}raise NotImplementedError("{key}: implement {what} '
                    f'(docs/assignments/{handout})")\n')
         blanked.append(f"{key} {where}:{func}")
     return "".join(out), blanked
 
 
-def _enclosing_def(lines: list[str], i: int, indent: int) -> str:
+def _enclosing_def(lines: list[str], i: int, indent: int) -> tuple[str, int]:
+    """(name, indentation) of the def that holds line i."""
     for line in reversed(lines[:i]):
         m = re.match(r"^(\s*)(?:async\s+)?def (\w+)", line)
         if m and len(m.group(1)) < indent:
-            return m.group(2)
-    return "<module>"
+            return m.group(2), len(m.group(1))
+    return "<module>", -4
 
 
 def plant_bug(text: str, where: str, reference: str, buggy: str) -> str:
@@ -227,7 +230,8 @@ def print_scores(scores: dict[str, tuple[int, int, int]]) -> bool:
         passed, failed, skipped = scores[a.key]
         total = passed + failed
         complete &= failed == 0
-        needs = f"  (runs your {', '.join(a.needs)} too)" if a.needs and failed else ""
+        unfinished = [n for n in a.needs if scores[n][1]]
+        needs = f"  (its tests also run your unfinished {', '.join(unfinished)})" if unfinished and failed else ""
         skip = f", {skipped} skipped" if skipped else ""
         print(f"{a.key}  {passed:3d}/{total:<3d} {100 * passed / max(total, 1):5.0f}%  {a.title}{skip}{needs}")
     for name in HANDOUTS_ONLY:
