@@ -65,7 +65,7 @@ ASSIGNMENTS = (
         SAMPLER + "test_delta_h_acts_at_every_tool_call_and_children_measure_their_own_h_init[toy]"),
         needs=("A1",)),
     Assignment("A5", "05-find-the-bug.md", "find the bug: what the update is trained on", (
-        "tests/test_rollout.py::test_masks_results_and_text",), needs=("A1",)),
+        "tests/test_rollout.py::test_masks_results_and_text",), needs=("A1", "A4")),
 )
 HANDOUTS_ONLY = ("06-experiment.md",)     # graded by hand: no tests
 CONTROLS = (  # tests that touch no solution region: the student version must pass them
