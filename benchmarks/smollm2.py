@@ -2,7 +2,7 @@
 built-in world: a short LoRA SFT on the world's demonstrations, a few AEPO steps, and held-out Pass@1
 before and after RL.
 
-    python benchmarks/smollm2.py                       # ~15-20 min on 2 idle CPU cores
+    python benchmarks/smollm2.py                       # ~15-20 min on 2 CPU cores
     python benchmarks/smollm2.py -- --steps 4          # extra train.py flags after --
     python benchmarks/smollm2.py --reuse               # only re-read a finished run folder
 
@@ -29,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
-# The short system prompt: the paper's (~270 SmolLM2 tokens) would double every prompt, and the SFT
-# teaches the format anyway. 512 response tokens fit the longest demonstrations (two searches + Python).
-RECIPE = ["--model", "smollm2-135m", "--system_prompt", "short", "--lora_r", "16", "--lora_alpha", "32",
-          "--sft_demos", "400", "--sft_steps", "40", "--sft_batch", "4", "--sft_lr", "2e-3",
-          "--steps", "8", "--questions_per_step", "4", "--k", "4", "--global_rollouts", "2",
-          "--max_response_tokens", "512", "--segment_tokens", "64", "--lr", "1e-3",
-          "--eval_limit", "30", "--eval_runs", "2", "--save_every", "4", "--sample_every", "1"]
+# The short system prompt: the paper's (~270 SmolLM2 tokens) would make prompts 7x longer, and the SFT
+# teaches the format anyway. One search page per call (--top_k 1) keeps the longest demonstrations (two
+# searches + Python) under 384 response tokens. One torch thread: on shared cores two OpenMP threads
+# stall at every op's barrier.
+RECIPE = ["--model", "smollm2-135m", "--system_prompt", "short", "--threads", "1", "--top_k", "1",
+          "--sft_demos", "200", "--sft_steps", "16", "--sft_batch", "4", "--sft_lr", "3e-3",
+          "--steps", "4", "--questions_per_step", "4", "--k", "4", "--global_rollouts", "2",
+          "--max_response_tokens", "384", "--segment_tokens", "64", "--lr", "1e-3",
+          "--eval_limit", "16", "--eval_runs", "2", "--save_every", "2", "--sample_every", "1"]
 _CALL = re.compile(r"<(search|python)>.*?</\1>", re.DOTALL)
 
 
