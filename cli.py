@@ -14,7 +14,6 @@ Not checked here: a hub model id, which policy.load_policy checks (fast, offline
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
 from dataclasses import dataclass, field
@@ -120,10 +119,7 @@ def parse_eval_args(argv: list[str] | None = None) -> tuple[EvalArgs, Config]:
     if problems:
         fail("; ".join(problems))
     explicit = _explicit_fields(rest)
-    cfg = resolve(cfg, explicit)
-    if cfg.model != "tiny" and "system_prompt" not in explicit:
-        cfg = dataclasses.replace(cfg, system_prompt="paper")   # only the tiny model wants the short one
-    return args, cfg
+    return args, resolve(cfg, explicit)      # the recipe, prompt included, train.py would pick
 
 
 def eval_config(argv: list[str] | None = None) -> tuple[EvalArgs, Config, list[data.Example]]:

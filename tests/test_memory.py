@@ -52,6 +52,9 @@ def test_train_and_eval_pick_the_same_recipe_and_prompt(cuda):
     tcfg = parse_config(["--model", "Qwen3-1.7B", "--output_dir", "x"])
     assert ecfg.preset == tcfg.preset == "qwen3-1.7b"
     assert system_prompt_for(ecfg) == system_prompt_for(tcfg)
+    _, ecfg = ev.parse_args(["--dataset", "world:heldout", "--model", "smollm2-135m"])   # not a Qwen3
+    tcfg = parse_config(["--model", "smollm2-135m", "--output_dir", "x"])
+    assert (ecfg.preset, ecfg.system_prompt) == (tcfg.preset, tcfg.system_prompt)
 
 
 def test_the_gpu_recipe_stops_in_one_line_without_cuda(tmp_path):
