@@ -88,7 +88,6 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     """
     import importlib.metadata
     import importlib.util
-    import shutil
 
     import world
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -108,14 +107,7 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     model.hf_quantizer = None                       # the weights are plain fp32 now; save them as such
     del model.config.quantization_config
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")     # complete before it gets its name
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:                          # another process finished the same conversion first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return world.save_model_folder(folder, model, tokenizer)
 
 
 def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):

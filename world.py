@@ -369,8 +369,13 @@ def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
                          max_position_embeddings=1024, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
-    model = Qwen3ForCausalLM(config)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")     # complete before it gets its name
+    return save_model_folder(folder, Qwen3ForCausalLM(config), tokenizer)
+
+
+def save_model_folder(folder: Path, model, tokenizer) -> Path:
+    """Save a model and its tokenizer to a temporary folder, then rename it: a folder under its final
+    name is always complete, whichever of several processes building the same one finishes first."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:
