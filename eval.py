@@ -1,4 +1,4 @@
-"""Evaluate a policy the way the paper does (AEPO.md section 6): k independent runs per question at
+"""Evaluate a policy the way the paper does (arXiv 2510.14545, experimental setup): k independent runs per question at
 temperature 0.6, top-p 0.95; Pass@1 (mean over runs, with its spread), Pass@k, EM, F1, reward, format
 failures, tool calls and response length, per dataset.
 

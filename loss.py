@@ -1,4 +1,5 @@
-"""The policy-update math of AEPO.md section 5: advantages, surrogates, KL, token log-probs.
+"""The policy-update math of AEPO (arXiv 2510.14545, "Entropy-Balanced Policy Optimization"):
+advantages, surrogates, KL, token log-probs.
 
 Every function is pure (tensors and numbers in, tensors out) and imports nothing from the project.
 In: rewards and group ids per row (B,); per-token log-probs, advantages and `loss_mask` (B, T), where
@@ -6,14 +7,14 @@ In: rewards and group ids per row (B,); per-token log-probs, advantages and `los
 a dict of python floats. `token_logprobs` is the only place that shifts and gathers logits.
 
 How this deviates from the textbook (and from the released verl code):
-1. All surrogates are token means over every sampled token of the micro-batch (AEPO.md 5.3).
+1. All surrogates are token means over every sampled token of the micro-batch.
 2. The dual clip (c = 3) applies to ppo, gppo and aepo; CISPO has no min/max, so none there.
 3. log r is clamped to [-20, 20] before exp (as verl does), so a wild ratio cannot overflow; the
    kept gradient of a clipped bound comes from r / sg(r) = exp(log pi - sg(log pi)), which the clamp
    does not touch.
 4. REINFORCE++ normalises by the std over the rows of the batch; verl whitens over tokens.
 5. Entropies from `token_logprobs` are exact (full vocabulary) and carry no gradient (no entropy
-   bonus, AEPO.md 5.4).
+   bonus, as released).
 
 Example: python -m pytest tests/test_loss.py -q
 """
@@ -24,7 +25,7 @@ Tensor = torch.Tensor
 CLIP_MODES = ("ppo", "gppo", "cispo", "aepo")  # DAPO is "ppo" with eps_high = 0.28
 
 # --------------------------------------------------------------------------------------------------
-# Group advantages (AEPO.md 5.1)
+# Group advantages (GRPO; REINFORCE++)
 
 
 def _group_centred(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -45,7 +46,7 @@ def _group_centred(rewards: Tensor, group_ids: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
-    """GRPO: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), unbiased std (AEPO.md 5.1).
+    """GRPO: A_i = (R_i - mean(R_group)) / (std(R_group) + eps), unbiased std.
 
     rewards (B,) float; group_ids (B,) integer labels, one per question. Returns A (B,); singleton
     groups and groups of equal rewards give 0. The caller broadcasts A to the tokens of row i."""
@@ -56,7 +57,7 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> T
 
 
 def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
-    """REINFORCE++ baseline: A_i = (R_i - mean(R_group)) / (std_batch + eps) (AEPO.md 5.1), where
+    """REINFORCE++ baseline: A_i = (R_i - mean(R_group)) / (std_batch + eps), where
     std_batch is the unbiased std of the centred rewards over all B rows. rewards, group_ids (B,)."""
     # >>> solution A2
     centred, _ = _group_centred(rewards, group_ids)  # (B,)
@@ -66,11 +67,11 @@ def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-
 
 
 # --------------------------------------------------------------------------------------------------
-# Entropy-aware advantage (AEPO.md 5.2)
+# Entropy-aware advantage (arXiv 2510.14545, Entropy-Balanced Policy Optimization)
 
 
 def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor, alpha: float = 0.2) -> Tensor:
-    """AEPO: A~_t = A * (1 + alpha * sg(z_t)), z_t = (H_t - mean H) / std H (AEPO.md 5.2).
+    """AEPO: A~_t = A * (1 + alpha * sg(z_t)), z_t = (H_t - mean H) / std H (arXiv 2510.14545).
 
     adv (B,) or (B, T); entropy (B, T), the current policy's token entropy; loss_mask (B, T).
     Mean and unbiased std run over the mask-1 tokens of the batch; std 0 (or one token) -> z = 0.
@@ -89,7 +90,7 @@ def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor, al
 
 
 # --------------------------------------------------------------------------------------------------
-# Surrogates (AEPO.md 5.3)
+# Surrogates: PPO/GRPO, DAPO, GPPO, CISPO and AEPO's stop-gradient clipping
 
 
 def policy_loss(
@@ -104,7 +105,7 @@ def policy_loss(
     dual_clip: float | None = 3.0,
     entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped surrogate L = mean_t max(-A_t r_t, -A_t clip_r_t), r = pi_theta / pi_old (AEPO.md 5.3);
+    """Clipped surrogate L = mean_t max(-A_t r_t, -A_t clip_r_t), r = pi_theta / pi_old;
     dual clip for A < 0: L_t = min(L_t, -A_t c) with c = `dual_clip` (None turns it off).
 
     clip_r per `clip_mode` (sg = stop-gradient; a bound written b * r / sg(r) has value b and
@@ -175,7 +176,7 @@ def policy_loss(
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
     """k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta, token mean:
-    mean_t exp(d_t) - d_t - 1 with d_t = log pi_ref - log pi_theta (>= 0; AEPO.md 5.4 sets its
+    mean_t exp(d_t) - d_t - 1 with d_t = log pi_ref - log pi_theta (>= 0; the released recipe sets its
     coefficient to 0). d is clamped to [-20, 20] like log r in policy_loss (verl does the same), so
     one wild token cannot overflow the loss. logp (B, T) with gradient; ref_logp, loss_mask (B, T).
     Returns (); 0 when no token is sampled."""
@@ -242,7 +243,7 @@ def token_logprobs(
 ) -> Tensor | tuple[Tensor, Tensor]:
     """logp[b, t] = log pi(ids[b, t] | the real tokens before t), aligned with `loss_mask` on the same
     (B, T) ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that predicted
-    token t (AEPO.md 4.2). Both are 0 at padding, at each row's first real token, and before `first`.
+    token t. Both are 0 at padding, at each row's first real token, and before `first`.
 
     input_ids, attention_mask (B, T), any padding layout (left, right, or gaps in the middle).
     Positions follow the mask: position_ids = cumsum(mask) - 1, so real tokens keep their positions.

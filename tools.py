@@ -1,7 +1,7 @@
 """The agent's tools: web search (live, local BM25, cached) and a sandboxed Python interpreter.
 
 A segment the policy generates ends with `<search> query </search>` or `<python> code </python>`
-(AEPO.md section 2): `parse_tool_call` extracts the call, a search backend or `run_python` turns it into
+(as released with arXiv 2510.14545): `parse_tool_call` extracts the call, a search backend or `run_python` turns it into
 text, `result_block` wraps that text for the trajectory. Failures of the outside world (network, rate
 limits, timeouts, crashing code) come back as text for the model; nothing here raises into a rollout.
 A search backend has `search(query, k) -> str` (the top k snippets: "Page 1: ...\\nPage 2: ...") and int

@@ -148,7 +148,7 @@ def recompute_old_logp(model, tensors: dict, n: int) -> torch.Tensor:
 
 
 def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch (AEPO.md 5.2-5.3; token mean over its sampled tokens) and its stats.
+    """The loss of one micro-batch (entropy-aware advantage and surrogate; token mean over its sampled tokens) and its stats.
     t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
     first = int(t["loss_mask"].any(0).int().argmax())        # the first sampled column: no logits before
     logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True, first=first)   # (b, T)

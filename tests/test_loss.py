@@ -1,4 +1,4 @@
-"""Hand-computed values and autograd checks for loss.py (AEPO.md section 5). CPU, a few seconds."""
+"""Hand-computed values and autograd checks for loss.py (arXiv 2510.14545, Entropy-Balanced Policy Optimization). CPU, a few seconds."""
 import copy
 import math
 from types import SimpleNamespace
@@ -20,7 +20,7 @@ torch.set_num_threads(1)
 EPS = 1e-6
 
 # --------------------------------------------------------------------------------------------------
-# Group advantages (AEPO.md 5.1)
+# Group advantages
 
 
 def test_group_of_four_by_hand():
@@ -76,7 +76,7 @@ def test_reinforce_pp_by_hand():
 
 
 # --------------------------------------------------------------------------------------------------
-# Entropy-aware advantage (AEPO.md 5.2)
+# Entropy-aware advantage
 
 
 def test_entropy_aware_by_hand_and_no_gradient_into_entropy():
@@ -102,7 +102,7 @@ def test_entropy_aware_std_zero_and_per_token_adv():
 
 
 # --------------------------------------------------------------------------------------------------
-# Surrogates (AEPO.md 5.3): one row covering every case of the table, plus a masked token
+# Surrogates: one row covering every case of the table, plus a masked token
 
 #            inside  A>0,r>hi  A<0,r<lo  dual   A<0,hi<r<c  A>0,r<lo  masked
 R = torch.tensor([1.1, 1.5, 0.5, 4.0, 1.5, 0.5, 2.0])

@@ -1,4 +1,4 @@
-"""Closed forms of the entropy and branching rules (AEPO.md 4.2-4.5) against hand-computed numbers."""
+"""Closed forms of the entropy and branching rules (ARPO and AEPO rollout) against hand-computed numbers."""
 import math
 
 import pytest
