@@ -147,7 +147,8 @@ def recompute_old_logp(model, tensors: dict, n: int) -> torch.Tensor:
     return old_logp
 
 
-def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tuple[torch.Tensor, dict]:
+def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config,
+                     accelerator) -> tuple[torch.Tensor, dict]:
     """The loss of one micro-batch (entropy-aware advantage and surrogate; token mean over its sampled tokens) and its stats.
     t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
     first = int(t["loss_mask"].any(0).int().argmax())        # the first sampled column: no logits before
@@ -159,23 +160,23 @@ def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config, acc) -> tup
                                 eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
                                 entropy=entropy)
     if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
-        with torch.no_grad(), acc.unwrap_model(model).disable_adapter():
+        with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
             ref = L.token_logprobs(model, t["ids"], t["attn"], first=first)
         loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
     return loss, stats
 
 
-def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tuple[dict, list]:
-    """`acc` is the accelerate.Accelerator: with N processes each rolls out its share of the questions
-    and DDP averages the gradients; with one process it changes nothing."""
-    device = acc.device
+def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, accelerator) -> tuple[dict, list]:
+    """`accelerator` is the accelerate.Accelerator: with N processes each rolls out its share of the
+    questions and DDP averages the gradients; with one process it changes nothing."""
+    device = accelerator.device
     rng = random.Random(cfg.seed * 1_000_003 + step)
     batch = rng.sample(examples, min(cfg.questions_per_step, len(examples)))
-    batch = batch[acc.process_index:: acc.num_processes]
+    batch = batch[accelerator.process_index:: accelerator.num_processes]
     t0 = time.time()
     model.eval()
-    res = rollout(acc.unwrap_model(model), tok, [e.question for e in batch], tools, cfg,
-                  seed=(cfg.seed * 1_000_003 + step) * 64 + acc.process_index,
+    res = rollout(accelerator.unwrap_model(model), tok, [e.question for e in batch], tools, cfg,
+                  seed=(cfg.seed * 1_000_003 + step) * 64 + accelerator.process_index,
                   system_prompt=system_prompt_for(cfg))
     t_rollout = time.time() - t0
     trajs = res.trajectories
@@ -196,10 +197,10 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
         n_tokens = tensors["loss_mask"][mb].sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
         for micro, t in micro_batches(tensors, mb, cfg.grad_accum):
-            loss, s = micro_batch_loss(model, t, adv[micro], cfg, acc)
-            acc.backward(loss * t["loss_mask"].sum() / n_tokens)
+            loss, s = micro_batch_loss(model, t, adv[micro], cfg, accelerator)
+            accelerator.backward(loss * t["loss_mask"].sum() / n_tokens)
             stats.append(s)
-        grad_norm = acc.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
         if torch.isfinite(grad_norm):
             opt.step()
         else:                                            # never write a poisoned adapter
@@ -209,10 +210,10 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, acc) -> tu
     metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res, rewards.tolist(), stats),
                **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
                "grad_norm": float(grad_norm), "skipped": skipped, "rollout_s": t_rollout,
-               "step_s": time.time() - t0, "processes": acc.num_processes}
-    if acc.num_processes > 1:   # the mean over processes (per-kind rates: the main process's own)
+               "step_s": time.time() - t0, "processes": accelerator.num_processes}
+    if accelerator.num_processes > 1:   # the mean over processes (per-kind rates: the main process's own)
         shared = [k for k in metrics if not k.startswith("search_rate_")]
-        values = acc.reduce(torch.tensor([metrics[k] for k in shared], device=device, dtype=torch.float64), "mean")
+        values = accelerator.reduce(torch.tensor([metrics[k] for k in shared], device=device, dtype=torch.float64), "mean")
         metrics |= dict(zip(shared, values.tolist())) | {"step": step}
     samples = [{"step": step, "question": batch[trajs[i].question_idx].question, "golds": list(golds[i]),
                 "reward": rewards[i].item(), "text": trajs[i].text} for i in range(0, len(trajs), cfg.k)][:4]
@@ -281,7 +282,7 @@ def load_rl_policy(cfg: Config, run: Path, device=None):
                        device=device)
 
 
-def rl(cfg: Config, run: Path, model, tok, acc) -> None:
+def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = world.load_examples(cfg.dataset)
@@ -292,15 +293,15 @@ def rl(cfg: Config, run: Path, model, tok, acc) -> None:
     if cfg.resume and checkpoints(run):
         ckpt = checkpoints(run)[-1]
         start = load_checkpoint(ckpt, model, opt)
-        if acc.is_main_process:
+        if accelerator.is_main_process:
             _truncate_metrics(run, start)
         print(f"resumed from {ckpt} (next step {start + 1})")
-    ddp_model, opt = acc.prepare(model, opt)
-    main = acc.is_main_process
+    ddp_model, opt = accelerator.prepare(model, opt)
+    main = accelerator.is_main_process
     bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start, total=cfg.steps,
                disable=not main)
     for step in bar:
-        metrics, samples = rl_step(ddp_model, tok, opt, examples, tools, cfg, step, acc)
+        metrics, samples = rl_step(ddp_model, tok, opt, examples, tools, cfg, step, accelerator)
         if main:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
@@ -312,7 +313,7 @@ def rl(cfg: Config, run: Path, model, tok, acc) -> None:
             if main:
                 save_checkpoint(run, step, model, opt)
                 report.plot_curves(run)
-            acc.wait_for_everyone()
+            accelerator.wait_for_everyone()
 
 
 def _truncate_metrics(run: Path, next_step: int) -> None:
@@ -340,8 +341,8 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
     cfg = cfg or cli.train_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    acc = Accelerator(cpu=not torch.cuda.is_available())
-    main_process = acc.is_main_process
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = accelerator.is_main_process
     run = Path(cfg.output_dir)
     if main_process:                          # one writer; under accelerate the others wait for it
         run.mkdir(parents=True, exist_ok=True)
@@ -350,18 +351,18 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
         print(describe_isolation(cfg.unsafe_python))
         if cfg.stage in ("sft", "all") and cfg.sft_dataset and not (cfg.resume and (run / "sft").exists()):
             sft(cfg, run)
-    acc.wait_for_everyone()
+    accelerator.wait_for_everyone()
     if cfg.stage in ("rl", "all"):
         torch.manual_seed(cfg.seed)           # the same fresh LoRA weights in every process
-        model, tok = load_rl_policy(cfg, run, acc.device)
+        model, tok = load_rl_policy(cfg, run, accelerator.device)
         wants_eval = cfg.stage == "all" and cfg.eval_dataset and main_process
         before = evaluate_policy(model, tok, cfg, run, "sft") if wants_eval else None
-        acc.wait_for_everyone()
-        rl(cfg, run, model, tok, acc)
+        accelerator.wait_for_everyone()
+        rl(cfg, run, model, tok, accelerator)
         if before is not None:
             after = evaluate_policy(model, tok, cfg, run, "rl")
             print(report.before_after(before, after, cfg, run))
-        acc.wait_for_everyone()
+        accelerator.wait_for_everyone()
     if main_process:
         print(f"run folder: {run}")
 
