@@ -139,25 +139,15 @@ def _check_reachable(path: str) -> None:
                          "--model tiny for the offline demo.")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Prompts
+
+
 def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:
     """The chat prompt of one question, ending where the assistant starts to write."""
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
-
-
-def stop_token_ids(tokenizer) -> list[int]:
-    """EOS plus the tool closing tags when they are single tokens (they are in the tiny tokenizer)."""
-    ids = [tokenizer.eos_token_id]
-    for tag in ("</search>", "</python>"):
-        tid = tokenizer.convert_tokens_to_ids(tag)
-        if tid is not None and tid != tokenizer.unk_token_id and tokenizer.decode([tid]) == tag:
-            ids.append(tid)
-    return ids
-
-
-# ----------------------------------------------------------------------------------------------------
-# Prompts and stop tokens
 
 
 def system_prompt_for(cfg: Config) -> str:

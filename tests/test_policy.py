@@ -9,7 +9,8 @@ import aepo
 import policy
 import world
 from aepo import Config, parse_config
-from policy import load_policy, prompt_ids, stop_token_ids
+from engine import Sampling
+from policy import load_policy, prompt_ids
 from data import AGENT_TAGS
 
 
@@ -48,8 +49,8 @@ def test_tiny_policy_reloads_and_tags_are_single_tokens():
         assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
     for word in (" Vantor", " 1987", " 25"):                      # lexicon words and years: one token
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word
-    assert set(stop_token_ids(tok)) == {tok.eos_token_id, tok.convert_tokens_to_ids("</search>"),
-                                        tok.convert_tokens_to_ids("</python>")}
+    assert set(Sampling.make(tok).tag_ids) == {tok.convert_tokens_to_ids("</search>"),
+                                               tok.convert_tokens_to_ids("</python>")}
     ids = prompt_ids(tok, "Where was Abrin Quell born?", "sys")
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import data
+from engine import Sampling
 import eval as eval_cli
 import policy
 import train
@@ -60,7 +61,7 @@ def test_real_tokenizer_template_and_weights(base):
     model, tok = base
     assert len(tok) == model.config.vocab_size == 49152
     assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")   # a pad that is not EOS
-    assert policy.stop_token_ids(tok) == [tok.eos_token_id]                    # no tag is one token here
+    assert Sampling.make(tok).tag_ids == []                                     # no tag is one token here
     for tag in data.AGENT_TAGS:
         assert len(tok.encode(tag, add_special_tokens=False)) > 1, tag
         assert tok.convert_tokens_to_ids(tag) is None, tag                     # the sampler reads None as "several"
