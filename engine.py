@@ -48,6 +48,7 @@ class Sampling:
     eos_ids: list[int]                # single tokens that end a trajectory (EOS, and the pad id)
     tag_ids: list[int]                # closing tags that are single tokens (the tiny tokenizer)
     tag_strings: list[str]            # closing tags that are several tokens (real tokenizers)
+    tail_tokens: int                  # tokens to decode to see such a tag complete (its length + 2)
     pad: int
     generate_kwargs: dict = field(default_factory=dict)
 
@@ -59,8 +60,10 @@ class Sampling:
         pad = tokenizer.pad_token_id
         kwargs = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else
                   dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p))  # plain sampling
-        return Sampling(tokenizer, sorted({tokenizer.eos_token_id, pad}), sorted(single.values()),
-                        [tag for tag in CLOSING_TAGS if tag not in single], pad, kwargs)
+        strings = [tag for tag in CLOSING_TAGS if tag not in single]
+        tail = max((len(tokenizer.encode(t, add_special_tokens=False)) for t in strings), default=1) + 2
+        return Sampling(tokenizer, sorted({tokenizer.eos_token_id, pad}), sorted(single.values()), strings,
+                        tail, pad, kwargs)
 
 
 class _Recorder(LogitsProcessor):
@@ -99,9 +102,8 @@ class _StopRecorder(StoppingCriteria):
     def __init__(self, sampling: Sampling, tails: list[list[int]], start: int):
         self.s, self.start = sampling, start
         self.eos_token_id = sampling.eos_ids
-        self.tails = [tail[-8:] for tail in tails]
-        self.longest = max((len(sampling.tokenizer.encode(t, add_special_tokens=False))
-                            for t in sampling.tag_strings), default=1) + 2
+        self.longest = sampling.tail_tokens
+        self.tails = [tail[-self.longest:] for tail in tails]
         self.stopped_at: list[int | None] = [None] * len(tails)
         self.reason: list[str | None] = [None] * len(tails)
 
