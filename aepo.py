@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,7 @@ class Config:
     """Every hyperparameter of a run. Paper symbols in brackets; defaults are the `tiny` CPU demo."""
 
     # --- run ---
-    preset: str = field(default="tiny", metadata={"help": "Named overrides: tiny | smoke | qwen3-1.7b."})
+    preset: str = field(default="tiny", metadata={"help": "Named overrides: tiny | class | smoke | qwen3-1.7b."})
     algo: str = field(default="aepo", metadata={"help": "Algorithm preset (README table): " + " | ".join(
         ["grpo", "dapo", "reinforce_pp", "gppo", "cispo", "arpo", "aepo", "aepo_no_dynamic_rollout",
          "aepo_no_balanced_update"])})
@@ -50,7 +49,9 @@ class Config:
 
     # --- policy ---
     model: str = field(default="tiny", metadata={"help": "tiny | hub id | alias (Qwen3-1.7B) | local folder."})
-    init_from: str = field(default="", metadata={"help": "RL start: a model folder or adapter; default output_dir/sft."})
+    init_from: str = field(default="", metadata={
+        "help": "RL start: a model folder or adapter, or cached-sft (the tiny policy after the default SFT, "
+                "built once per machine); default output_dir/sft."})
     load_in_4bit: bool = field(default=False, metadata={"help": "bitsandbytes NF4 base (QLoRA); CUDA only."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on all linear layers."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
@@ -105,6 +106,8 @@ class Config:
     recompute_old_logp: bool = field(default=False, metadata={
         "help": "Recompute old log-probs with a forward pass instead of reusing the rollout's."})
     steps: int = field(default=40, metadata={"help": "RL steps (rollout batch + one update epoch)."})
+    token_budget: int = field(default=0, metadata={
+        "help": "Stop RL after the step whose rollouts bring the sampled tokens to this many (0: run --steps)."})
     questions_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
     mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step (one epoch)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per mini-batch (memory)."})
@@ -126,10 +129,15 @@ class Config:
     eval_limit: int = field(default=0, metadata={"help": "First N held-out questions (0: all)."})
     eval_temperature: float = field(default=1.0, metadata={"help": "Eval sampling temperature."})
     eval_top_p: float = field(default=1.0, metadata={"help": "Eval nucleus sampling."})
+    report_to: str = field(default="none", metadata={
+        "help": "Live curves besides curves.png: none | tensorboard (offline: tensorboard --logdir runs) | wandb."})
 
 
 PRESETS: dict[str, dict] = {
     "tiny": {},
+    # A lab session: RL only, from the cached SFT start, about 5 minutes on 2 CPU cores (README: the class)
+    "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000, save_every=40,
+                  sample_every=5),
     "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4, global_rollouts=2,
                   save_every=1, sample_every=1, eval_limit=8, eval_runs=2, max_response_tokens=128),
     "qwen3-1.7b": dict(model="Qwen3-1.7B", load_in_4bit=True, system_prompt="paper", search="web",
@@ -195,14 +203,16 @@ def _explicit_fields(argv: list[str] | None) -> set[str]:
 
 # What a field may hold; checked in resolve, so a bad value stops before any work. Every number must also
 # be finite; a field named nowhere here may hold any finite value.
-CHOICES = {"stage": ("sft", "rl", "all"), "search": ("bm25", "web"), "system_prompt": ("short", "paper"),
+CHOICES = {"stage": ("sft", "rl", "all"), "report_to": ("none", "tensorboard", "wandb"),
+           "search": ("bm25", "web"), "system_prompt": ("short", "paper"),
            "adv_estimator": ("grpo", "reinforce_pp"), "clip_mode": ("ppo", "gppo", "cispo", "aepo")}
 AT_LEAST = {name: 1 for name in (
     "k", "global_rollouts", "branch_z", "entropy_window", "max_prompt_tokens", "max_response_tokens",
     "segment_tokens", "max_rounds", "steps", "questions_per_step", "mini_batches", "grad_accum", "sft_steps",
     "sft_batch", "sft_demos", "save_every", "sample_every", "eval_runs", "top_k", "snippet_chars", "lora_alpha")}
-AT_LEAST |= {name: 0 for name in ("threads", "lora_r", "call_limit", "eval_limit", "weight_decay", "kl_coef",
-                                  "entropy_adv_alpha", "penalty", "eps_low", "eps_high", "tau", "sft_bad_fraction")}
+AT_LEAST |= {name: 0 for name in (
+    "threads", "token_budget", "lora_r", "call_limit", "eval_limit", "weight_decay", "kl_coef",
+    "entropy_adv_alpha", "penalty", "eps_low", "eps_high", "tau", "sft_bad_fraction")}
 AT_LEAST["dual_clip"] = 1
 AT_MOST = {"tau": 1, "eps_low": 1, "sft_bad_fraction": 1, "eval_top_p": 1}
 POSITIVE = ("lr", "sft_lr", "temperature", "eval_temperature", "eval_top_p", "grad_clip", "python_timeout_s")

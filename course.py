@@ -1,16 +1,19 @@
 """The course kit: the student version of this repository and its autograder (docs/assignments/).
 
-    python course.py student OUT_DIR            # solution regions -> NotImplementedError stubs, bugs planted
+    python course.py student OUT_DIR            # solution regions -> NotImplementedError stubs,
+                                                # bugs planted
     python course.py student OUT_DIR --only A2  # blank one assignment only
-    python course.py grade [CHECKOUT]           # run each assignment's tests there, print a score per assignment
+    python course.py grade [CHECKOUT]           # run each assignment's tests there, print a score
+                                                # per assignment
                                                 # (exit status 0 iff every assignment passes)
 
 A solution region is the lines between `# >>> solution An` and `# <<< solution` (aepo.py, loss.py,
-rollout.py); the student version keeps both marker lines and puts one `raise NotImplementedError` between
-them, at the indentation of the opening marker. "Find the bug" assignments plant a bug instead: a snippet
-of the reference replaced by a wrong one (the table lives in an instructor-only block of this file,
-dropped from the student copy). The autograder is the project's own tests, selected per assignment by the
-table ASSIGNMENTS below (node ids; a name without [params] selects every parametrisation).
+rollout.py); the student version keeps both marker lines and puts one `raise NotImplementedError`
+between them, at the indentation of the opening marker. "Find the bug" assignments plant a bug
+instead: a snippet of the reference replaced by a wrong one (the table lives in an instructor-only
+block of this file, dropped from the student copy). The autograder is the project's own tests,
+selected per assignment by the table ASSIGNMENTS below (node ids; a name without [params] selects
+every parametrisation).
 """
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ class Assignment:
 SAMPLER = "tests/test_sampler.py::"
 RULES, LOSS = "tests/test_rules.py::", "tests/test_loss.py::"
 ASSIGNMENTS = (
-    Assignment("A1", "01-entropy-and-branching.md", "entropy, branching rules and the budget m (aepo.py)", (
+    Assignment("A1", "01-entropy-and-branching.md",
+               "entropy, branching rules and the budget m (aepo.py)", (
         RULES + "test_segment_entropy_window_and_normaliser", RULES + "test_arpo_probability",
         RULES + "test_aepo_probability", RULES + "test_single_draws_match_closed_forms",
         RULES + "test_global_budget_released_formula")),
@@ -49,45 +53,56 @@ ASSIGNMENTS = (
         LOSS + "test_equal_rewards_and_singletons_give_exact_zero",
         LOSS + "test_eight_equal_rewards_with_an_inexact_float_mean_give_exact_zero",
         LOSS + "test_eps_is_added_to_the_std", LOSS + "test_reinforce_pp_one_row_is_zero_not_nan",
-        LOSS + "test_reinforce_pp_by_hand", LOSS + "test_entropy_aware_by_hand_and_no_gradient_into_entropy",
+        LOSS + "test_reinforce_pp_by_hand",
+        LOSS + "test_entropy_aware_by_hand_and_no_gradient_into_entropy",
         LOSS + "test_entropy_aware_std_zero_and_per_token_adv")),
-    Assignment("A3", "03-aepo-surrogate.md", "the clipped surrogates and AEPO's stop-gradient bound (loss.py)", (
-        LOSS + "test_table_values_and_gradient_weights[ppo]", LOSS + "test_table_values_and_gradient_weights[aepo]",
-        LOSS + "test_table_values_and_gradient_weights[gppo]", LOSS + "test_dapo_is_ppo_with_clip_higher",
-        LOSS + "test_dual_clip_off", LOSS + "test_stats[ppo]", LOSS + "test_stats[aepo]", LOSS + "test_stats[gppo]",
-        LOSS + "test_on_policy_is_plain_policy_gradient[aepo]", LOSS + "test_empty_mask_and_bad_mode")),
+    Assignment("A3", "03-aepo-surrogate.md",
+               "the clipped surrogates and AEPO's stop-gradient bound (loss.py)", (
+        LOSS + "test_table_values_and_gradient_weights[ppo]",
+        LOSS + "test_table_values_and_gradient_weights[aepo]",
+        LOSS + "test_table_values_and_gradient_weights[gppo]",
+        LOSS + "test_dapo_is_ppo_with_clip_higher", LOSS + "test_dual_clip_off",
+        LOSS + "test_stats[ppo]", LOSS + "test_stats[aepo]", LOSS + "test_stats[gppo]",
+        LOSS + "test_on_policy_is_plain_policy_gradient[aepo]",
+        LOSS + "test_empty_mask_and_bad_mode")),
     Assignment("A4", "04-sampler.md", "the sampler's branch-and-restart step (rollout.py)", (
         SAMPLER + "test_n_children_respects_z_minus_one_and_the_room_under_k",
         SAMPLER + "test_budget_from_probe_excludes_the_root_segment_from_h_tool",
-        SAMPLER + "test_next_streak_and_restart_rule", SAMPLER + "test_restarts_advance_l_and_a_quiet_round_resets_it",
+        SAMPLER + "test_next_streak_and_restart_rule",
+        SAMPLER + "test_restarts_advance_l_and_a_quiet_round_resets_it",
         SAMPLER + "test_segment_entropies_and_the_budget_m_are_hand_computed[toy]",
         SAMPLER + "test_the_streak_l_gates_the_aepo_rule[toy]",
-        SAMPLER + "test_delta_h_acts_at_every_tool_call_and_children_measure_their_own_h_init[toy]"),
+        SAMPLER
+        + "test_delta_h_acts_at_every_tool_call_and_children_measure_their_own_h_init[toy]"),
         needs=("A1",)),
     Assignment("A5", "05-find-the-bug.md", "find the bug: what the update is trained on", (
         "tests/test_rollout.py::test_masks_results_and_text",), needs=("A1", "A4")),
 )
 HANDOUTS_ONLY = ("06-experiment.md",)     # graded by hand: no tests
 CONTROLS = (  # tests that touch no solution region: the student version must pass them
-    "tests/test_rules.py::test_token_entropy_uniform_and_onehot", LOSS + "test_table_values_and_gradient_weights[cispo]",
-    LOSS + "test_kl_k3", LOSS + "test_entropy_with_minus_inf_logits", "tests/test_data.py::test_reward_values",
-    "tests/test_data.py::test_extract_answer")
-MODULES = ("aepo", "loss", "rollout", "engine", "kvcache", "tools", "data", "world", "policy", "train", "eval",
-           "report")
+    "tests/test_rules.py::test_token_entropy_uniform_and_onehot",
+    LOSS + "test_table_values_and_gradient_weights[cispo]",
+    LOSS + "test_kl_k3", LOSS + "test_entropy_with_minus_inf_logits",
+    "tests/test_data.py::test_reward_values", "tests/test_data.py::test_extract_answer")
+MODULES = ("aepo", "loss", "rollout", "engine", "kvcache", "tools", "data", "world", "policy",
+           "train", "eval", "report")
 
 OPEN = re.compile(r"^(\s*)# >>> solution (A\d+)\s*$")
 CLOSE = re.compile(r"^\s*# <<< solution\s*$")
 SKIP_DIRS = {".git", "runs", ".cache", "__pycache__", ".pytest_cache", ".hypothesis"}
-INSTRUCTOR_ONLY = {"tests/test_course.py"}   # the kit's own CI check: it fails in a student version by design
+# the kit's own CI check: it fails in a student version by design
+INSTRUCTOR_ONLY = {"tests/test_course.py"}
 
-BUGS: tuple = ()  # (assignment, file, reference snippet, buggy snippet), set in the instructor-only block:
+# (assignment, file, reference snippet, buggy snippet), set in the instructor-only block:
+BUGS: tuple = ()
 # >>> instructor
 BUGS = (
-    ("A5", "rollout.py", "        t.loss_mask += [0] * len(ids)\n", "        t.loss_mask += [1] * len(ids)\n"),
+    ("A5", "rollout.py", "        t.loss_mask += [0] * len(ids)\n",
+     "        t.loss_mask += [1] * len(ids)\n"),
 )
 # <<< instructor
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The student version
 
 
@@ -106,7 +121,8 @@ def stub_regions(text: str, where: str, only: set[str] | None = None) -> tuple[s
         while i < len(lines) and not CLOSE.match(lines[i]):
             i += 1
         if i == len(lines):
-            raise SystemExit(f"{where}:{start}: '# >>> solution {key}' has no '# <<< solution' below it; add one")
+            raise SystemExit(f"{where}:{start}: '# >>> solution {key}' has no '# <<< solution' "
+                             "below it; add one")
         if only is not None and key not in only:
             out += lines[start:i]
             continue
@@ -131,8 +147,8 @@ def _enclosing_def(lines: list[str], i: int, indent: int) -> tuple[str, int]:
 def plant_bug(text: str, where: str, reference: str, buggy: str) -> str:
     n = text.count(reference)
     if n != 1:
-        raise SystemExit(f"{where}: the planted bug's reference snippet occurs {n} times (want 1); update BUGS "
-                         f"in course.py to the current code: {reference.strip()!r}")
+        raise SystemExit(f"{where}: the planted bug's reference snippet occurs {n} times (want 1); "
+                         f"update BUGS in course.py to the current code: {reference.strip()!r}")
     return text.replace(reference, buggy)
 
 
@@ -141,19 +157,22 @@ def drop_instructor_block(text: str) -> str:
 
 
 def source_files(root: Path) -> list[Path]:
-    """The repository's files: git's tracked and untracked-but-not-ignored files, or (no git) every file
-    outside runs, caches and .git."""
+    """The repository's files: git's tracked and untracked-but-not-ignored files, or (no git) every
+    file outside runs, caches and .git."""
     try:
-        listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
-                                capture_output=True, check=True).stdout
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=root, capture_output=True, check=True).stdout
         return [root / p for p in listed.decode().split("\0") if p and (root / p).is_file()]
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return [p for p in sorted(root.rglob("*")) if p.is_file() and not SKIP_DIRS & set(p.relative_to(root).parts)]
+        return [p for p in sorted(root.rglob("*")) if p.is_file()
+                and not SKIP_DIRS & set(p.relative_to(root).parts)]
 
 
 def write_student(out: Path, only: set[str] | None = None, root: Path = ROOT) -> list[str]:
-    """Copy the repository to `out` (which must not exist or be empty), blank the solution regions, plant
-    the bugs, strip the instructor block. Returns what was blanked or planted, one line each."""
+    """Copy the repository to `out` (which must not exist or be empty), blank the solution regions,
+    plant the bugs, strip the instructor block. Returns what was blanked or planted, one line
+    each."""
     if out.exists() and any(out.iterdir()):
         raise SystemExit(f"{out} is not empty; give a new folder")
     done = []
@@ -185,18 +204,20 @@ def write_student(out: Path, only: set[str] | None = None, root: Path = ROOT) ->
     return done
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The autograder
 
 
 def run_tests(checkout: Path, node_ids: list[str], timeout_s: float = 900) -> dict[str, str]:
-    """Run the node ids in one pytest process in `checkout`. Returns node id -> passed | failed | skipped
-    (an id that did not run, e.g. a test file missing from the checkout, counts as failed)."""
+    """Run the node ids in one pytest process in `checkout`. Returns node id ->
+    passed | failed | skipped (an id that did not run, e.g. a test file missing from the checkout,
+    counts as failed)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                        *node_ids], cwd=checkout, env=env, capture_output=True, timeout=timeout_s)
+        subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"--junitxml={report}", *node_ids],
+                       cwd=checkout, env=env, capture_output=True, timeout=timeout_s)
         if not report.exists():
             return {}
         outcomes = {}
@@ -209,7 +230,8 @@ def run_tests(checkout: Path, node_ids: list[str], timeout_s: float = 900) -> di
 
 
 def select(outcomes: dict[str, str], selector: str) -> dict[str, str]:
-    """The outcomes of one selector: the node itself, or every parametrisation of a test function."""
+    """The outcomes of one selector: the node itself, or every parametrisation of a test
+    function."""
     picked = {n: o for n, o in outcomes.items() if n == selector or n.startswith(selector + "[")}
     return picked or {selector: "failed"}
 
@@ -231,9 +253,11 @@ def print_scores(scores: dict[str, tuple[int, int, int]]) -> bool:
         total = passed + failed
         complete &= failed == 0
         unfinished = [n for n in a.needs if scores[n][1]]
-        needs = f"  (its tests also run your unfinished {', '.join(unfinished)})" if unfinished and failed else ""
+        needs = (f"  (its tests also run your unfinished {', '.join(unfinished)})"
+                 if unfinished and failed else "")
         skip = f", {skipped} skipped" if skipped else ""
-        print(f"{a.key}  {passed:3d}/{total:<3d} {100 * passed / max(total, 1):5.0f}%  {a.title}{skip}{needs}")
+        print(f"{a.key}  {passed:3d}/{total:<3d} {100 * passed / max(total, 1):5.0f}%  "
+              f"{a.title}{skip}{needs}")
     for name in HANDOUTS_ONLY:
         print(f"--  docs/assignments/{name}: a written report, graded by hand")
     return complete
@@ -260,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
               f"python course.py grade {args.out_dir})")
         return 0
     if not (args.checkout / "tests").is_dir():
-        raise SystemExit(f"{args.checkout} has no tests/ folder; give the root of a checkout of this repository")
+        raise SystemExit(f"{args.checkout} has no tests/ folder; give the root of a checkout of "
+                         "this repository")
     return 0 if print_scores(grade(args.checkout.resolve())) else 1
 
 

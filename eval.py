@@ -1,6 +1,6 @@
-"""Evaluate a policy the way the paper does (arXiv 2510.14545, experimental setup): k independent runs per question at
-temperature 0.6, top-p 0.95; Pass@1 (mean over runs, with its spread), Pass@k, EM, F1, reward, format
-failures, tool calls and response length, per dataset.
+"""Evaluate a policy the way the paper does (arXiv 2510.14545, experimental setup): k independent
+runs per question at temperature 0.6, top-p 0.95; Pass@1 (mean over runs, with its spread), Pass@k,
+EM, F1, reward, format failures, tool calls and response length, per dataset.
 
     python eval.py --model tiny --dataset path/to/bamboogle/test.jsonl --limit 8 --runs 2
     python eval.py --preset qwen3-1.7b --model Qwen3-1.7B --adapter runs/x/checkpoint-40 --runs 5 \
@@ -13,17 +13,19 @@ out_dir it appends one line per question to examples.jsonl as soon as its batch 
 golds, and per run the full trajectory text, answer, grades, tool calls, finish) and writes
 summary.json; run it again on the same folder and it skips the questions already there (resume).
 
-What "correct" means (Pass@1 and Pass@k use it; EM, F1 and reward are always computed as in data.py):
+What "correct" means (Pass@1 and Pass@k use it; EM, F1 and reward are always computed as in
+data.py):
   1. QA (every other source): data.exact_match, i.e. equal after SQuAD normalisation to some gold.
   2. Math: the source is gsm8k, math500 or aime24, or the kind is "math" (the verl `ability`, the
      world's arithmetic questions). `math_equal`: both sides go through `normalize_math` (drop `$`,
-     `\\left`/`\\right`, spacing commands, spaces, `^\\circ`, `%`; `\\text{ unit}` with a leading space is
-     a unit and dropped, other `\\text{X}`/`\\mathrm{X}`/`\\mbox{X}` become X; `\\dfrac`/`\\tfrac` become
-     `\\frac`; thousands separators `1,000`; a trailing `.0`; a trailing `.`; a leading `x=`), then
-     equal strings, or both parse as numbers (integer, decimal, a/b, \\frac{a}{b}, with sign) within
-     1e-6 relative.
-  3. `--judge_model`: additionally, an answer the rule rejects is shown to a local LLM judge (question,
-     golds, predicted answer -> "Correct" / "Incorrect", greedy) and counts if it says Correct.
+     `\\left`/`\\right`, spacing commands, spaces, `^\\circ`, `%`; `\\text{ unit}` with a leading
+     space is a unit and dropped, other `\\text{X}`/`\\mathrm{X}`/`\\mbox{X}` become X;
+     `\\dfrac`/`\\tfrac` become `\\frac`; thousands separators `1,000`; a trailing `.0`; a trailing
+     `.`; a leading `x=`), then equal strings, or both parse as numbers (integer, decimal, a/b,
+     \\frac{a}{b}, with sign) within 1e-6 relative.
+  3. `--judge_model`: additionally, an answer the rule rejects is shown to a local LLM judge
+     (question, golds, predicted answer -> "Correct" / "Incorrect", greedy) and counts if it says
+     Correct.
 A response without an extractable `\\boxed{}` answer is wrong; the format check only affects reward
 and `format_fail`.
 
@@ -38,7 +40,7 @@ import sys
 
 import cli
 
-if __name__ == "__main__":    # flags, paths and data are checked first, before the slow imports below
+if __name__ == "__main__":  # flags, paths and data are checked first, before the slow imports below
     CHECKED = cli.eval_config(sys.argv[1:])      # a bad input stops here: one line, nothing written
 
 import dataclasses
@@ -55,7 +57,8 @@ from tqdm import tqdm
 
 import data
 from aepo import Config
-from cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401 (the flags, parsed and checked in cli.py)
+# the flags, parsed and checked in cli.py
+from cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401
 from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import describe_isolation
@@ -63,7 +66,7 @@ from tools import describe_isolation
 Judge = Callable[[str, tuple, str], bool]   # (question, golds, predicted answer) -> correct?
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Grading: what counts as correct, and Pass@k
 
 MATH_SOURCES = {"gsm8k", "math500", "aime24"}
@@ -77,7 +80,8 @@ def is_math(example: data.Example) -> bool:
 def normalize_math(s: str) -> str:
     """LaTeX / number surface forms -> one canonical string (rules in the module docstring)."""
     s = re.sub(r"\\text\{\s[^{}]*\}", "", s)                              # "5\text{ cm}" -> "5"
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)     # "\text{Evelyn}" -> "Evelyn"
+    # "\text{Evelyn}" -> "Evelyn"
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
     s = re.sub(r"\\(?:left|right)(?![a-zA-Z])", "", s)                     # not \rightarrow
     s = re.sub(r"\\[dt]frac", r"\\frac", s)
     for junk in ("^{\\circ}", "^\\circ", "\\%", "%", "$", "\\!", "\\,", "\\;", "\\:", "\\ "):
@@ -89,10 +93,12 @@ def normalize_math(s: str) -> str:
 
 
 def to_number(s: str) -> float | None:
-    """A normalised answer as a number: 12, -0.5, .5, 3/4, \\frac{3}{4}, -\\frac{3}{4}; else None."""
+    """A normalised answer as a number: 12, -0.5, .5, 3/4, \\frac{3}{4}, -\\frac{3}{4}; else
+    None."""
     if _NUMBER.fullmatch(s):
         return float(s)
-    m = re.fullmatch(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s) or re.fullmatch(r"()([^/]+)/([^/]+)", s)
+    m = (re.fullmatch(r"([+-]?)\\frac\{([^{}]+)\}\{([^{}]+)\}", s)
+         or re.fullmatch(r"()([^/]+)/([^/]+)", s))
     if m and _NUMBER.fullmatch(m[2]) and _NUMBER.fullmatch(m[3]) and float(m[3]) != 0:
         return (-1 if m[1] == "-" else 1) * float(m[2]) / float(m[3])
     return None
@@ -112,7 +118,8 @@ def math_equal(pred: str, golds) -> bool:
 def is_correct(pred: str | None, example: data.Example, judge: Judge | None = None) -> bool:
     if not pred:
         return False
-    rule = math_equal(pred, example.golds) if is_math(example) else data.exact_match(pred, example.golds) == 1.0
+    rule = (math_equal(pred, example.golds) if is_math(example)
+            else data.exact_match(pred, example.golds) == 1.0)
     return rule or (judge is not None and judge(example.question, example.golds, pred))
 
 
@@ -121,7 +128,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-JUDGE_PROMPT = ("Judge whether a predicted answer to a question is correct, given the gold answer(s).\n"
+JUDGE_PROMPT = ("Judge whether a predicted answer to a question is correct, given the gold "
+                "answer(s).\n"
                 "Question: {question}\nGold answer: {golds}\nPredicted answer: {pred}\n"
                 "Reply with one word: Correct or Incorrect.")
 
@@ -137,12 +145,13 @@ def make_judge(model, tokenizer, max_new_tokens: int = 8) -> Judge:
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
         reply = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        verdict = re.search(r"\b(in)?correct\b", re.sub(r"<think>.*?</think>", "", reply, flags=re.S).lower())
+        verdict = re.search(r"\b(in)?correct\b",
+                            re.sub(r"<think>.*?</think>", "", reply, flags=re.S).lower())
         return bool(verdict) and not verdict[1]
     return judge
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation: sample, grade, append to examples.jsonl, summarise
 
 
@@ -171,11 +180,11 @@ def evaluate(model, tokenizer, examples: list[data.Example], tools, cfg: Config,
     path = Path(out_dir) / "examples.jsonl" if out_dir is not None else None
     done = _load_done(path, examples, runs) if path else {}
     todo = [i for i in range(len(examples)) if i not in done]
-    long = sum(len(prompt_ids(tokenizer, examples[i].question, system_prompt)) > cfg.max_prompt_tokens
-               for i in todo)
+    long = sum(len(prompt_ids(tokenizer, examples[i].question, system_prompt))
+               > cfg.max_prompt_tokens for i in todo)
     if long:
-        print(f"warning: {long} prompts exceed --max_prompt_tokens {cfg.max_prompt_tokens} and lose their "
-              "start (system prompt included); raise it", file=sys.stderr)
+        print(f"warning: {long} prompts exceed --max_prompt_tokens {cfg.max_prompt_tokens} and "
+              "lose their start (system prompt included); raise it", file=sys.stderr)
     was_training = model.training
     model.eval()
     sink = path.open("a", encoding="utf-8") if path else None
@@ -183,14 +192,15 @@ def evaluate(model, tokenizer, examples: list[data.Example], tools, cfg: Config,
         with tqdm(total=len(examples), initial=len(done), desc=desc, dynamic_ncols=True) as bar:
             for start in range(0, len(todo), batch_questions):
                 batch = todo[start:start + batch_questions]
-                result = rollout(model, tokenizer, [examples[i].question for i in batch], tools, cfg,
-                                 seed * 1_000_003 + batch[0], system_prompt, temperature=temperature,
-                                 top_p=top_p)
+                result = rollout(model, tokenizer, [examples[i].question for i in batch], tools,
+                                 cfg, seed * 1_000_003 + batch[0], system_prompt,
+                                 temperature=temperature, top_p=top_p)
                 for q, i in enumerate(batch):
                     ex = examples[i]
                     trajs = result.trajectories[q * runs:(q + 1) * runs]
-                    done[i] = dict(idx=i, question=ex.question, golds=list(ex.golds), source=ex.source,
-                                   kind=ex.kind, runs=[grade(t, ex, judge) for t in trajs])
+                    done[i] = dict(idx=i, question=ex.question, golds=list(ex.golds),
+                                   source=ex.source, kind=ex.kind,
+                                   runs=[grade(t, ex, judge) for t in trajs])
                     if sink:
                         sink.write(json.dumps(done[i], ensure_ascii=False) + "\n")
                 if sink:
@@ -218,10 +228,11 @@ def _load_done(path: Path, examples: list[data.Example], runs: int) -> dict[int,
             continue
         rec = json.loads(line)
         i = rec["idx"]
-        if i >= len(examples) or rec["question"] != examples[i].question or len(rec["runs"]) != runs:
-            raise SystemExit(f"{path} line {n}: question {i} with {len(rec['runs'])} runs does not match this "
-                             f"evaluation ({runs} runs); resume only with the same data, --limit and --runs, "
-                             "or choose a new --output_dir")
+        if (i >= len(examples) or rec["question"] != examples[i].question
+                or len(rec["runs"]) != runs):
+            raise SystemExit(f"{path} line {n}: question {i} with {len(rec['runs'])} runs does not "
+                             f"match this evaluation ({runs} runs); resume only with the same "
+                             "data, --limit and --runs, or choose a new --output_dir")
         done[i] = rec
     return done
 
@@ -230,7 +241,8 @@ def summarize(records: list[dict], runs: int) -> dict:
     """Metrics of graded records (module docstring), overall and per source."""
     out = _metrics(records, runs)
     sources = dict.fromkeys(r["source"] for r in records)
-    out["by_source"] = {s: _metrics([r for r in records if r["source"] == s], runs) for s in sources}
+    out["by_source"] = {s: _metrics([r for r in records if r["source"] == s], runs)
+                        for s in sources}
     return out
 
 
@@ -245,7 +257,8 @@ def _metrics(records: list[dict], runs: int) -> dict:
         em=mean([x["em"] for x in flat]), f1=mean([x["f1"] for x in flat]),
         mean_reward=mean([x["reward"] for x in flat]),
         format_fail=mean([float(x["format_error"] is not None) for x in flat]),
-        search_calls=mean([x["search_calls"] for x in flat]), python_calls=mean([x["python_calls"] for x in flat]),
+        search_calls=mean([x["search_calls"] for x in flat]),
+        python_calls=mean([x["python_calls"] for x in flat]),
         response_tokens=mean([x["response_tokens"] for x in flat]))
 
 
@@ -255,22 +268,26 @@ def format_table(summary: dict) -> str:
     if len(rows) > 1:
         rows["all"] = summary
     k = summary["runs"]
-    lines = [f"| dataset | n | Pass@1 | Pass@{k} | EM | F1 | reward | format fail | search | python | tokens |",
+    lines = [f"| dataset | n | Pass@1 | Pass@{k} | EM | F1 | reward | format fail | search | "
+             "python | tokens |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | {m['n']} | {100 * m['pass1']:.1f} ± {100 * m['pass1_std']:.1f} | "
-                     f"{100 * m['pass_at_k'].get(k, 0.0):.1f} | {100 * m['em']:.1f} | {100 * m['f1']:.1f} | "
-                     f"{m['mean_reward']:.3f} | {100 * m['format_fail']:.1f}% | {m['search_calls']:.2f} | "
+        lines.append(f"| {name} | {m['n']} | "
+                     f"{100 * m['pass1']:.1f} ± {100 * m['pass1_std']:.1f} | "
+                     f"{100 * m['pass_at_k'].get(k, 0.0):.1f} | {100 * m['em']:.1f} | "
+                     f"{100 * m['f1']:.1f} | {m['mean_reward']:.3f} | "
+                     f"{100 * m['format_fail']:.1f}% | {m['search_calls']:.2f} | "
                      f"{m['python_calls']:.2f} | {m['response_tokens']:.0f} |")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line
 
 
 def main(argv: list[str] | None = None, checked: tuple | None = None) -> dict:
-    """Evaluate as the command line `argv` says (or `checked`, what cli.eval_config returned for it)."""
+    """Evaluate as the command line `argv` says (or `checked`, what cli.eval_config returned for
+    it)."""
     args, cfg, examples = checked or cli.eval_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -281,14 +298,15 @@ def main(argv: list[str] | None = None, checked: tuple | None = None) -> dict:
     (out / "config.json").write_text(json.dumps(resolved, indent=2) + "\n")
     print(json.dumps(resolved))
     print(describe_isolation(cfg.unsafe_python))
-    model, tokenizer = load_policy(cfg.model, lora_r=0, adapter=args.adapter, load_in_4bit=cfg.load_in_4bit,
-                                   trainable=False)
-    judge = make_judge(*load_policy(args.judge_model, lora_r=0, trainable=False)) if args.judge_model else None
+    model, tokenizer = load_policy(cfg.model, lora_r=0, adapter=args.adapter,
+                                   load_in_4bit=cfg.load_in_4bit, trainable=False)
+    judge = (make_judge(*load_policy(args.judge_model, lora_r=0, trainable=False))
+             if args.judge_model else None)
     system_prompt = system_prompt_for(cfg)
     summary = evaluate(model, tokenizer, examples, make_tools(cfg), cfg, runs=args.runs,
                        temperature=args.temperature, top_p=args.top_p, seed=cfg.seed,
-                       system_prompt=system_prompt, out_dir=out, batch_questions=args.batch_questions,
-                       judge=judge)
+                       system_prompt=system_prompt, out_dir=out,
+                       batch_questions=args.batch_questions, judge=judge)
     print(format_table(summary))
     print(f"results: {out}/summary.json, every answer: {out}/examples.jsonl")
     return summary

@@ -2,9 +2,9 @@
 advantages, surrogates, KL, token log-probs.
 
 Every function is pure (tensors and numbers in, tensors out) and imports nothing from the project.
-In: rewards and group ids per row (B,); per-token log-probs, advantages and `loss_mask` (B, T), where
-`loss_mask[b, t] = 1` iff the policy sampled token t. Out: advantages, or `(loss, stats)` with `stats`
-a dict of python floats. `token_logprobs` is the only place that shifts and gathers logits.
+In: rewards and group ids per row (B,); per-token log-probs, advantages and `loss_mask` (B, T),
+where `loss_mask[b, t] = 1` iff the policy sampled token t. Out: advantages, or `(loss, stats)` with
+`stats` a dict of python floats. `token_logprobs` is the only place that shifts and gathers logits.
 
 How this deviates from the textbook (and from the released verl code):
 1. All surrogates are token means over every sampled token of the micro-batch.
@@ -58,7 +58,8 @@ def group_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> T
 
 def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-6) -> Tensor:
     """REINFORCE++ baseline: A_i = (R_i - mean(R_group)) / (std_batch + eps), where
-    std_batch is the unbiased std of the centred rewards over all B rows. rewards, group_ids (B,)."""
+    std_batch is the unbiased std of the centred rewards over all B rows.
+    rewards, group_ids (B,)."""
     # >>> solution A2
     centred, _ = _group_centred(rewards, group_ids)  # (B,)
     std = centred.std() if centred.numel() > 1 else centred.new_zeros(())  # ()
@@ -70,7 +71,8 @@ def reinforce_pp_advantages(rewards: Tensor, group_ids: Tensor, eps: float = 1e-
 # Entropy-aware advantage (arXiv 2510.14545, Entropy-Balanced Policy Optimization)
 
 
-def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor, alpha: float = 0.2) -> Tensor:
+def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor,
+                             alpha: float = 0.2) -> Tensor:
     """AEPO: A~_t = A * (1 + alpha * sg(z_t)), z_t = (H_t - mean H) / std H (arXiv 2510.14545).
 
     adv (B,) or (B, T); entropy (B, T), the current policy's token entropy; loss_mask (B, T).
@@ -130,7 +132,8 @@ def policy_loss(
     keeps_high = clip_mode in ("gppo", "aepo", "cispo")  # a token clipped above keeps its gradient
     valid = loss_mask > 0  # (B, T)
     n_tokens = valid.sum().clamp(min=1)  # ()
-    logp = torch.where(valid, logp, 0.0)  # (B, T) masked tokens leave the graph: -inf there is harmless
+    # masked tokens leave the graph: -inf there is harmless
+    logp = torch.where(valid, logp, 0.0)  # (B, T)
     old_logp = torch.where(valid, old_logp.detach(), 0.0)  # (B, T)
     adv = adv.detach()  # (B, T)
     log_ratio = (logp - old_logp).clamp(-20.0, 20.0)  # (B, T) log r
@@ -176,12 +179,13 @@ def policy_loss(
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
     """k3 estimate of KL(pi_theta || pi_ref) on tokens sampled from pi_theta, token mean:
-    mean_t exp(d_t) - d_t - 1 with d_t = log pi_ref - log pi_theta (>= 0; the released recipe sets its
-    coefficient to 0). d is clamped to [-20, 20] like log r in policy_loss (verl does the same), so
-    one wild token cannot overflow the loss. logp (B, T) with gradient; ref_logp, loss_mask (B, T).
-    Returns (); 0 when no token is sampled."""
+    mean_t exp(d_t) - d_t - 1 with d_t = log pi_ref - log pi_theta (>= 0; the released recipe sets
+    its coefficient to 0). d is clamped to [-20, 20] like log r in policy_loss (verl does the same),
+    so one wild token cannot overflow the loss. logp (B, T) with gradient; ref_logp, loss_mask
+    (B, T). Returns (); 0 when no token is sampled."""
     valid = loss_mask > 0  # (B, T)
-    d = torch.where(valid, ref_logp.detach() - logp, 0.0).clamp(-20.0, 20.0)  # (B, T) masked -> k3 = 0
+    # masked -> k3 = 0
+    d = torch.where(valid, ref_logp.detach() - logp, 0.0).clamp(-20.0, 20.0)  # (B, T)
     return (d.exp() - d - 1).sum() / valid.sum().clamp(min=1)  # ()
 
 
@@ -190,22 +194,27 @@ def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
 
 
 def entropy_of_logp(logp: Tensor) -> Tensor:
-    """Exact entropy H = -sum_v p_v log p_v from log-probabilities (..., V) float32 (-inf where p = 0).
-    Returns (...), in nats. The one entropy function of the project: the rollout records it per sampled
-    token, the update recomputes it for the entropy-aware advantage (arXiv 2510.14545, eq. 7 and 12)."""
+    """Exact entropy H = -sum_v p_v log p_v from log-probabilities (..., V) float32 (-inf where
+    p = 0). Returns (...), in nats. The one entropy function of the project: the rollout records it
+    per sampled token, the update recomputes it for the entropy-aware advantage (arXiv 2510.14545,
+    eq. 7 and 12)."""
     plogp = torch.where(logp > -torch.inf, logp.exp() * logp, 0.0)  # (..., V) 0 * log 0 = 0
     return -plogp.sum(-1)  # (...)
 
 
 def token_entropy(logits: Tensor) -> Tensor:
-    """The same exact H from logits (..., V) of any float dtype (upcast to float32), -inf allowed."""
+    """The same exact H from logits (..., V) of any float dtype (upcast to float32), -inf
+    allowed."""
     return entropy_of_logp(torch.log_softmax(logits.float(), dim=-1))  # (...)
 
 
-def _head_logp(head, states: Tensor, target: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """log pi(target) and (no gradient) the exact entropy, in float32, from the last hidden states of a
-    few positions. states (..., H) -> logits (..., V) = head(states); target (...). Returns (...), (...)."""
-    logits = head(states).float()  # (..., V) the only vocabulary-sized tensors live here, one chunk at a time
+def _head_logp(head, states: Tensor, target: Tensor,
+               with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """log pi(target) and (no gradient) the exact entropy, in float32, from the last hidden states
+    of a few positions. states (..., H) -> logits (..., V) = head(states); target (...). Returns
+    (...), (...)."""
+    # the only vocabulary-sized tensors live here, one chunk at a time
+    logits = head(states).float()  # (..., V)
     log_z = logits.logsumexp(-1)  # (...)
     logp = logits.gather(-1, target[..., None]).squeeze(-1) - log_z  # (...)
     if not with_entropy:
@@ -214,58 +223,68 @@ def _head_logp(head, states: Tensor, target: Tensor, with_entropy: bool) -> tupl
         return logp, entropy_of_logp(logits - log_z[..., None])  # (...), (...)
 
 
-def _chunk_logp(head, states: Tensor, target: Tensor, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """_head_logp, recomputed in backward when a gradient is needed: autograd keeps only `states` (the
-    chunk's hidden states), never its float32 logits."""
+def _chunk_logp(head, states: Tensor, target: Tensor,
+                with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """_head_logp, recomputed in backward when a gradient is needed: autograd keeps only `states`
+    (the chunk's hidden states), never its float32 logits."""
     if torch.is_grad_enabled() and states.requires_grad:
         return checkpoint(_head_logp, head, states, target, with_entropy, use_reentrant=False)
     return _head_logp(head, states, target, with_entropy)
 
 
-def _final_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, keep: int):
-    """(states, head) with head(states) = the logits at positions keep .. T - 1, states (B, T - keep, .).
-    A transformers causal LM (or a peft model around one) gives its backbone's last hidden states and
-    its LM head, so no (B, T, V) tensor is ever built. Anything else (a DDP wrapper, a test double, a
-    model that soft-caps its logits) is called whole: states are then its logits and head the identity."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+def _final_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+                  keep: int):
+    """(states, head) with head(states) = the logits at positions keep .. T - 1, states
+    (B, T - keep, .). A transformers causal LM (or a peft model around one) gives its backbone's
+    last hidden states and its LM head, so no (B, T, V) tensor is ever built. Anything else
+    (a DDP wrapper, a test double, a model that soft-caps its logits) is called whole: states are
+    then its logits and head the identity."""
+    # peft -> transformers
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     backbone = getattr(base, getattr(base, "base_model_prefix", ""), None)
     softcap = getattr(getattr(base, "config", None), "final_logit_softcapping", None)
-    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                  use_cache=False)
     if head is None or not isinstance(backbone, torch.nn.Module) or softcap:
         return model(**kwargs, logits_to_keep=input_ids.shape[1] - keep).logits, torch.nn.Identity()
     return backbone(**kwargs).last_hidden_state[:, keep:], head  # (B, T - keep, H)
 
 
 def token_logprobs(
-    model, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False, chunk_size: int = 128,
-    first: int = 0,
+    model, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False,
+    chunk_size: int = 128, first: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """logp[b, t] = log pi(ids[b, t] | the real tokens before t), aligned with `loss_mask` on the same
-    (B, T) ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that predicted
-    token t. Both are 0 at padding, at each row's first real token, and before `first`.
+    """logp[b, t] = log pi(ids[b, t] | the real tokens before t), aligned with `loss_mask` on the
+    same (B, T) ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that
+    predicted token t. Both are 0 at padding, at each row's first real token, and before `first`.
 
     input_ids, attention_mask (B, T), any padding layout (left, right, or gaps in the middle).
     Positions follow the mask: position_ids = cumsum(mask) - 1, so real tokens keep their positions.
     Memory: the backbone runs once; the LM head and all float32 work run over chunks of `chunk_size`
-    positions (B x chunk_size x V floats at a time), each recomputed in backward, so neither the forward
-    nor the backward ever holds a (B, T, V) tensor. Only positions from the one that predicts token
-    `first` on reach the LM head, so a long prompt (first = where responses start) costs no vocabulary
-    work. Entropy carries no gradient."""
+    positions (B x chunk_size x V floats at a time), each recomputed in backward, so neither the
+    forward nor the backward ever holds a (B, T, V) tensor. Only positions from the one that
+    predicts token `first` on reach the LM head, so a long prompt (first = where responses start)
+    costs no vocabulary work. Entropy carries no gradient."""
     B, T = input_ids.shape
-    # Token t is predicted by the last real token before it; after a gap of padding that is not t - 1.
+    # Token t is predicted by the last real token before it; after a gap of padding that is not
+    # t - 1.
     real = attention_mask > 0  # (B, T)
     t_idx = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
     last_real = torch.where(real, t_idx, -1).cummax(dim=1).values  # (B, T) last real index <= t
-    prev = torch.nn.functional.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, T) last real index < t
+    # last real index < t
+    prev = torch.nn.functional.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, T)
     scored = real & (prev >= 0) & (t_idx >= first)  # (B, T) real tokens with a real context
-    keep = int(prev[scored].min()) if scored.any() else T - 1  # the first position whose logits are needed
+    # the first position whose logits are needed
+    keep = int(prev[scored].min()) if scored.any() else T - 1
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
-    states, head = _final_states(model, input_ids, attention_mask, position_ids, keep)  # (B, T - keep, .)
+    states, head = _final_states(model, input_ids, attention_mask, position_ids,
+                                 keep)  # (B, T - keep, .)
 
     # The state at position t predicts token t + 1; split's backward is one concat.
-    next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))[:, keep:]  # (B, T - keep) what each predicts
+    # what each predicts
+    next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))[:, keep:]  # (B, T - keep)
     chunks = [_chunk_logp(head, s, y, with_entropy)
               for s, y in zip(states.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1))]
     logp = torch.cat([lp for lp, _ in chunks], dim=1)  # (B, T - keep) log pi(ids[t + 1])
@@ -277,7 +296,8 @@ def token_logprobs(
     after_gap = scored & (prev != t_idx - 1)  # (B, T) few: the first token after each gap
     if after_gap.any():
         b, t = after_gap.nonzero(as_tuple=True)  # (K,), (K,)
-        gap_logp, gap_entropy = _chunk_logp(head, states[b, prev[b, t] - keep], input_ids[b, t], with_entropy)
+        gap_logp, gap_entropy = _chunk_logp(head, states[b, prev[b, t] - keep], input_ids[b, t],
+                                            with_entropy)
         logp = logp.index_put((b, t), gap_logp)  # (B, T)
         if with_entropy:
             entropy = entropy.index_put((b, t), gap_entropy)  # (B, T)

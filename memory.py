@@ -1,6 +1,7 @@
-"""Peak GPU memory of a training recipe, estimated from the model's shape and the config: will a run fit?
+"""Peak GPU memory of a training recipe, estimated from the model's shape and the config:
+will a run fit?
 
-    python memory.py                                     # Qwen3-1.7B at the qwen3-1.7b recipe: 24, 16, 12 GB
+    python memory.py                          # Qwen3-1.7B at the qwen3-1.7b recipe: 24, 16, 12 GB
     python memory.py --model Qwen3-4B --rollout_questions 1 --gpu_gb 24
     python memory.py --max_response_tokens 8192 --grad_accum 8   # any Config flag works
 
@@ -13,12 +14,12 @@ config.json) and a Config. Out: bytes per component and the peak of each phase o
   recompute  (--recompute_old_logp) one no-grad forward of an update micro-batch + one logits chunk
   update     weights + LoRA + its gradients + AdamW state + the activations autograd keeps (every
              layer's, or with gradient checkpointing each layer's input) + the larger of one logits
-             chunk of token_logprobs (B x 128 positions x V; never B x T x V) and, with checkpointing,
-             one recomputed layer
+             chunk of token_logprobs (B x 128 positions x V; never B x T x V) and, with
+             checkpointing, one recomputed layer
 Activation bytes per token and layer are counted tensor by tensor (layer_bytes below, Qwen3/Llama
 layers, LoRA on all linear layers, SDPA attention that stores no T x T matrix) and checked against
-measured peaks on CPU by benchmarks/memory.py. `cuda_overhead_gb` is an allowance for the CUDA context
-and allocator fragmentation: it is not measured (no GPU has been lent to this project).
+measured peaks on CPU by benchmarks/memory.py. `cuda_overhead_gb` is an allowance for the CUDA
+context and allocator fragmentation: it is not measured (no GPU has been lent to this project).
 """
 from __future__ import annotations
 
@@ -71,20 +72,23 @@ def model_shape(model: str) -> Shape:
         return SHAPES[name]
     path = Path(model) / "config.json"
     if not path.exists():
-        raise SystemExit(f"memory.py: no shape for --model {model!r}: not one of {sorted(SHAPES)} and no "
-                         f"{path}. Give a model folder, or add its config.json values to SHAPES in memory.py.")
+        raise SystemExit(f"memory.py: no shape for --model {model!r}: not one of {sorted(SHAPES)} "
+                         f"and no {path}. Give a model folder, or add its config.json values to "
+                         "SHAPES in memory.py.")
     c = json.loads(path.read_text())
-    return Shape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"], c["num_attention_heads"],
-                 c["num_key_value_heads"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+    return Shape(c["num_hidden_layers"], c["hidden_size"], c["intermediate_size"],
+                 c["num_attention_heads"], c["num_key_value_heads"],
+                 c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
                  c["vocab_size"], c.get("tie_word_embeddings", True))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Parameters and per-token bytes (pure functions of the shape)
 
 
 def param_counts(s: Shape, lora_r: int) -> tuple[int, int, int]:
-    """(linear, embedding, LoRA) parameter counts. LoRA on q, k, v, o, gate, up, down: r x (in + out)."""
+    """(linear, embedding, LoRA) parameter counts. LoRA on q, k, v, o, gate, up, down: r x
+    (in + out)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
     linear = s.layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
     embedding = s.vocab * h * (1 if s.tied else 2)
@@ -93,13 +97,15 @@ def param_counts(s: Shape, lora_r: int) -> tuple[int, int, int]:
 
 
 def layer_bytes(s: Shape, d: int, lora_r: int) -> int:
-    """Bytes per token one decoder layer keeps for backward (LoRA on every linear layer, frozen base,
-    model dtype of d bytes, float32 adapters). Counted from what autograd saves:
-      RMSNorm (x2, and q_norm, k_norm)   its float32 input, 1 / rms              4 (2h + q + kv) + 4 (2 + 2)
+    """Bytes per token one decoder layer keeps for backward (LoRA on every linear layer, frozen
+    base, model dtype of d bytes, float32 adapters). Counted from what autograd saves:
+      RMSNorm (x2, and q_norm, k_norm)   its float32 input, 1 / rms              4 (2h + q + kv)
+                                                                                 + 4 (2 + 2)
       LoRA A inputs                      bf16 model: a float32 copy per adapter  4 (5h + q + i)
                                          fp32 model: the shared inputs          4 (2h + q + i)
       LoRA B inputs                      r wide, 7 adapters                      4 x 7 r
-      attention (SDPA)                   q, k, v, log-sum-exp (+ output in bf16) d (q + 2kv) + 4 heads (+ d q)
+      attention (SDPA)                   q, k, v, log-sum-exp (+ output in bf16) d (q + 2kv)
+                                                                                 + 4 heads (+ d q)
       SwiGLU                             gate, up, silu(gate)                    3 d i
     Frozen base weights save no input (their gradient needs only the weight)."""
     h, q, kv, i = s.hidden, s.q, s.kv, s.intermediate
@@ -111,39 +117,46 @@ def layer_bytes(s: Shape, d: int, lora_r: int) -> int:
 
 
 def forward_bytes(s: Shape, d: int) -> int:
-    """Bytes per token alive at the peak of one no-grad layer forward, inside the MLP's up projection:
-    the residual, the hidden states and their normed copy (+ the float32 copy an adapter makes of it),
-    silu(gate), the base output, and the adapter's float32 output and sum (peft adds in float32)."""
+    """Bytes per token alive at the peak of one no-grad layer forward, inside the MLP's up
+    projection: the residual, the hidden states and their normed copy (+ the float32 copy an adapter
+    makes of it), silu(gate), the base output, and the adapter's float32 output and sum
+    (peft adds in float32)."""
     cast = d < F32
-    return d * (3 * s.hidden + 2 * s.intermediate) + 2 * F32 * s.intermediate + (F32 * s.hidden if cast else 0)
+    return (d * (3 * s.hidden + 2 * s.intermediate) + 2 * F32 * s.intermediate
+            + (F32 * s.hidden if cast else 0))
 
 
 def logits_chunk_bytes(s: Shape, rows: int, d: int, backward: bool) -> int:
-    """token_logprobs' largest transient: rows x CHUNK positions of logits in float32 (+ the model-dtype
-    head output when d < 4) and float32 temporaries. No grad: the log-sum-exp's. Training: the larger
-    of the forward with the entropy (log-softmax, exp, product, result, a bool mask) and the chunk's
-    backward (recomputed logits, softmax, the gather's scattered gradient, their sum, the head's input
-    gradient): 5 float32 copies."""
+    """token_logprobs' largest transient: rows x CHUNK positions of logits in float32
+    (+ the model-dtype head output when d < 4) and float32 temporaries. No grad: the log-sum-exp's.
+    Training: the larger of the forward with the entropy (log-softmax, exp, product, result, a bool
+    mask) and the chunk's backward (recomputed logits, softmax, the gather's scattered gradient,
+    their sum, the head's input gradient): 5 float32 copies."""
     per = (d if d < F32 else 0) + (5 * F32 + 1 if backward else 2 * F32)
     return rows * CHUNK * s.vocab * per
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The estimate of one recipe
 
 
 def estimate(s: Shape, cfg, *, dtype_bytes: int = 2, filler: float = 1.0,
              cuda_overhead_gb: float = 1.0) -> dict[str, float]:
-    """Bytes per component and per phase ("peak_*") for Config `cfg` on Shape `s`; "peak" is their max."""
+    """Bytes per component and per phase ("peak_*") for Config `cfg` on Shape `s`; "peak" is their
+    max."""
     d = dtype_bytes
     linear, embedding, lora = param_counts(s, cfg.lora_r)
-    bits = 4 + 8 / 64 + 32 / (64 * 256) if cfg.load_in_4bit else 8 * d   # NF4, double-quantised absmax
+    # NF4, double-quantised absmax
+    bits = 4 + 8 / 64 + 32 / (64 * 256) if cfg.load_in_4bit else 8 * d
     tokens = cfg.max_prompt_tokens + cfg.max_response_tokens             # per row at the budget
     rows_out = (cfg.rollout_questions or cfg.questions_per_step) * cfg.k
     rows_in = math.ceil(cfg.questions_per_step * cfg.k / (cfg.mini_batches * cfg.grad_accum))
-    fed = max(cfg.max_prompt_tokens, cfg.top_k * cfg.snippet_chars // 4)   # tokens fed at once per row
-    saved = s.layers * (s.hidden * d if cfg.gradient_checkpointing else layer_bytes(s, d, cfg.lora_r))   # per token
-    saved += 2 * s.hidden * d + F32 * s.hidden    # embeddings out, final hidden states, final norm input
+    # tokens fed at once per row
+    fed = max(cfg.max_prompt_tokens, cfg.top_k * cfg.snippet_chars // 4)
+    saved = s.layers * (s.hidden * d if cfg.gradient_checkpointing
+                        else layer_bytes(s, d, cfg.lora_r))  # per token
+    # embeddings out, final hidden states, final norm input
+    saved += 2 * s.hidden * d + F32 * s.hidden
     e = {
         "weights": linear * bits / 8 + embedding * d,
         "lora": lora * F32,
@@ -151,14 +164,19 @@ def estimate(s: Shape, cfg, *, dtype_bytes: int = 2, filler: float = 1.0,
         "adamw": 2 * lora * F32,
         "kv_cache": rows_out * tokens * filler * s.layers * 2 * s.kv * d,
         # + one layer's K and V copied when the cache grows (torch.cat), + last-position logits
-        "rollout_forward": rows_out * fed * forward_bytes(s, d) + rows_out * tokens * filler * 2 * s.kv * d
+        "rollout_forward": rows_out * fed * forward_bytes(s, d)
+        + rows_out * tokens * filler * 2 * s.kv * d
         + rows_out * s.vocab * 3 * F32,
         "recompute_forward": rows_in * tokens * s.hidden * d
-        + max(rows_in * tokens * forward_bytes(s, d), logits_chunk_bytes(s, rows_in, d, backward=False)),
-        "activations": rows_in * tokens * saved + rows_in * tokens * tokens,         # + the bool attention mask
-        # backward meets the logits chunks first, then (checkpointing) one recomputed layer at a time
+        + max(rows_in * tokens * forward_bytes(s, d),
+              logits_chunk_bytes(s, rows_in, d, backward=False)),
+        # + the bool attention mask
+        "activations": rows_in * tokens * saved + rows_in * tokens * tokens,
+        # backward meets the logits chunks first, then (checkpointing) one recomputed layer
+        # at a time
         "backward_transient": max(logits_chunk_bytes(s, rows_in, d, backward=True),
-                                  rows_in * tokens * layer_bytes(s, d, cfg.lora_r) if cfg.gradient_checkpointing else 0),
+                                  rows_in * tokens * layer_bytes(s, d, cfg.lora_r)
+                                  if cfg.gradient_checkpointing else 0),
         "cuda_overhead": cuda_overhead_gb * GB,
     }
     state = e["weights"] + e["lora"] + e["adamw"] + e["cuda_overhead"]
@@ -177,11 +195,12 @@ def table(s: Shape, cfg, gpus: list[float], **kw) -> str:
     rows.append(f"| peak if filler columns doubled the KV cache | {doubled / GB:.2f} |")
     fits = [f"| fits {g:g} GB | {'yes' if e['peak'] <= 0.9 * g * GB else 'NO'} "
             f"({e['peak'] / GB:.1f} of {0.9 * g:.1f} usable) |" for g in gpus]
-    head = (f"{cfg.model}: {cfg.rollout_questions or cfg.questions_per_step} questions x k={cfg.k} rolled "
-            f"out together, {cfg.max_prompt_tokens} + {cfg.max_response_tokens} tokens, update micro-batch "
-            f"of {math.ceil(cfg.questions_per_step * cfg.k / (cfg.mini_batches * cfg.grad_accum))} rows, "
-            f"{'4-bit' if cfg.load_in_4bit else 'bf16'} weights, LoRA r={cfg.lora_r}, gradient checkpointing "
-            f"{'on' if cfg.gradient_checkpointing else 'off'}")
+    head = (f"{cfg.model}: {cfg.rollout_questions or cfg.questions_per_step} questions x k={cfg.k} "
+            f"rolled out together, {cfg.max_prompt_tokens} + {cfg.max_response_tokens} tokens, "
+            "update micro-batch of "
+            f"{math.ceil(cfg.questions_per_step * cfg.k / (cfg.mini_batches * cfg.grad_accum))} "
+            f"rows, {'4-bit' if cfg.load_in_4bit else 'bf16'} weights, LoRA r={cfg.lora_r}, "
+            f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
     return "\n".join([head, "", "| component | GB |", "|---|---|", *rows, *fits])
 
 
@@ -194,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     gpus = [24.0, 16.0, 12.0]
     if "--gpu_gb" in argv:
         at = argv.index("--gpu_gb")
-        gpus = [float(argv.pop(at + 1)) for _ in range(len(argv) - at - 1) if not argv[at + 1].startswith("--")]
+        gpus = [float(argv.pop(at + 1)) for _ in range(len(argv) - at - 1)
+                if not argv[at + 1].startswith("--")]
         argv.pop(at)
     if not any(a.startswith("--model") for a in argv):
         argv = ["--model", "Qwen3-1.7B", *argv]

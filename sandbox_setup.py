@@ -1,17 +1,20 @@
-"""The start of one sandboxed Python call, run as a script by sandbox.run_python: isolation, limits, code.
+"""The start of one sandboxed Python call, run as a script by sandbox.run_python: isolation, limits,
+code.
 
     python -I sandbox_setup.py '{"code": "6 * 7", "work": "/tmp/x", "mode": "namespaces", ...}'
 
 Standard library only: this runs in a fresh interpreter, as the caller, before any limit is set.
 1. Stage 1 (the caller's pid): join the call's cgroups (as root), set rlimits, then by mode:
-   namespaces: unshare user, mount, network, IPC, PID and UTS namespaces, map one uid (the caller's; as
-   root a throwaway one), fork PID 1 of the new PID namespace, wait for it and pass on its exit status;
-   bwrap: run `bwrap` with the same layout, which runs this file again inside ("bwrap-inside": fork
-   the runner, watch the call's memory); landlock: restrict itself to a few folders; none: nothing.
+   namespaces: unshare user, mount, network, IPC, PID and UTS namespaces, map one uid
+   (the caller's; as root a throwaway one), fork PID 1 of the new PID namespace, wait for it and
+   pass on its exit status; bwrap: run `bwrap` with the same layout, which runs this file again
+   inside ("bwrap-inside": fork the runner, watch the call's memory); landlock: restrict itself to a
+   few folders; none: nothing.
 2. PID 1 (namespaces) builds the new root (read-only binds, tmpfs, /proc, devices), pivots into it,
-   forks the runner and watches the call's memory until the runner ends; when PID 1 exits, the kernel
-   kills every process left in its namespace.
-3. The runner switches to the sandbox uid (exec then leaves it no capability) and execs the interpreter.
+   forks the runner and watches the call's memory until the runner ends; when PID 1 exits, the
+   kernel kills every process left in its namespace.
+3. The runner switches to the sandbox uid (exec then leaves it no capability) and execs the
+   interpreter.
 """
 import ctypes
 import json
@@ -22,17 +25,20 @@ import select
 import signal
 import sys
 
-SANDBOX_UID_BASE = 2**30  # as root the code runs as uid SANDBOX_UID_BASE + pid: unused, unique while it lives
+# as root the code runs as uid SANDBOX_UID_BASE + pid: unused, unique while it lives
+SANDBOX_UID_BASE = 2**30
 MAX_PROCESSES = 16  # RLIMIT_NPROC, which counts threads
 SCRATCH_MB = 64  # the tmpfs of /tmp (the working directory) and of /dev/shm
 RO_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
-# The child's whole environment (plus HOME and TMPDIR): nothing of the caller's; one thread per numeric library.
+# The child's whole environment (plus HOME and TMPDIR): nothing of the caller's; one thread per
+# numeric library.
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
                "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
     0x20000, 0x4000000, 0x8000000, 0x10000000, 0x20000000, 0x40000000)
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = (
+    1, 2, 4, 8, 32, 4096, 16384, 1 << 18)
 PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 MEMORY_POLL_S = 0.02  # PID 1 sums the call's memory this often (where no cgroup caps it)
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -76,7 +82,8 @@ def _write(path: str, text: str) -> None:
 def main(config: dict) -> None:
     mode, root = config["mode"], os.getuid() == 0
     if mode == "bwrap-inside":  # stage 2 of the bwrap mode, inside its namespaces: watch the runner
-        limit = MAX_PROCESSES + 2  # counted in bwrap's new user namespace: its PID 1, this one, the code's
+        # counted in bwrap's new user namespace: its PID 1, this one, the code's
+        limit = MAX_PROCESSES + 2
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
         supervise(fork_runner(config["code"], None, None), config["memory_mb"])
     for group in config["cgroups"]:  # first: every process of the call is charged to them
@@ -96,20 +103,25 @@ def main(config: dict) -> None:
         libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
         child = os.fork()
         if child == 0:
-            os.execve(config["bwrap"], bwrap_argv(config), {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
+            os.execve(config["bwrap"], bwrap_argv(config),
+                      {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
         relay(child)
-    processes = MAX_PROCESSES + (0 if root else count_threads(uid))  # NPROC counts all the user's threads
+    # NPROC counts all the user's threads
+    processes = MAX_PROCESSES + (0 if root else count_threads(uid))
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     if mode == "landlock":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left it out
         import sandbox_landlock  # only this mode needs it
-        sandbox_landlock.restrict([*RO_PATHS, *python_paths()], [f"/dev/{d}" for d in DEVICES], work)
+        sandbox_landlock.restrict([*RO_PATHS, *python_paths()], [f"/dev/{d}" for d in DEVICES],
+                                  work)
     run_code(config["code"], work, env)
 
 
 def set_limits(config: dict) -> None:
-    for limit, value in [(resource.RLIMIT_CPU, config["cpu_s"]), (resource.RLIMIT_AS, config["memory_mb"] << 20),
-                         (resource.RLIMIT_FSIZE, 10 << 20), (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)]:
+    for limit, value in [(resource.RLIMIT_CPU, config["cpu_s"]),
+                         (resource.RLIMIT_AS, config["memory_mb"] << 20),
+                         (resource.RLIMIT_FSIZE, 10 << 20), (resource.RLIMIT_NOFILE, 64),
+                         (resource.RLIMIT_CORE, 0)]:
         hard = resource.getrlimit(limit)[1]
         value = value if hard == resource.RLIM_INFINITY else min(value, hard)
         resource.setrlimit(limit, (value, value))
@@ -122,8 +134,10 @@ def run_code(code: str, work: str, env: dict) -> None:
 
 
 def python_paths() -> list[str]:
-    """The interpreter's folders (a venv and its base), real paths, unless under RO_PATHS already."""
-    paths = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
+    """The interpreter's folders (a venv and its base), real paths, unless under RO_PATHS
+    already."""
+    paths = {os.path.realpath(p)
+             for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
     return sorted(p for p in paths if not any(p == r or p.startswith(r + "/") for r in RO_PATHS))
 
 
@@ -140,8 +154,8 @@ def count_threads(uid: int) -> int:
 
 
 def bwrap_argv(config: dict) -> list[str]:
-    argv = [config["bwrap"], "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--cap-drop", "ALL"]
+    argv = [config["bwrap"], "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     for path in [*RO_PATHS, *python_paths()]:
         if os.path.islink(path):
             argv += ["--symlink", os.readlink(path), path]
@@ -150,7 +164,8 @@ def bwrap_argv(config: dict) -> list[str]:
     inside = "/run/aepo/sandbox_setup.py"  # this file, to watch the call's memory from inside
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
              "--ro-bind", os.path.abspath(__file__), inside, "--remount-ro", "/", "--chdir", "/tmp"]
-    return argv + ["--", sys.executable, "-I", inside, json.dumps({**config, "mode": "bwrap-inside", "cgroups": []})]
+    return argv + ["--", sys.executable, "-I", inside,
+                   json.dumps({**config, "mode": "bwrap-inside", "cgroups": []})]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -162,7 +177,8 @@ def namespaces(config: dict, uid: int, gid: int) -> None:
         os.setgroups([])
     flags = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWPID | CLONE_NEWUTS
     ready, go = os.pipe()
-    helper = os.fork() if os.getuid() == 0 else 0  # only a process outside may map a uid not its own
+    # only a process outside may map a uid not its own
+    helper = os.fork() if os.getuid() == 0 else 0
     if os.getuid() == 0 and helper == 0:
         os.read(ready, 1)
         write_maps(os.getppid(), uid, gid)
@@ -199,7 +215,8 @@ def relay(child: int) -> None:
 
 
 def write_maps(pid: int, uid: int, gid: int) -> None:
-    """Map one uid and gid (the caller's, or as root the throwaway one) into pid's new user namespace."""
+    """Map one uid and gid (the caller's, or as root the throwaway one) into pid's new user
+    namespace."""
     if os.getuid() != 0:
         _write(f"/proc/{pid}/setgroups", "deny")  # required before an unprivileged gid_map
     _write(f"/proc/{pid}/uid_map", f"{uid} {uid} 1")
@@ -207,18 +224,23 @@ def write_maps(pid: int, uid: int, gid: int) -> None:
 
 
 def pid1(config: dict, uid: int, gid: int) -> None:
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # stage 1 killed (timeout): PID 1 and all dies
+    # stage 1 killed (timeout): PID 1 and all dies
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     new_root = config["work"]
     build_root(new_root, uid, gid)
     os.chdir(new_root)
     pivot_root = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
     _check(libc.syscall(pivot_root, b".", b"."), "pivot_root")
-    _check(libc.umount2(b".", 2), "umount old root")  # MNT_DETACH: the host's tree is gone from here
+    # MNT_DETACH: the host's tree is gone from here
+    _check(libc.umount2(b".", 2), "umount old root")
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir("/tmp")
-    for path, value in [("user/max_user_namespaces", 0), ("kernel/shmall", config["memory_mb"] << 8),
+    for path, value in [("user/max_user_namespaces", 0),
+                        ("kernel/shmall", config["memory_mb"] << 8),
                         ("kernel/shmmax", config["memory_mb"] << 20)]:
-        try:  # no nested namespaces; SysV memory within the call's budget (it dies with the IPC namespace)
+        # no nested namespaces; SysV memory within the call's budget (it dies with the IPC
+        # namespace)
+        try:
             _write(f"/proc/sys/{path}", str(value))
         except OSError:
             pass
@@ -236,15 +258,16 @@ def fork_runner(code: str, uid: int | None, gid: int | None) -> int:
 
 
 def supervise(runner: int, memory_mb: int) -> None:
-    """Reap orphans until the runner ends, then exit as it did; meanwhile watch the call's memory."""
+    """Reap orphans until the runner ends, then exit as it did; meanwhile watch the call's
+    memory."""
     while True:
         pid, status = os.waitpid(-1, os.WNOHANG)
         if pid == runner:
             signalled = os.WIFSIGNALED(status)
             os._exit(128 + os.WTERMSIG(status) if signalled else os.waitstatus_to_exitcode(status))
         if pid == 0 and memory_used() > memory_mb << 20:
-            print(f"Memory limit exceeded: this call's processes, files and shared memory held more than "
-                  f"{memory_mb} MB", flush=True)
+            print("Memory limit exceeded: this call's processes, files and shared memory held "
+                  f"more than {memory_mb} MB", flush=True)
             os.kill(-1, signal.SIGKILL)  # every process of the namespace but PID 1
             os._exit(128 + signal.SIGKILL)
         if pid == 0:
@@ -252,7 +275,8 @@ def supervise(runner: int, memory_mb: int) -> None:
 
 
 def memory_used() -> int:
-    """Bytes held by the namespace: resident memory of its processes, its tmpfs files, SysV segments."""
+    """Bytes held by the namespace: resident memory of its processes, its tmpfs files, SysV
+    segments."""
     total = 0
     for name in os.listdir("/proc"):
         if name.isdigit() and name not in ("1", str(os.getpid())):
@@ -273,10 +297,12 @@ def memory_used() -> int:
 def build_root(new_root: str, uid: int, gid: int) -> None:
     """A tmpfs at new_root with read-only binds of RO_PATHS and the interpreter, /tmp, /dev, /proc.
 
-    As root, PID 1 is uid 0 outside but unmapped inside: it opens what it binds first (the interpreter may
-    lie under /root), then creates files as the sandbox uid (one unmapped inside cannot)."""
+    As root, PID 1 is uid 0 outside but unmapped inside: it opens what it binds first
+    (the interpreter may lie under /root), then creates files as the sandbox uid (one unmapped
+    inside cannot)."""
     os.umask(0o022)
-    sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC) for path in [*RO_PATHS, *python_paths()]
+    sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC)
+               for path in [*RO_PATHS, *python_paths()]
                if os.path.isdir(path) and not os.path.islink(path)}
     libc.setfsgid(gid)
     libc.setfsuid(uid)
@@ -292,7 +318,8 @@ def build_root(new_root: str, uid: int, gid: int) -> None:
             mount(f"/proc/self/fd/{sources[path]}", target, None, MS_BIND | MS_REC)
             for point in mount_points(target):  # each submount too; keep the flags the kernel locks
                 flags = mount_flags(point)
-                mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | flags)
+                mount(None, point, None,
+                      MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | flags)
     for path in ("/tmp", "/dev/shm"):
         os.makedirs(new_root + path)
         mount("tmpfs", new_root + path, "tmpfs", MS_NOSUID | MS_NODEV,
@@ -300,11 +327,12 @@ def build_root(new_root: str, uid: int, gid: int) -> None:
     for device in DEVICES:
         open(f"{new_root}/dev/{device}", "w").close()
         mount(f"/dev/{device}", f"{new_root}/dev/{device}", None, MS_BIND)
-    for name, target in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-                         ("stderr", "/proc/self/fd/2")]:
+    for name, target in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]:
         os.symlink(target, f"{new_root}/dev/{name}")
     os.makedirs(new_root + "/proc")
-    try:  # refused where the host's /proc has parts masked (containers): then the code gets no /proc
+    # refused where the host's /proc has parts masked (containers): then the code gets no /proc
+    try:
         mount("proc", new_root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     except OSError:
         pass
@@ -325,7 +353,8 @@ def mount_points(target: str) -> list[str]:
 
 
 def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); no codec import here."""
+    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); no codec import
+    here."""
     parts = field.split("\\")
     return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] for p in parts[1:])
 
@@ -333,8 +362,8 @@ def _unescape(field: str) -> str:
 def mount_flags(point: str) -> int:
     """The flags of a mount that a user namespace may not change (MS_* from statvfs's ST_*)."""
     flag = os.statvfs(point).f_flag
-    st_to_ms = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, 1024: 1024, 2048: 2048,
-                4096: 1 << 21}  # ST_NOATIME, ST_NODIRATIME, ST_RELATIME -> MS_RELATIME
+    st_to_ms = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, 1024: 1024,
+                2048: 2048, 4096: 1 << 21}  # ST_NOATIME, ST_NODIRATIME, ST_RELATIME -> MS_RELATIME
     return sum(ms for st, ms in st_to_ms.items() if flag & st)
 
 

@@ -1,24 +1,26 @@
 """The agent's tools: web search (live, local BM25, cached) and a sandboxed Python interpreter.
 
 A segment the policy generates ends with `<search> query </search>` or `<python> code </python>`
-(as released with arXiv 2510.14545): `parse_tool_call` extracts the call, a search backend or `run_python` turns it into
-text, `result_block` wraps that text for the trajectory. Failures of the outside world (network, rate
-limits, timeouts, crashing code) come back as text for the model; nothing here raises into a rollout.
-A search backend has `search(query, k) -> str` (the top k snippets: "Page 1: ...\\nPage 2: ...") and int
-counters `calls`, `errors` (`CachedSearch` also `hits`, `misses`); error texts start with SEARCH_FAILED.
+(as released with arXiv 2510.14545): `parse_tool_call` extracts the call, a search backend or
+`run_python` turns it into text, `result_block` wraps that text for the trajectory. Failures of the
+outside world (network, rate limits, timeouts, crashing code) come back as text for the model;
+nothing here raises into a rollout. A search backend has `search(query, k) -> str` (the top k
+snippets: "Page 1: ...\\nPage 2: ...") and int counters `calls`, `errors` (`CachedSearch` also
+`hits`, `misses`); error texts start with SEARCH_FAILED.
 
     >>> parse_tool_call("<think> Age at release? </think> <python> 1987 - 1962 </python>")
     ('python', '1987 - 1962')
     >>> run_python("1987 - 1962")
     '25'
-    >>> print(format_results(["Ada Lovelace wrote the first program.", "Born 1815."], snippet_chars=12))
+    >>> print(format_results(["Ada Lovelace wrote the first program.", "Born 1815."],
+    ...                      snippet_chars=12))
     Page 1: Ada Lovelace
     Page 2: Born 1815.
 
-`run_python` lives in sandbox.py (isolation, limits; `describe_isolation()` says which isolation holds).
-Search failures are bounded and counted: a web query never takes longer than `query_timeout_s` in all
-(every engine and retry included), and `take_search_stats(tools)` gives the calls, errors, cache hits
-and misses since it was last called, which train.py logs per step.
+`run_python` lives in sandbox.py (isolation, limits; `describe_isolation()` says which isolation
+holds). Search failures are bounded and counted: a web query never takes longer than
+`query_timeout_s` in all (every engine and retry included), and `take_search_stats(tools)` gives the
+calls, errors, cache hits and misses since it was last called, which train.py logs per step.
 """
 import fcntl
 import json
@@ -51,17 +53,17 @@ def parse_tool_call(text: str) -> tuple[str, str] | None:
     return None
 
 
-# Never verbatim inside a result: output printing "\n</result>" would close its block early and could then
-# write an answer the grader takes for the policy's own (data.py, decision 1); "<|" starts chat control
-# tokens (<|im_end|> would end the turn inside a result).
-_ESCAPED = ("<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>", "</result>",
-            "<answer>", "</answer>", "<|")
+# Never verbatim inside a result: output printing "\n</result>" would close its block early and
+# could then write an answer the grader takes for the policy's own (data.py, decision 1); "<|"
+# starts chat control tokens (<|im_end|> would end the turn inside a result).
+_ESCAPED = ("<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>",
+            "</result>", "<answer>", "</answer>", "<|")
 
 
 def result_block(output: str) -> str:
-    """The text appended after a tool call (the policy never samples it: loss mask 0). Agent tags and
-    chat control tokens in the output are escaped, "</result>" -> "&lt;/result>": no program or page
-    can close its block, open an answer, or end the turn."""
+    """The text appended after a tool call (the policy never samples it: loss mask 0). Agent tags
+    and chat control tokens in the output are escaped, "</result>" -> "&lt;/result>": no program or
+    page can close its block, open an answer, or end the turn."""
     for tag in _ESCAPED:
         output = output.replace(tag, "&lt;" + tag[1:])
     return " <result>\n" + output + "\n</result>"
@@ -70,23 +72,28 @@ def result_block(output: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # Search
 
-SEARCH_FAILED = "Search failed: "  # every search error text starts so; CachedSearch never caches one
+# every search error text starts so; CachedSearch never caches one
+SEARCH_FAILED = "Search failed: "
 NO_RESULTS = "No results found."
 
 
 def format_results(snippets: list[str], snippet_chars: int = 1000) -> str:
     """'Page 1: ...\\nPage 2: ...' as released; each snippet on one line, cut to snippet_chars."""
-    lines = [line for line in (" ".join(snippet.split())[:snippet_chars] for snippet in snippets) if line]
-    return "\n".join(f"Page {i}: {line}" for i, line in enumerate(lines, start=1)) if lines else NO_RESULTS
+    lines = [line for line in (" ".join(snippet.split())[:snippet_chars] for snippet in snippets)
+             if line]
+    return ("\n".join(f"Page {i}: {line}" for i, line in enumerate(lines, start=1)) if lines
+            else NO_RESULTS)
 
 
 class BM25Search:
     """Offline BM25 search (bm25s) over {"id", "title", "text"} documents; snippet = "title: text".
 
-    The index is built once, here (10k documents: ~1 s); documents sharing no query word are not returned."""
+    The index is built once, here (10k documents: ~1 s); documents sharing no query word are not
+    returned."""
 
     def __init__(self, docs: list[dict], snippet_chars: int = 1000):
-        import bm25s  # here, not at the top: it pulls in numpy and scipy (~0.2 s), and only BM25 needs them
+        # here, not at the top: it pulls in numpy and scipy (~0.2 s), and only BM25 needs them
+        import bm25s
 
         if not docs:
             raise ValueError("BM25Search needs at least one document")
@@ -94,7 +101,8 @@ class BM25Search:
         self.tokenizer = bm25s.tokenization.Tokenizer(stopwords="en")
         texts = [f"{doc['title']} {doc['text']}" for doc in docs]
         self.index = bm25s.BM25()
-        self.index.index(self.tokenizer.tokenize(texts, update_vocab=True, show_progress=False), show_progress=False)
+        self.index.index(self.tokenizer.tokenize(texts, update_vocab=True, show_progress=False),
+                         show_progress=False)
         self.lock = threading.Lock()
         self.calls = self.errors = 0
 
@@ -110,8 +118,9 @@ class BM25Search:
                     doc = json.loads(line)
                     docs.append({"id": doc["id"], "title": doc["title"], "text": doc["text"]})
                 except (ValueError, KeyError, TypeError) as error:
-                    raise ValueError(f"{path}, line {line_no}: expected a JSON object with keys id, title, "
-                                     f"text ({type(error).__name__}: {error}); fix or delete the line") from None
+                    raise ValueError(f"{path}, line {line_no}: expected a JSON object with keys "
+                                     f"id, title, text ({type(error).__name__}: {error}); fix or "
+                                     "delete the line") from None
         return cls(docs, snippet_chars)
 
     def search(self, query: str, k: int = 10) -> str:
@@ -121,25 +130,29 @@ class BM25Search:
                 self.errors += 1
                 return SEARCH_FAILED + "empty query"
             query_ids = self.tokenizer.tokenize([query], update_vocab=False, show_progress=False)
-            rows, scores = self.index.retrieve(query_ids, k=min(k, len(self.docs)), show_progress=False)  # (1, k)
+            rows, scores = self.index.retrieve(query_ids, k=min(k, len(self.docs)),
+                                               show_progress=False)  # (1, k)
         hits = [self.docs[i] for i, score in zip(rows[0], scores[0]) if score > 0]
-        return format_results([f"{doc['title']}: {doc['text']}" for doc in hits], self.snippet_chars)
+        return format_results([f"{doc['title']}: {doc['text']}" for doc in hits],
+                              self.snippet_chars)
 
 
 class WebSearch:
     """Live web search through ddgs (DuckDuckGo and other engines, no API key) with bounded retries.
 
     A query gets 1 + `retries` attempts, each limited to `timeout_s` by ddgs (which may try several
-    engines in one attempt). Before retry i (from 0) it sleeps backoff_s * 2**i, and RATE_LIMIT_FACTOR
-    times longer after a rate limit. The whole query, retries and sleeps included, returns within
-    `query_timeout_s`: past it the answer is an error text (the abandoned attempt ends on its own in the
-    background, within its ddgs timeout). `sleep` is replaceable so tests need not wait.
+    engines in one attempt). Before retry i (from 0) it sleeps backoff_s * 2**i, and
+    RATE_LIMIT_FACTOR times longer after a rate limit. The whole query, retries and sleeps included,
+    returns within `query_timeout_s`: past it the answer is an error text (the abandoned attempt
+    ends on its own in the background, within its ddgs timeout). `sleep` is replaceable so tests
+    need not wait.
     """
 
     RATE_LIMIT_FACTOR = 4
 
-    def __init__(self, timeout_s: float = 5.0, retries: int = 2, backoff_s: float = 1.0, snippet_chars: int = 1000,
-                 sleep: Callable[[float], None] = time.sleep, query_timeout_s: float = 20.0):
+    def __init__(self, timeout_s: float = 5.0, retries: int = 2, backoff_s: float = 1.0,
+                 snippet_chars: int = 1000, sleep: Callable[[float], None] = time.sleep,
+                 query_timeout_s: float = 20.0):
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.snippet_chars, self.sleep, self.query_timeout_s = snippet_chars, sleep, query_timeout_s
         self.lock = threading.Lock()
@@ -149,10 +162,12 @@ class WebSearch:
         with self.lock:
             self.calls += 1
         answer: list[str] = []
-        worker = threading.Thread(target=lambda: answer.append(self._attempts(query, k)), daemon=True)
+        worker = threading.Thread(target=lambda: answer.append(self._attempts(query, k)),
+                                  daemon=True)
         worker.start()
         worker.join(self.query_timeout_s)
-        result = answer[0] if answer else f"{SEARCH_FAILED}no answer within {self.query_timeout_s:g} s"
+        result = (answer[0] if answer
+                  else f"{SEARCH_FAILED}no answer within {self.query_timeout_s:g} s")
         if result.startswith(SEARCH_FAILED):
             with self.lock:
                 self.errors += 1
@@ -167,9 +182,11 @@ class WebSearch:
         for attempt in range(self.retries + 1 if query.strip() else 0):
             try:
                 hits = DDGS(timeout=self.timeout_s).text(query, max_results=k)
-                return format_results([hit.get("body") or hit.get("title", "") for hit in hits], self.snippet_chars)
+                return format_results([hit.get("body") or hit.get("title", "") for hit in hits],
+                                      self.snippet_chars)
             except (DDGSException, OSError) as error:
-                if "No results found" in str(error):  # ddgs reports an empty result page as an error
+                # ddgs reports an empty result page as an error
+                if "No results found" in str(error):
                     return NO_RESULTS
                 reason = f"{type(error).__name__}: {error}"
                 wait = self.backoff_s * 2**attempt
@@ -181,21 +198,23 @@ class WebSearch:
 
 
 class CachedSearch:
-    """A JSON file cache {query: result text} in front of any backend: the format of search_cache.json.
+    """A JSON file cache {query: result text} in front of any backend: the format of
+    search_cache.json.
 
-    Keys are the exact query string, as released: `k` is not part of the key, so a hit returns what was
-    stored whatever k asks for (the released data always used k = 10). A hit never calls the backend;
-    error texts are not stored. Each new entry is merged into the file under an exclusive lock on
-    `<path>.lock` (entries other processes wrote meanwhile are kept, and read in) and the file is
-    replaced atomically: two runs sharing one cache lose nothing, and a crash leaves the old file whole."""
+    Keys are the exact query string, as released: `k` is not part of the key, so a hit returns what
+    was stored whatever k asks for (the released data always used k = 10). A hit never calls the
+    backend; error texts are not stored. Each new entry is merged into the file under an exclusive
+    lock on `<path>.lock` (entries other processes wrote meanwhile are kept, and read in) and the
+    file is replaced atomically: two runs sharing one cache lose nothing, and a crash leaves the old
+    file whole."""
 
     LOCK_WAIT_S = 5.0
 
     def __init__(self, backend, path: str | Path):
         self.backend, self.path = backend, Path(path)
         if self.path.is_dir():
-            raise ValueError(f"{self.path} is a directory; the search cache must be a JSON file path "
-                             f"(e.g. {self.path / 'search_cache.json'})")
+            raise ValueError(f"{self.path} is a directory; the search cache must be a JSON file "
+                             f"path (e.g. {self.path / 'search_cache.json'})")
         self.cache = self._read() if self.path.exists() else {}
         self.lock = threading.Lock()
         self.calls = self.errors = self.hits = self.misses = 0
@@ -204,14 +223,16 @@ class CachedSearch:
         try:
             cache = json.loads(self.path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as error:
-            raise ValueError(f"{self.path}: not a valid search cache ({error}); fix or delete it") from None
+            raise ValueError(f"{self.path}: not a valid search cache ({error}); "
+                             "fix or delete it") from None
         if not isinstance(cache, dict):
             raise ValueError(f"{self.path}: expected a JSON object {{query: result text}}, found "
                              f"{type(cache).__name__}; fix or delete it")
         for query, text in cache.items():
             if not isinstance(text, str):
-                raise ValueError(f"{self.path}: the entry for {query[:80]!r} is {type(text).__name__} "
-                                 f"{str(text)[:40]!r}, expected result text (a string); fix or delete that entry")
+                raise ValueError(f"{self.path}: the entry for {query[:80]!r} is "
+                                 f"{type(text).__name__} {str(text)[:40]!r}, expected result text "
+                                 "(a string); fix or delete that entry")
         return cache
 
     def search(self, query: str, k: int = 10) -> str:
@@ -231,35 +252,40 @@ class CachedSearch:
         return result
 
     def _write(self) -> None:
-        """Merge with the file under a lock between processes; readers see the old file or the new one."""
+        """Merge with the file under a lock between processes; readers see the old file or the new
+        one."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
                 self._lock(lock)  # released when the file closes
                 if self.path.exists():
                     self.cache = {**self._read(), **self.cache}
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".", suffix=".tmp")
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".",
+                                           suffix=".tmp")
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
                     json.dump(self.cache, f, ensure_ascii=False, indent=2)
                 os.replace(tmp, self.path)
-        except (OSError, ValueError) as error:  # a full disk must not stop training: the entry stays in memory
+        except (OSError, ValueError) as error:
+            # a full disk must not stop training: the entry stays in memory
             warnings.warn(f"could not write the search cache {self.path}: {error}")
 
     def _lock(self, lock) -> None:
-        """Wait for the file lock at most LOCK_WAIT_S: a stopped process holding it must not stop a step."""
+        """Wait for the file lock at most LOCK_WAIT_S: a stopped process holding it must not stop a
+        step."""
         deadline = time.monotonic() + self.LOCK_WAIT_S
         while True:
             try:
                 return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if time.monotonic() > deadline:
-                    raise OSError(f"{lock.name} stayed locked {self.LOCK_WAIT_S:g} s; the entry is kept in "
-                                  "memory and written with the next one") from None
+                    raise OSError(f"{lock.name} stayed locked {self.LOCK_WAIT_S:g} s; the entry is "
+                                  "kept in memory and written with the next one") from None
                 time.sleep(0.01)
 
 
 class SearchTool:
-    """The search tool as the rollout calls it (query -> text) with its backend at hand for the counters."""
+    """The search tool as the rollout calls it (query -> text) with its backend at hand for the
+    counters."""
 
     def __init__(self, backend, k: int):
         self.backend, self.k, self.taken = backend, k, {}
@@ -272,7 +298,8 @@ STAT_NAMES = ("calls", "errors", "hits", "misses")
 
 
 def take_search_stats(tools: dict) -> dict[str, int]:
-    """Search calls, errors, cache hits and misses since the last take (zeros for a plain function)."""
+    """Search calls, errors, cache hits and misses since the last take (zeros for a plain
+    function)."""
     tool = tools.get("search")
     if not isinstance(tool, SearchTool):
         return dict.fromkeys(STAT_NAMES, 0)

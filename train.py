@@ -32,10 +32,11 @@ import torch
 from tqdm import tqdm
 
 import data
+import loaders
 import loss as L
 import report
 import world
-from aepo import Config, parse_config, save_config
+from aepo import Config, save_config
 from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import BM25Search, describe_isolation, take_search_stats
@@ -72,7 +73,7 @@ def sft(cfg: Config, run: Path) -> Path:
         demos = world.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search, top_k=cfg.top_k,
                                      bad_fraction=cfg.sft_bad_fraction)
     else:
-        demos = data.load_demos(cfg.sft_dataset)
+        demos = loaders.load_demos(cfg.sft_dataset)
     rows = [demo_tensors(tok, d, system_prompt_for(cfg)) for d in demos]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
@@ -99,6 +100,31 @@ def sft(cfg: Config, run: Path) -> Path:
     out = run / "sft"
     _atomic_save(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return out
+
+
+def cached_sft(cfg: Config) -> Path:
+    """--init_from cached-sft: the tiny policy after the default cold-start SFT (seed 0), trained once
+    per machine into the cache folder, like the tiny model itself, and shared by every run that starts
+    from it (the `class` preset). Its name hashes the code and settings it came from; a lock lets two
+    runs started together build it once."""
+    import fcntl
+    import inspect
+
+    base = Config()
+    recipe = {f: getattr(base, f) for f in ("model", "sft_steps", "sft_batch", "sft_lr", "sft_demos",
+                                            "sft_bad_fraction", "seed", "top_k", "snippet_chars",
+                                            "system_prompt", "weight_decay", "grad_clip")}
+    key = world.code_hash(*(Path(m.__file__).read_text() for m in (world, data)), inspect.getsource(sft),
+                          inspect.getsource(demo_tensors), f"recipe = {recipe!r}")
+    folder = world.CACHE_DIR / f"sft-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "sft" / "config.json").exists():
+            print(f"building the cached SFT start in {folder} (once per machine: {base.sft_steps} steps, "
+                  "about 5-10 min on 2 CPU cores)")
+            sft(base, folder)
+    return folder / "sft"
 
 
 def length_grouped_batches(rows: list, batch: int, rng: random.Random, pool: int = 8):
@@ -269,6 +295,8 @@ def load_checkpoint(ckpt: Path, model, opt) -> int:
 
 def rl_start(cfg: Config, run: Path) -> str:
     """Where RL starts: --init_from, else this run's SFT output, else the base model."""
+    if cfg.init_from == "cached-sft":
+        return str(cached_sft(cfg))
     if cfg.init_from:
         return cfg.init_from
     return str(run / "sft") if (run / "sft").exists() else cfg.model
@@ -298,22 +326,38 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
         print(f"resumed from {ckpt} (next step {start + 1})")
     ddp_model, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
+    sampled = sum(r.get("sampled_tokens", 0) for r in report.read_metrics(run)) if start else 0
+    tracker = report.Tracker(cfg, run) if main else None
     bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start, total=cfg.steps,
                disable=not main)
+    done = start
     for step in bar:
+        if 0 < cfg.token_budget <= sampled:                 # resumed after the budget was spent
+            break
         metrics, samples = rl_step(ddp_model, tok, opt, examples, tools, cfg, step, accelerator)
+        done = step + 1
+        sampled += metrics["sampled_tokens"] * accelerator.num_processes
+        metrics["sampled_tokens_total"] = sampled
+        last = step == cfg.steps - 1 or 0 < cfg.token_budget <= sampled      # --token_budget spent
         if main:
             with open(run / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(metrics) + "\n")
+            tracker.log(metrics)
             tqdm.write(report.log_line(metrics, cfg.steps))
-            if step % cfg.sample_every == 0 or step == cfg.steps - 1:
+            if step % cfg.sample_every == 0 or last:
                 with open(run / "samples.jsonl", "a") as f:
                     f.writelines(json.dumps(s) + "\n" for s in samples)
-        if (step + 1) % cfg.save_every == 0 or step == cfg.steps - 1:
+        if (step + 1) % cfg.save_every == 0 or last:
             if main:
                 save_checkpoint(run, step, model, opt)
                 report.plot_curves(run)
             accelerator.wait_for_everyone()
+        if last:
+            break
+    if main:
+        if cfg.token_budget:
+            print(f"RL: {sampled} sampled tokens in {done} steps (--token_budget {cfg.token_budget})")
+        tracker.close()
 
 
 def _truncate_metrics(run: Path, next_step: int) -> None:
@@ -321,7 +365,7 @@ def _truncate_metrics(run: Path, next_step: int) -> None:
     for name in ("metrics.jsonl", "samples.jsonl"):
         path = run / name
         if path.exists():
-            keep = [l for l in open(path) if json.loads(l)["step"] < next_step]
+            keep = [line for line in open(path) if json.loads(line)["step"] < next_step]
             path.write_text("".join(keep))
 
 

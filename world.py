@@ -9,7 +9,7 @@ In and out:
   format, each in a fresh random world; `tokenizer_corpus()` yields text for training a tiny BPE tokenizer.
 - `load_examples(spec)` is the dataset entry point of train.py, eval.py and the benchmarks: it answers
   "world" (= "world:train") and "world:heldout" itself and passes every other name (a file, a hub id)
-  to `data.load_examples`, which knows no particular world.
+  to `loaders.load_examples`, which knows no particular world.
 - `build_tiny()` builds (once, cached under .cache/) the tiny policy: a 1.9M-parameter Qwen3 with a BPE
   tokenizer trained on `tokenizer_corpus()`; `policy.load_policy("tiny")` loads it.
 
@@ -22,21 +22,24 @@ Decisions worth knowing:
 2. World questions: three 1-hop kinds, two 2-hop kinds (the founder's country and, beyond the spec, the
    headquarters' country, so held-out sets have enough 2-hop questions) and one arithmetic kind.
 """
+import ast
 import hashlib
 import os
 import random
 import re
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import data
+import loaders
 from data import AGENT_TAGS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Demo, Example
 
-# ------------------------------------------------------------------------------------------ built-in world
-# Invented one-word names, distinct across lexicons. Every world recombines the same words, so a model
-# cannot memorise who is who and must copy names from the question and the search results.
+# ----------------------------------------------------------------------------------- built-in world
+# Invented one-word names, distinct across lexicons. Every world recombines the same words, so a
+# model cannot memorise who is who and must copy names from the question and the search results.
 FIRST_NAMES = """Abrin Belio Corva Davek Elvra Fenno Galim Hessa Idrin Jorun Kavel Lumra Mirel Nadro Ossia
 Pelio Quila Ravon Selka Tovan Ulvin Vessa Wenlo Xamir Yorra Zelin Aldun Brisel Cavio Dorla Emrin Faelo Gidra
 Halvo Isvar Jelvo Kirso Lunka Morva Nilsa Orlek Pavra Quoro Rilda Soveg Tamsi Ursel Velko Wimra Yasko Zurev
@@ -89,38 +92,48 @@ def build_world(seed: int, n_people: int = 200, n_cities: int = 40, n_countries:
     rng = random.Random(seed)
     countries = rng.sample(COUNTRIES, n_countries)
     city_names = rng.sample(CITIES, n_cities)
-    cities = {c: countries[i] if i < n_countries else rng.choice(countries) for i, c in enumerate(city_names)}
-    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES], n_people)
+    cities = {c: countries[i] if i < n_countries else rng.choice(countries)
+              for i, c in enumerate(city_names)}
+    names = rng.sample([f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES],
+                       n_people)
     years: list[int] = []
-    for i in range(n_people):  # the two people of a pair differ in age, so "how many years older" is positive
+    # the two people of a pair differ in age, so "how many years older" is positive
+    for i in range(n_people):
         years.append(rng.randint(1900, 1999))
         while i % 2 and years[-1] == years[-2]:
             years[-1] = rng.randint(1900, 1999)
     company_names = rng.sample(COMPANIES, n_companies)
     older_half = sorted(range(n_people), key=years.__getitem__)[: max(n_people // 2, n_companies)]
-    founder = dict(zip(company_names, rng.sample(older_half, n_companies)))  # company -> person index
+    # company -> person index
+    founder = dict(zip(company_names, rng.sample(older_half, n_companies)))
     founded_by = {i: company for company, i in founder.items()}
-    people = [Person(names[i], years[i], rng.choice(city_names), founded_by.get(i) or rng.choice(company_names))
+    people = [Person(names[i], years[i], rng.choice(city_names),
+                     founded_by.get(i) or rng.choice(company_names))
               for i in range(n_people)]
-    companies = [Company(c, names[i], rng.choice(city_names), min(years[i] + rng.randint(20, 40), 1999))
+    companies = [Company(c, names[i], rng.choice(city_names),
+                         min(years[i] + rng.randint(20, 40), 1999))
                  for c, i in founder.items()]
-    texts = [f"{p.name} was born in {p.birth_year} in {p.birth_city}, a city in {cities[p.birth_city]}. "
-             f"{p.name} works for {p.employer}." for p in people]
+    texts = [f"{p.name} was born in {p.birth_year} in {p.birth_city}, a city in "
+             f"{cities[p.birth_city]}. {p.name} works for {p.employer}." for p in people]
     texts += [f"{c.name} is a company founded in {c.founded} by {c.founder}. "
               f"{c.name} has its headquarters in {c.headquarters}." for c in companies]
     texts += [f"{city} is a city in {country}." for city, country in cities.items()]
-    texts += [f"{k} is a country with the cities {', '.join(c for c in city_names if cities[c] == k)}."
+    texts += [f"{k} is a country with the cities "
+              f"{', '.join(c for c in city_names if cities[c] == k)}."
               for k in countries]
     titles = [p.name for p in people] + [c.name for c in companies] + city_names + countries
-    docs = [{"id": f"{seed}-{i}", "title": title, "text": text} for i, (title, text) in enumerate(zip(titles, texts))]
+    docs = [{"id": f"{seed}-{i}", "title": title, "text": text}
+            for i, (title, text) in enumerate(zip(titles, texts))]
     return World(seed, people, cities, countries, companies, docs)
 
 
-# Question templates, shared by the world's questions and the demonstrations so their wording is identical.
+# Question templates, shared by the world's questions and the demonstrations so their wording is
+# identical.
 ONE_HOP = {  # Person attribute -> (question, what the agent looks for, what the document says)
     "birth_city": ("Where was {x} born?", "where {x} was born", "{x} was born in {a}"),
     "birth_year": ("In which year was {x} born?", "the year {x} was born", "{x} was born in {a}"),
-    "employer": ("Which company does {x} work for?", "the company {x} works for", "{x} works for {a}"),
+    "employer": ("Which company does {x} work for?", "the company {x} works for",
+                 "{x} works for {a}"),
 }
 FOUNDER_COUNTRY = "In which country was the founder of {y} born?"
 HEADQUARTERS_COUNTRY = "In which country are the headquarters of {y}?"
@@ -135,13 +148,16 @@ def _world_items(world: World) -> list[tuple[Example, int]]:
              for p in world.people for attr, (q, _, _) in ONE_HOP.items()]
     for c in world.companies:
         founder_country = world.cities[birth[c.founder].birth_city]
-        items.append((Example(FOUNDER_COUNTRY.format(y=c.name), (founder_country,), "world", "2hop"), unit[c.founder]))
+        items.append((Example(FOUNDER_COUNTRY.format(y=c.name), (founder_country,),
+                              "world", "2hop"), unit[c.founder]))
         hq_country = world.cities[c.headquarters]
-        items.append((Example(HEADQUARTERS_COUNTRY.format(y=c.name), (hq_country,), "world", "2hop"), unit[c.founder]))
+        items.append((Example(HEADQUARTERS_COUNTRY.format(y=c.name), (hq_country,),
+                              "world", "2hop"), unit[c.founder]))
     for a, b in zip(world.people[::2], world.people[1::2]):
         old, young = sorted((a, b), key=lambda p: p.birth_year)
         gold = str(young.birth_year - old.birth_year)
-        items.append((Example(YEARS_OLDER.format(x=old.name, z=young.name), (gold,), "world", "math"), unit[a.name]))
+        items.append((Example(YEARS_OLDER.format(x=old.name, z=young.name), (gold,),
+                              "world", "math"), unit[a.name]))
     return items
 
 
@@ -163,13 +179,16 @@ def world_splits(seed: int = 0, n_heldout: int = 150) -> tuple[list[Example], li
         held.add(u)
         count += sum(1 for _, v in items if v == u)
     if len(held) == len(units):
-        raise ValueError(f"n_heldout={n_heldout} leaves no training question (the world has {len(items)})")
+        raise ValueError(f"n_heldout={n_heldout} leaves no training question (the world has "
+                         f"{len(items)})")
     rank = {u: i for i, u in enumerate(units)}
-    heldout = [ex for ex, u in sorted((it for it in items if it[1] in held), key=lambda it: rank[it[1]])][:n_heldout]
+    heldout = [ex for ex, u in sorted((it for it in items if it[1] in held),
+                                      key=lambda it: rank[it[1]])][:n_heldout]
     train = [ex for ex, u in items if u not in held]
     rng.shuffle(train)
     rng.shuffle(heldout)
-    return [replace(ex, source="world:train") for ex in train], [replace(ex, source="world:heldout") for ex in heldout]
+    return ([replace(ex, source="world:train") for ex in train],
+            [replace(ex, source="world:heldout") for ex in heldout])
 
 
 def world_corpus(seed: int = 0) -> list[dict]:
@@ -182,18 +201,19 @@ WORLD_SPECS = ("world", "world:train", "world:heldout")  # "world" is world:trai
 
 def load_examples(spec: str, limit: int | None = None) -> list[Example]:
     """Questions of a dataset name: world, world:train or world:heldout (world 0) here; a .parquet or
-    .jsonl file or a hub id through data.load_examples."""
+    .jsonl file or a hub id through loaders.load_examples."""
     spec = str(spec)
     if spec != "world" and not spec.startswith("world:"):
-        return data.load_examples(spec, limit)
+        return loaders.load_examples(spec, limit)
     if spec not in WORLD_SPECS:
-        raise ValueError(f"unknown world split {spec!r}: use world (= world:train), world:train or world:heldout")
-    data.head([], limit)  # a bad limit fails before the world is built
+        raise ValueError(f"unknown world split {spec!r}: use world (= world:train), world:train or "
+                         "world:heldout")
+    loaders.head([], limit)  # a bad limit fails before the world is built
     train, heldout = world_splits(0)
-    return data.head(heldout if spec == "world:heldout" else train, limit)
+    return loaders.head(heldout if spec == "world:heldout" else train, limit)
 
 
-# ----------------------------------------------------------------------------------------- demonstrations
+# ----------------------------------------------------------------------------------- demonstrations
 DEMO_KINDS = {"1hop": 0.5, "2hop": 0.25, "math": 0.25}  # share of demonstrations per question type
 
 
@@ -214,7 +234,8 @@ def _plan(world: World, kind: str, rng: random.Random) -> _Plan:
     if kind == "1hop":
         p, attr = rng.choice(world.people), rng.choice(list(ONE_HOP))
         question, need, fact = (t.format(x=p.name, a=getattr(p, attr)) for t in ONE_HOP[attr])
-        guess = {"birth_city": rng.choice(list(world.cities)), "birth_year": str(rng.randint(1900, 1999)),
+        guess = {"birth_city": rng.choice(list(world.cities)),
+                 "birth_year": str(rng.randint(1900, 1999)),
                  "employer": rng.choice(world.companies).name}[attr]
         return _Plan(question, str(getattr(p, attr)), kind, f"I need to find {need}.",
                      [(p.name, f"{says} {fact}.")], None, guess)
@@ -223,12 +244,14 @@ def _plan(world: World, kind: str, rng: random.Random) -> _Plan:
         f = next(p for p in world.people if p.name == c.founder)
         if rng.random() < 0.5:
             country = world.cities[f.birth_city]
-            hops = [(c.name, f"{says} {c.name} was founded by {f.name}. I need to find where {f.name} was born."),
+            hops = [(c.name, f"{says} {c.name} was founded by {f.name}. I need to find where "
+                             f"{f.name} was born."),
                     (f.name, f"{says} {f.name} was born in {f.birth_city}, a city in {country}.")]
             question, need = FOUNDER_COUNTRY.format(y=c.name), f"the founder of {c.name}"
         else:
             city, country = c.headquarters, world.cities[c.headquarters]
-            hops = [(c.name, f"{says} {c.name} has its headquarters in {city}. I need to find the country of {city}."),
+            hops = [(c.name, f"{says} {c.name} has its headquarters in {city}. I need to find the "
+                             f"country of {city}."),
                     (city, f"{says} {city} is a city in {country}.")]
             question, need = HEADQUARTERS_COUNTRY.format(y=c.name), f"the headquarters of {c.name}"
         return _Plan(question, country, kind, f"I need to find {need}.", hops, None, guess)
@@ -237,12 +260,15 @@ def _plan(world: World, kind: str, rng: random.Random) -> _Plan:
     x, z, diff = old.name, young.name, young.birth_year - old.birth_year
     hops = [(x, f"{says} {x} was born in {old.birth_year}. I need to find the year {z} was born."),
             (z, f"{says} {z} was born in {young.birth_year}.")]
-    python = (f"{young.birth_year} - {old.birth_year}", str(diff), f"{says} {x} is {diff} years older than {z}.")
-    return _Plan(YEARS_OLDER.format(x=x, z=z), str(diff), kind, f"I need to find the years {x} and {z} were born.",
+    python = (f"{young.birth_year} - {old.birth_year}", str(diff),
+              f"{says} {x} is {diff} years older than {z}.")
+    return _Plan(YEARS_OLDER.format(x=x, z=z), str(diff), kind,
+                 f"I need to find the years {x} and {z} were born.",
                  hops, python, str(rng.randint(1, 99)))
 
 
-def _write(plan: _Plan, quality: str, search: Callable[[str], str], world: World, rng: random.Random) -> str:
+def _write(plan: _Plan, quality: str, search: Callable[[str], str], world: World,
+           rng: random.Random) -> str:
     """Render a plan as an AEPO trajectory; `quality` says which mistake, if any, the agent makes."""
     think = lambda s: f"<think> {s} </think>"
     call = lambda tag, content, result: f"<{tag}> {content} </{tag}> <result>\n{result}\n</result>"
@@ -253,7 +279,8 @@ def _write(plan: _Plan, quality: str, search: Callable[[str], str], world: World
         if quality == "wasted_search":
             first, queries = plan.hops[0][0], {query for query, _ in plan.hops}
             off_topic = rng.choice([d["title"] for d in world.docs if d["title"] not in queries])
-            steps += [call("search", off_topic, search(off_topic)), think(f"The result is not about {first}.")]
+            steps += [call("search", off_topic, search(off_topic)),
+                      think(f"The result is not about {first}.")]
         for query, thought in plan.hops:
             steps += [call("search", query, search(query)), think(thought)]
         if plan.python and quality == "guessed_math":
@@ -274,7 +301,8 @@ def _seed(*parts) -> int:
     return random.Random(":".join(map(str, parts))).getrandbits(62)
 
 
-def demonstrations(n: int, seed: int, make_search: Callable[[list[dict]], Callable[[str, int], str]],
+def demonstrations(n: int, seed: int,
+                   make_search: Callable[[list[dict]], Callable[[str, int], str]],
                    top_k: int = 2, bad_fraction: float = 0.4) -> list[Demo]:
     """n SFT trajectories, each in its own random world; round(n * bad_fraction) of them are imperfect.
 
@@ -286,11 +314,15 @@ def demonstrations(n: int, seed: int, make_search: Callable[[list[dict]], Callab
     bad = set(rng.sample(range(n), round(n * bad_fraction)))
     demos = []
     for i in range(n):
-        world, demo_rng = build_world(_seed(seed, "demo-world", i)), random.Random(_seed(seed, "demo", i))
-        plan = _plan(world, demo_rng.choices(list(DEMO_KINDS), weights=list(DEMO_KINDS.values()))[0], demo_rng)
+        world, demo_rng = (build_world(_seed(seed, "demo-world", i)),
+                           random.Random(_seed(seed, "demo", i)))
+        plan = _plan(world,
+                     demo_rng.choices(list(DEMO_KINDS), weights=list(DEMO_KINDS.values()))[0],
+                     demo_rng)
         quality = "good"
         if i in bad:
-            quality = demo_rng.choice(["no_search", "wasted_search"] + (["guessed_math"] if plan.python else []))
+            quality = demo_rng.choice(["no_search", "wasted_search"]
+                                      + (["guessed_math"] if plan.python else []))
         search = make_search(world.docs)
         response = _write(plan, quality, lambda q: search(q, top_k), world, demo_rng)
         demos.append(Demo(plan.question, response, (plan.gold,), plan.kind, quality))
@@ -303,8 +335,10 @@ def _title_search(docs: list[dict]) -> Callable[[str, int], str]:
 
     def search(query: str, top_k: int) -> str:
         q = set(re.findall(r"\w+", query))
-        order = sorted(range(len(docs)), key=lambda i: (docs[i]["title"] not in query, -len(q & words[i])))
-        return "\n".join(f"Page {rank}: {docs[i]['text']}" for rank, i in enumerate(order[:top_k], 1))
+        order = sorted(range(len(docs)),
+                       key=lambda i: (docs[i]["title"] not in query, -len(q & words[i])))
+        return "\n".join(f"Page {rank}: {docs[i]['text']}"
+                         for rank, i in enumerate(order[:top_k], 1))
 
     return search
 
@@ -329,7 +363,7 @@ def tokenizer_corpus(seed: int = 0, n_demos: int = 2000) -> Iterator[str]:
         yield demo.response
 
 
-# ------------------------------------------------------------------------------------------ the tiny policy
+# ---------------------------------------------------------------------------------- the tiny policy
 # A Qwen3 architecture and a BPE tokenizer trained on this world: the offline demo's model.
 
 CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
@@ -339,11 +373,18 @@ TINY_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
+def code_hash(*sources: str) -> str:
+    """12 hex digits naming what the sources compute: their syntax trees are hashed, so re-wrapping
+    lines or editing comments keeps a cached artefact, while any change to the code renews it."""
+    trees = "".join(ast.dump(ast.parse(textwrap.dedent(source))) for source in sources)
+    return hashlib.sha256(trees.encode()).hexdigest()[:12]
+
+
 def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
     """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer.
     The cached folder is named after a hash of the code that makes it (this file and data.py, whose
     prompts are in the tokenizer's corpus), so an edited world never meets a stale tokenizer."""
-    recipe = hashlib.sha256(Path(__file__).read_bytes() + Path(data.__file__).read_bytes()).hexdigest()[:12]
+    recipe = code_hash(Path(__file__).read_text(), Path(data.__file__).read_text())
     folder = Path(folder or CACHE_DIR / f"tiny-{recipe}-seed{seed}")
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
@@ -365,8 +406,8 @@ def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2, head_dim=32,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
+                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                         head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                          bos_token_id=None)
     return save_model_folder(folder, Qwen3ForCausalLM(config), tokenizer)

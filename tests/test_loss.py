@@ -1,4 +1,5 @@
-"""Hand-computed values and autograd checks for loss.py (arXiv 2510.14545, Entropy-Balanced Policy Optimization). CPU, a few seconds."""
+"""Hand-computed values and autograd checks for loss.py (arXiv 2510.14545, Entropy-Balanced Policy
+Optimization). CPU, a few seconds."""
 import copy
 import math
 from types import SimpleNamespace
@@ -33,7 +34,8 @@ def test_group_of_four_by_hand():
 def test_two_interleaved_groups_any_labels():
     rewards = torch.tensor([1.0, 2.0, 0.0, 4.0, 2.0, 0.0])
     group_ids = torch.tensor([-7, 300, -7, 300, -7, 300])  # group -7: 1, 0, 2; group 300: 2, 4, 0
-    expected = torch.tensor([0.0, 0.0, -1 / (1 + EPS), 2 / (2 + EPS), 1 / (1 + EPS), -2 / (2 + EPS)])
+    expected = torch.tensor([0.0, 0.0, -1 / (1 + EPS), 2 / (2 + EPS), 1 / (1 + EPS),
+                             -2 / (2 + EPS)])
     assert_close(group_advantages(rewards, group_ids), expected)
 
 
@@ -45,7 +47,8 @@ def test_equal_rewards_and_singletons_give_exact_zero():
 
 
 def test_eight_equal_rewards_with_an_inexact_float_mean_give_exact_zero():
-    rewards = torch.full((8,), 0.1)  # float32 mean of eight 0.1 is off by 7e-9: / (0 + eps) would give -.0075
+    # float32 mean of eight 0.1 is off by 7e-9: / (0 + eps) would give -.0075
+    rewards = torch.full((8,), 0.1)
     assert (rewards - rewards.mean()).abs().max() > 0  # the trap is real
     group_ids = torch.zeros(8, dtype=torch.long)
     assert torch.equal(group_advantages(rewards, group_ids), torch.zeros(8))
@@ -64,7 +67,8 @@ def test_eps_is_added_to_the_std():
 
 
 def test_reinforce_pp_one_row_is_zero_not_nan():
-    assert torch.equal(reinforce_pp_advantages(torch.tensor([3.0]), torch.tensor([0])), torch.zeros(1))
+    assert torch.equal(reinforce_pp_advantages(torch.tensor([3.0]), torch.tensor([0])),
+                       torch.zeros(1))
 
 
 def test_reinforce_pp_by_hand():
@@ -84,7 +88,8 @@ def test_entropy_aware_by_hand_and_no_gradient_into_entropy():
     entropy = torch.tensor([[0.5, 1.0, 1.5], [2.0, 0.3, 9.0]], requires_grad=True)
     loss_mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     out = entropy_aware_advantages(adv, entropy, loss_mask, alpha=0.2)
-    # valid entropies .5 1 1.5 2 .3: mean 1.06, unbiased var (.3136+.0036+.1936+.8836+.5776)/4 = .493
+    # valid entropies .5 1 1.5 2 .3: mean 1.06, unbiased var
+    # (.3136+.0036+.1936+.8836+.5776)/4 = .493
     z = (torch.tensor([[0.5, 1.0, 1.5], [2.0, 0.3, 0.0]]) - 1.06) / math.sqrt(0.493)
     expected = torch.tensor([[1.0], [-2.0]]) * (1 + 0.2 * z) * loss_mask
     assert_close(out, expected)
@@ -191,7 +196,8 @@ def test_on_policy_is_plain_policy_gradient(clip_mode):
 
 def test_empty_mask_and_bad_mode():
     logp = torch.zeros(2, 3, requires_grad=True)
-    loss, _ = policy_loss(logp, logp.detach(), torch.ones(2, 3), torch.zeros(2, 3), clip_mode="aepo")
+    loss, _ = policy_loss(logp, logp.detach(), torch.ones(2, 3), torch.zeros(2, 3),
+                          clip_mode="aepo")
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(logp.grad, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="clip_mode"):
@@ -215,7 +221,8 @@ def test_kl_k3_empty_mask_and_wild_log_ratios():
     kl = kl_k3(logp, torch.tensor([[-90.0, 90.0]]), torch.zeros(1, 2))
     kl.backward()
     assert kl.item() == 0.0 and torch.equal(logp.grad, torch.zeros(1, 2))  # no 0 / 0, no inf * 0
-    # d = log pi_ref - log pi beyond +-20 is clamped to +-20 (as log r in policy_loss): finite, no gradient
+    # d = log pi_ref - log pi beyond +-20 is clamped to +-20 (as log r in policy_loss):
+    # finite, no gradient
     logp = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
     kl = kl_k3(logp, torch.tensor([[-25.0, 99.0, -1.0]]), torch.ones(1, 3))
     want = (math.exp(-20) + 20 - 1) + (math.exp(20) - 20 - 1) + (math.e - 1 - 1)
@@ -234,8 +241,8 @@ def tiny_model():
 
     torch.manual_seed(0)
     config = Qwen3Config(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
     )
     return Qwen3ForCausalLM(config).float().eval()
 
@@ -265,7 +272,8 @@ def test_token_logprobs_match_naive_with_left_and_interleaved_padding(tiny_model
     with torch.no_grad():
         want_logp, want_entropy = naive(tiny_model, ids, mask)
         for chunk_size in (1, 4, 128):
-            logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True, chunk_size=chunk_size)
+            logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True,
+                                           chunk_size=chunk_size)
             assert_close(logp, want_logp, atol=1e-5, rtol=1e-5)
             assert_close(entropy, want_entropy, atol=1e-5, rtol=1e-5)
         assert_close(token_logprobs(tiny_model, ids, mask), want_logp, atol=1e-5, rtol=1e-5)
@@ -278,12 +286,14 @@ def test_token_logprobs_from_first_skip_the_prompt_logits(tiny_model):
     chunks of at most chunk_size positions (plus one (K, H) call for the K tokens after a gap)."""
     ids, mask = padded_batch()
     seen = []
-    hook = tiny_model.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[:-1]))
+    hook = tiny_model.lm_head.register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].shape[:-1]))
     with torch.no_grad():
         want_logp, want_entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True)
         for first, kept in [(0, 9), (1, 9), (3, 7), (6, 6), (8, 2)]:
             seen.clear()
-            logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True, chunk_size=2, first=first)
+            logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True, chunk_size=2,
+                                           first=first)
             widths = [s[1] for s in seen if len(s) == 2]  # (B, c) chunk calls
             assert sum(widths) == kept and max(widths) <= 2, (first, seen)
             assert_close(logp[:, first:], want_logp[:, first:], atol=1e-6, rtol=1e-6)
@@ -305,13 +315,16 @@ def test_token_logprobs_gradients_do_not_depend_on_chunking(tiny_model):
 
 
 def full_logits_reference(model, ids, mask, first=0):
-    """The previous token_logprobs: the whole model forward, (B, T, V) logits, float32 log-softmax."""
+    """The previous token_logprobs: the whole model forward, (B, T, V) logits, float32
+    log-softmax."""
     B, T = ids.shape
     t_idx = torch.arange(T).expand(B, T)
-    prev = torch.nn.functional.pad(torch.where(mask > 0, t_idx, -1).cummax(1).values[:, :-1], (1, 0), value=-1)
+    prev = torch.nn.functional.pad(torch.where(mask > 0, t_idx, -1).cummax(1).values[:, :-1],
+                                   (1, 0), value=-1)
     scored = (mask > 0) & (prev >= 0) & (t_idx >= first)  # (B, T)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    lsm = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits.float().log_softmax(-1)
+    lsm = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                use_cache=False).logits.float().log_softmax(-1)
     src = prev.clamp(min=0)  # (B, T) the position that predicts each token, gaps included
     pred = lsm.gather(1, src[..., None].expand(-1, -1, lsm.shape[-1]))  # (B, T, V)
     logp = pred.gather(-1, ids[..., None]).squeeze(-1)
@@ -323,7 +336,8 @@ def lora_model(model):
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(2)
-    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    peft_model = get_peft_model(copy.deepcopy(model),
+                                LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     for name, p in peft_model.named_parameters():  # LoRA B starts at 0: make the adapters matter
         if "lora_B" in name:
             p.data.normal_(0, 0.1)
@@ -334,8 +348,9 @@ def lora_model(model):
 @pytest.mark.parametrize("first", [0, 6])
 def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model, wrap, first):
     """The backbone + chunked LM head path against the full-logits reference: the same log-probs,
-    entropies and parameter gradients, through LoRA and gradient checkpointing; and the LM head never
-    produces more than chunk_size positions at once, in forward or in the backward recomputation."""
+    entropies and parameter gradients, through LoRA and gradient checkpointing; and the LM head
+    never produces more than chunk_size positions at once, in forward or in the backward
+    recomputation."""
     model = tiny_model if wrap == "bare" else lora_model(tiny_model)
     if wrap.endswith("checkpointing"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -343,8 +358,9 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model, wrap,
     ids, mask = padded_batch()
     weight = torch.randn(ids.shape, generator=torch.Generator().manual_seed(3))  # (B, T)
     results = []
-    for fn in (full_logits_reference, lambda m, i, a, first: token_logprobs(m, i, a, with_entropy=True,
-                                                                            chunk_size=2, first=first)):
+    for fn in (full_logits_reference,
+               lambda m, i, a, first: token_logprobs(m, i, a, with_entropy=True, chunk_size=2,
+                                                     first=first)):
         model.zero_grad()
         widths = []
         head = model.get_output_embeddings()
@@ -363,14 +379,15 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model, wrap,
         assert all("lora_" in n for n in grads)
     for name in grads:
         assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    assert max(widths) <= 2 and len(widths) == 2 * n_forward  # chunks of <= 2 (or the K = 1 gap row), each
-    # run again in backward: autograd kept no logits
+    # chunks of <= 2 (or the K = 1 gap row), each run again in backward: autograd kept no logits
+    assert max(widths) <= 2 and len(widths) == 2 * n_forward
 
 
 def test_bf16_logits_are_upcast_to_float32():
     """bf16 logits: log-probs and entropies come out in float32, computed from the float32 upcast (a
     bf16 log-softmax would be off by up to ~0.03 nats here)."""
-    logits = (torch.randn(1, 4, 96, generator=torch.Generator().manual_seed(4)) * 8).to(torch.bfloat16)
+    logits = (torch.randn(1, 4, 96, generator=torch.Generator().manual_seed(4))
+              * 8).to(torch.bfloat16)
     ids = torch.tensor([[0, 5, 17, 95]])
 
     def model(**kwargs):
@@ -389,6 +406,7 @@ def test_entropy_with_minus_inf_logits():
     def model(**kwargs):
         return SimpleNamespace(logits=logits)
 
-    logp, entropy = token_logprobs(model, torch.tensor([[0, 1, 0]]), torch.ones(1, 3), with_entropy=True)
+    logp, entropy = token_logprobs(model, torch.tensor([[0, 1, 0]]), torch.ones(1, 3),
+                                   with_entropy=True)
     assert_close(logp, torch.tensor([[0.0, -math.log(2), -math.log(2)]]))
     assert_close(entropy, torch.tensor([[0.0, math.log(2), math.log(2)]]))

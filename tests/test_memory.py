@@ -1,5 +1,6 @@
-"""The GPU recipe and its memory plan: which recipe a model gets, the CPU stop, the micro-batched old
-log-prob recompute, and memory.py's accounting against a real model's parameters and saved tensors."""
+"""The GPU recipe and its memory plan: which recipe a model gets, the CPU stop, the micro-batched
+old log-prob recompute, and memory.py's accounting against a real model's parameters and saved
+tensors."""
 import os
 import subprocess
 import sys
@@ -32,7 +33,8 @@ def test_a_qwen3_model_picks_the_gpu_recipe(cuda, capsys, model):
     assert (cfg.preset, cfg.model, cfg.load_in_4bit, cfg.system_prompt, cfg.search) == (
         "qwen3-1.7b", model, True, "paper", "web")
     line = capsys.readouterr().out.strip().splitlines()[0]
-    assert line == f"recipe: qwen3-1.7b (--model {model} is a {model.split('/')[-1][:5]} model and no --preset was given)"
+    assert line == (f"recipe: qwen3-1.7b (--model {model} is a {model.split('/')[-1][:5]} model "
+                    "and no --preset was given)")
 
 
 def test_an_explicit_preset_or_another_model_keeps_its_recipe(cuda, capsys):
@@ -41,7 +43,7 @@ def test_an_explicit_preset_or_another_model_keeps_its_recipe(cuda, capsys):
     assert capsys.readouterr().out.startswith("recipe: tiny (--preset given)")
     assert parse_config(["--output_dir", "x"]).preset == "tiny"
     assert parse_config(["--model", "Qwen2.5-3B-Instruct", "--output_dir", "x"]).preset == "tiny"
-    assert resolve(Config(preset="smoke", output_dir="x")).steps == 2        # a preset set in code stays
+    assert resolve(Config(preset="smoke", output_dir="x")).steps == 2  # a preset set in code stays
 
 
 def test_train_and_eval_pick_the_same_recipe_and_prompt(cuda):
@@ -52,21 +54,24 @@ def test_train_and_eval_pick_the_same_recipe_and_prompt(cuda):
     tcfg = parse_config(["--model", "Qwen3-1.7B", "--output_dir", "x"])
     assert ecfg.preset == tcfg.preset == "qwen3-1.7b"
     assert system_prompt_for(ecfg) == system_prompt_for(tcfg)
-    _, ecfg = ev.parse_args(["--dataset", "world:heldout", "--model", "smollm2-135m"])   # not a Qwen3
+    # not a Qwen3
+    _, ecfg = ev.parse_args(["--dataset", "world:heldout", "--model", "smollm2-135m"])
     tcfg = parse_config(["--model", "smollm2-135m", "--output_dir", "x"])
     assert (ecfg.preset, ecfg.system_prompt) == (tcfg.preset, tcfg.system_prompt)
 
 
 def test_the_gpu_recipe_stops_in_one_line_without_cuda(tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "train.py", "--model", "Qwen3-1.7B", "--output_dir", str(run)],
+    proc = subprocess.run([sys.executable, "train.py", "--model", "Qwen3-1.7B",
+                           "--output_dir", str(run)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 1
     assert "recipe: qwen3-1.7b (--model Qwen3-1.7B is a Qwen3 model" in proc.stdout
     message = [l for l in proc.stderr.splitlines() if "recipe qwen3-1.7b" in l]
     assert len(message) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert "needs a CUDA GPU" in message[0] and "--preset tiny" in message[0] and "smollm2-135m" in message[0]
+    assert ("needs a CUDA GPU" in message[0] and "--preset tiny" in message[0]
+            and "smollm2-135m" in message[0])
     assert not run.exists()
 
 
@@ -79,8 +84,8 @@ def tiny_qwen3(layers=2, vocab=96):
 
     torch.manual_seed(0)
     return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=64, intermediate_size=192,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        head_dim=32)).eval()
+                                        num_hidden_layers=layers, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=32)).eval()
 
 
 def test_recompute_old_logp_runs_in_micro_batches_and_equals_one_forward():
@@ -88,17 +93,20 @@ def test_recompute_old_logp_runs_in_micro_batches_and_equals_one_forward():
     gen = torch.Generator().manual_seed(0)
     trajs = []
     for i, n in enumerate([5, 17, 9, 30, 12, 3]):
-        t = Trajectory(question_idx=i // 2, prompt_ids=torch.randint(1, 96, (4 + i,), generator=gen).tolist())
+        t = Trajectory(question_idx=i // 2,
+                       prompt_ids=torch.randint(1, 96, (4 + i,), generator=gen).tolist())
         t.response_ids = torch.randint(1, 96, (n,), generator=gen).tolist()
         t.loss_mask, t.logp = [1] * n, [-9.0] * n
         trajs.append(t)
     tensors = train.trajectory_tensors(trajs, 0, torch.device("cpu"))
     rows = []
-    hook = model.model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["input_ids"].shape), with_kwargs=True)
     old = train.recompute_old_logp(model, tensors, n=3)                                    # (B, T)
     hook.remove()
     assert [r[0] for r in rows] == [2, 2, 2]
-    assert [r[1] for r in rows] == [12, 20, 37]   # rows by length (9, 12 | 15, 20 | 22, 37), each cut to its longest
+    # rows by length (9, 12 | 15, 20 | 22, 37), each cut to its longest
+    assert [r[1] for r in rows] == [12, 20, 37]
     with torch.no_grad():
         want = L.token_logprobs(model, tensors["ids"], tensors["attn"])
     mask = tensors["loss_mask"] > 0
@@ -109,7 +117,8 @@ def test_recompute_old_logp_runs_in_micro_batches_and_equals_one_forward():
 # memory.py's accounting
 
 
-SMALL = memory.Shape(layers=2, hidden=64, intermediate=192, heads=4, kv_heads=2, head_dim=32, vocab=96)
+SMALL = memory.Shape(layers=2, hidden=64, intermediate=192, heads=4, kv_heads=2, head_dim=32,
+                     vocab=96)
 
 
 def test_param_counts_match_a_real_qwen3_with_lora():
@@ -121,14 +130,17 @@ def test_param_counts_match_a_real_qwen3_with_lora():
     assert lora == sum(p.numel() for n, p in named.items() if "lora_" in n)
     assert linear == sum(p.numel() for n, p in named.items() if "base_layer" in n)
     assert embedding == model.get_input_embeddings().weight.numel()
-    assert memory.SHAPES["qwen3-1.7b"].layers * 2 * memory.SHAPES["qwen3-1.7b"].kv * 2 == 114688   # KV B/token
+    # KV B/token
+    assert memory.SHAPES["qwen3-1.7b"].layers * 2 * memory.SHAPES["qwen3-1.7b"].kv * 2 == 114688
 
 
 def saved_bytes(layers: int, dtype: torch.dtype, T: int = 64) -> int:
-    """Bytes of the distinct tensors autograd saves in the backbone's forward (parameters excluded)."""
+    """Bytes of the distinct tensors autograd saves in the backbone's forward (parameters
+    excluded)."""
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny_qwen3(layers).to(dtype), LoraConfig(r=8, target_modules="all-linear")).train()
+    model = get_peft_model(tiny_qwen3(layers).to(dtype),
+                           LoraConfig(r=8, target_modules="all-linear")).train()
     storages = {}
 
     def pack(t):
@@ -152,9 +164,10 @@ def test_the_gpu_recipe_fits_24gb_with_margin_and_the_knobs_matter():
     shape = memory.model_shape(cfg.model)
     e = memory.estimate(shape, cfg)
     assert e["peak"] <= 0.75 * 24 * GB
-    assert memory.estimate(shape, cfg, filler=2.0)["peak"] <= 0.9 * 24 * GB     # even if filler doubles the cache
+    # even if filler doubles the cache
+    assert memory.estimate(shape, cfg, filler=2.0)["peak"] <= 0.9 * 24 * GB
     assert cfg.recompute_old_logp and e["peak_recompute"] > 0
-    whole = Config(**{**cfg.__dict__, "rollout_questions": 0})                 # all 4 questions at once
+    whole = Config(**{**cfg.__dict__, "rollout_questions": 0})  # all 4 questions at once
     assert memory.estimate(shape, whole)["peak"] > 24 * GB
     no_gc = Config(**{**cfg.__dict__, "gradient_checkpointing": False})
     assert memory.estimate(shape, no_gc)["peak_update"] > 24 * GB

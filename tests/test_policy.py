@@ -1,4 +1,5 @@
-"""aepo.py: the config and its presets, the tiny policy, hub-model errors, and the 4-bit LoRA trap."""
+"""aepo.py: the config and its presets, the tiny policy, hub-model errors, and the 4-bit LoRA
+trap."""
 import json
 import time
 
@@ -18,9 +19,10 @@ def test_presets_algos_and_explicit_flags():
     cfg = parse_config(["--preset", "smoke", "--algo", "grpo", "--output_dir", "x"])
     assert (cfg.sft_steps, cfg.k, cfg.branching, cfg.clip_mode) == (30, 4, False, "ppo")
     cfg = parse_config(["--algo", "dapo", "--eps_high", "0.3", "--output_dir", "x"])
-    assert cfg.eps_high == 0.3                                     # an explicit flag beats the preset
+    assert cfg.eps_high == 0.3  # an explicit flag beats the preset
     cfg = parse_config(["--algo", "aepo", "--output_dir", "x"])
-    assert (cfg.pre_monitor, cfg.branch_penalty, cfg.entropy_adv_alpha, cfg.clip_mode) == (True, True, 0.2, "aepo")
+    assert ((cfg.pre_monitor, cfg.branch_penalty, cfg.entropy_adv_alpha, cfg.clip_mode)
+            == (True, True, 0.2, "aepo"))
     assert parse_config([]).output_dir.startswith("runs/")
     with pytest.raises(SystemExit, match="--algo 'ppo2' is unknown"):
         parse_config(["--algo", "ppo2"])
@@ -47,7 +49,7 @@ def test_tiny_policy_reloads_and_tags_are_single_tokens():
     assert model.config.vocab_size == len(tok)
     for tag in AGENT_TAGS:
         assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
-    for word in (" Vantor", " 1987", " 25"):                      # lexicon words and years: one token
+    for word in (" Vantor", " 1987", " 25"):  # lexicon words and years: one token
         assert len(tok.encode(word, add_special_tokens=False)) == 1, word
     assert set(Sampling.make(tok).tag_ids) == {tok.convert_tokens_to_ids("</search>"),
                                                tok.convert_tokens_to_ids("</python>")}
@@ -83,8 +85,10 @@ def test_4bit_lora_gradients_survive_an_eval_forward():
 
     def make():
         torch.manual_seed(0)
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-        base = AutoModelForCausalLM.from_pretrained(world.build_tiny(), quantization_config=q, device_map={"": "cpu"})
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(world.build_tiny(), quantization_config=q,
+                                                    device_map={"": "cpu"})
         model = policy._add_lora(base, "", r=4, alpha=8, trainable=True, kbit=True)
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -1,4 +1,5 @@
-"""Closed forms of the entropy and branching rules (ARPO and AEPO rollout) against hand-computed numbers."""
+"""Closed forms of the entropy and branching rules (ARPO and AEPO rollout) against hand-computed
+numbers."""
 import math
 
 import pytest
@@ -31,7 +32,8 @@ def test_segment_entropy_window_and_normaliser():
     assert segment_entropy([], w=20, vocab_size=10) == 0.0
 
 
-@pytest.mark.parametrize("dh,expected", [(0.0, 0.5), (1.0, 0.7), (-1.0, 0.3), (5.0, 1.0), (-5.0, 0.0)])
+@pytest.mark.parametrize("dh,expected",
+                         [(0.0, 0.5), (1.0, 0.7), (-1.0, 0.3), (5.0, 1.0), (-5.0, 0.0)])
 def test_arpo_probability(dh, expected):
     assert arpo_branch_probability(dh, tau=0.5, gamma=0.2) == pytest.approx(expected)
 
@@ -52,7 +54,8 @@ def test_aepo_probability(dh, l, expected):
 
 @pytest.mark.parametrize("dh,l", [(0.0, 0), (1.0, 0), (-1.0, 3), (0.5, 5), (0.0, 12)])
 def test_single_draws_match_closed_forms(dh, l):
-    """The per-draw rules select exactly the probability mass of the closed forms (u on a fine grid)."""
+    """The per-draw rules select exactly the probability mass of the closed forms (u on a fine
+    grid)."""
     grid = [(i + 0.5) / 10000 for i in range(10000)]
     arpo = sum(arpo_should_branch(u, dh, 0.5, 0.2) for u in grid) / len(grid)
     aepo = sum(aepo_should_branch(u, dh, 0.5, 0.2, l) for u in grid) / len(grid)

@@ -1,10 +1,12 @@
-"""Tests of sandbox.py: ordinary code, the isolation modes, and the attack suite of tests/sandbox_attacks.py.
+"""Tests of sandbox.py: ordinary code, the isolation modes, and the attack suite of
+tests/sandbox_attacks.py.
 
 The attack suite runs every hostile snippet as root (when the tests run as root) and as an ordinary
 user (created with useradd when the tests run as root; then the user runs the system python3, since
-root's interpreter may live under /root), with the strongest isolation found, and again with bwrap and
-Landlock forced where they exist. Each case asserts the snippet's output shows containment and that the
-host is unchanged afterwards: files, processes, listeners, SysV objects, the trainer alive and quiet.
+root's interpreter may live under /root), with the strongest isolation found, and again with bwrap
+and Landlock forced where they exist. Each case asserts the snippet's output shows containment and
+that the host is unchanged afterwards: files, processes, listeners, SysV objects, the trainer alive
+and quiet.
 """
 import ast
 import ctypes
@@ -72,7 +74,8 @@ def test_run_python_errors():
 
 
 def test_run_python_working_directory_is_writable_and_empty_at_each_call():
-    text = run_python("import os\nopen('notes.txt', 'w').write('hi')\nprint(os.listdir('.'))\nopen('notes.txt').read()")
+    text = run_python("import os\nopen('notes.txt', 'w').write('hi')\nprint(os.listdir('.'))\n"
+                      "open('notes.txt').read()")
     assert text == "['notes.txt']\n'hi'"
     assert run_python("import os\nos.listdir('.')") == "[]"
 
@@ -92,11 +95,13 @@ def test_run_python_in_parallel_threads():  # rollouts run tool calls in paralle
 def test_run_python_odd_characters_become_text():
     assert run_python("'\\N{GREEK SMALL LETTER ALPHA}' + '\\ud800'") == "'α\\ud800'"
     assert run_python("print(1)\0") == "Python sandbox could not start: embedded null byte"
-    assert run_python("x = '\ud800'").startswith("Python sandbox could not start: 'utf-8' codec can't encode")
+    assert run_python("x = '\ud800'").startswith(
+        "Python sandbox could not start: 'utf-8' codec can't encode")
 
 
 def test_run_python_timeout_keeps_earlier_output():
-    assert run_python("print('started', flush=True)\nwhile True: pass", timeout_s=1) == "started\nTimed out after 1 s"
+    assert (run_python("print('started', flush=True)\nwhile True: pass", timeout_s=1)
+            == "started\nTimed out after 1 s")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,13 +116,15 @@ def test_best_isolation_is_described_in_one_line():
 def test_no_isolation_is_refused_unless_unsafe():
     assert run_python("6 * 7", isolation="none").startswith("Python sandbox refused: no isolation")
     interpreter = Path(sys.executable).resolve()
-    if not IS_ROOT or all(p.stat().st_mode & 0o001 for p in interpreter.parents):  # the throwaway uid can reach it
+    # the throwaway uid can reach it
+    if not IS_ROOT or all(p.stat().st_mode & 0o001 for p in interpreter.parents):
         assert run_python("6 * 7", isolation="none", unsafe=True) == "42"
 
 
 def test_landlock_rights_follow_the_abi():
     assert sandbox_landlock.handled_fs(1) == (1 << 13) - 1
-    assert sandbox_landlock.handled_fs(3) == (1 << 15) - 1 and sandbox_landlock.handled_fs(5) == (1 << 16) - 1
+    assert (sandbox_landlock.handled_fs(3) == (1 << 15) - 1
+            and sandbox_landlock.handled_fs(5) == (1 << 16) - 1)
     assert ctypes.sizeof(sandbox_landlock.PathBeneath) == 12  # packed, as the kernel's struct
 
 
@@ -136,7 +143,8 @@ def test_make_tools_refuses_without_isolation(monkeypatch):
 # The attack suite: the host the snippets aim at
 
 class Listeners:
-    """TCP, UDP, Unix-socket-on-disk (world-writable) and abstract-socket listeners; records what arrives."""
+    """TCP, UDP, Unix-socket-on-disk (world-writable) and abstract-socket listeners; records what
+    arrives."""
 
     def __init__(self, mark: str, folder: Path):
         self.tcp = socket.create_server(("127.0.0.1", 0))
@@ -175,7 +183,8 @@ class Listeners:
 
 
 def snapshot(folder: Path) -> dict:
-    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in folder.rglob("*")}
 
 
 def sysv_ids() -> set:
@@ -187,14 +196,16 @@ def sysv_ids() -> set:
 
 
 def find_world_writable() -> list[str]:
-    found = subprocess.run(["find", "/", "-xdev", "-type", "d", "-perm", "-0002"], capture_output=True, text=True,
-                           timeout=60).stdout.split()
-    return sorted(set(found) | {d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)})
+    found = subprocess.run(["find", "/", "-xdev", "-type", "d", "-perm", "-0002"],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+    return sorted(set(found) | {d for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+                                if os.path.isdir(d)})
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    """Everything the attacks aim at, set up once: a victim home per user, listeners, a SysV segment."""
+    """Everything the attacks aim at, set up once: a victim home per user, listeners, a SysV
+    segment."""
     mark = f"aepo{uuid.uuid4().hex[:12]}"
     base = Path("/var/lib" if IS_ROOT else Path.home()) / f"aepo-attack-{mark}"
     base.mkdir()
@@ -210,7 +221,8 @@ def host(tmp_path_factory):
     address = libc.shmat(segment, None, 0)
     ctypes.memmove(address, b"intact", 6)
     state = {"mark": mark, "base": base, "listeners": listeners, "key": key, "segment": segment,
-             "address": address, "ww": find_world_writable(), "sysv": sysv_ids(), "secret": f"sk-{uuid.uuid4().hex}"}
+             "address": address, "ww": find_world_writable(), "sysv": sysv_ids(),
+             "secret": f"sk-{uuid.uuid4().hex}"}
     yield state
     listeners.close()
     libc.shmdt(ctypes.c_void_p(address))
@@ -233,7 +245,8 @@ def ordinary_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(TEST_USER)
     except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", TEST_USER], check=True)
+        subprocess.run(["useradd", "--create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+                       check=True)
         return pwd.getpwnam(TEST_USER)
 
 
@@ -248,18 +261,22 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
     if (who, mode) in OUTCOMES:
         return OUTCOMES[who, mode]
     python, user, code = sys.executable, None, ROOT
-    if who == "user" and IS_ROOT:  # a copy of the code the user can read, wherever the checkout lies
+    # a copy of the code the user can read, wherever the checkout lies
+    if who == "user" and IS_ROOT:
         user, code = ordinary_user(), host["base"] / "code"
         code.mkdir(exist_ok=True)
-        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py", "tests/sandbox_attacks.py"):
+        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py",
+                     "tests/sandbox_attacks.py"):
             shutil.copy(ROOT / name, code)
         python = next((p for p in (sys.executable, SYSTEM_PYTHON) if runs_as(user, p)), None)
         if python is None:
-            pytest.skip(f"no Python >= 3.10 that {TEST_USER} may run ({sys.executable}, {SYSTEM_PYTHON})")
+            pytest.skip(f"no Python >= 3.10 that {TEST_USER} may run ({sys.executable}, "
+                        f"{SYSTEM_PYTHON})")
     home = victim_home(host["base"] / f"home-{who}-{mode}", user.pw_uid if user else None)
-    params = {"HOME_DIR": str(home), "CHECKOUT": str(ROOT), "MARK": host["mark"], "SECRET": host["secret"],
-              "SLEEP_MARK": f"3600.{int(host['mark'][4:], 16) % 10**9}", "WW_DIRS": json.dumps(host["ww"]),
-              "TCP_PORT": host["listeners"].tcp.getsockname()[1], "UDP_PORT": host["listeners"].udp.getsockname()[1],
+    params = {"HOME_DIR": str(home), "CHECKOUT": str(ROOT), "MARK": host["mark"],
+              "SECRET": host["secret"], "SLEEP_MARK": f"3600.{int(host['mark'][4:], 16) % 10**9}",
+              "WW_DIRS": json.dumps(host["ww"]), "TCP_PORT": host["listeners"].tcp.getsockname()[1],
+              "UDP_PORT": host["listeners"].udp.getsockname()[1],
               "UNIX_SOCKET": host["listeners"].unix_path, "SHM_KEY": host["key"]}
     before = {"home": snapshot(home), "setup": (ROOT / "sandbox_setup.py").read_bytes()}
     start = time.monotonic()
@@ -268,29 +285,37 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
                            json.dumps({"mode": mode, "checkout": str(code), "params": params,
                                        "everything": everything})],
                           user=user.pw_uid if user else None, group=user.pw_gid if user else None,
-                          extra_groups=[] if user else None, cwd="/", capture_output=True, text=True, timeout=300,
-                          env={"PATH": "/usr/bin:/bin", "AEPO_TEST_SECRET": host["secret"], "HOME": str(home)})
-    results = json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 and done.stdout else {}
+                          extra_groups=[] if user else None, cwd="/", capture_output=True,
+                          text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "AEPO_TEST_SECRET": host["secret"],
+                               "HOME": str(home)})
+    results = (json.loads(done.stdout.splitlines()[-1]) if done.returncode == 0 and done.stdout
+               else {})
     assert results, f"the driver died (rc {done.returncode}): {done.stderr[-2000:]}"
     results["_seconds"] = time.monotonic() - start
     mark, got = host["mark"], host["listeners"].got
-    marked_dirs = [*host["ww"], str(ROOT), "/etc", "/etc/cron.d", *{p for p in sys.path if p.endswith("-packages")}]
+    marked_dirs = [*host["ww"], str(ROOT), "/etc", "/etc/cron.d",
+                   *{p for p in sys.path if p.endswith("-packages")}]
     results["_facts"] = {
         "trainer_alive": done.returncode == 0,
         "home_unchanged": snapshot(home) == before["home"],
         "checkout_unchanged": (ROOT / "sandbox_setup.py").read_bytes() == before["setup"]
                               and "def parse_tool_call" in (ROOT / "tools.py").read_text(),
-        "no_marked_files": not any(mark in name for d in marked_dirs if os.path.isdir(d) for name in os.listdir(d)),
+        "no_marked_files": not any(mark in name for d in marked_dirs if os.path.isdir(d)
+                                   for name in os.listdir(d)),
         "no_marked_processes": not marked_processes(params["SLEEP_MARK"]),
         "trainer_output_clean": mark[::-1] not in done.stdout + done.stderr,
         **{f"{kind}_untouched": not got[kind] for kind in got},
-        "host_segment_intact": ctypes.string_at(host["address"], 6) == b"intact" and libc.shmget(host["key"], 0, 0) >= 0,
+        "host_segment_intact": (ctypes.string_at(host["address"], 6) == b"intact"
+                                and libc.shmget(host["key"], 0, 0) >= 0),
         "no_new_sysv": sysv_ids() <= host["sysv"],
     }
-    for pid in marked_processes(params["SLEEP_MARK"]):  # what a failed containment left: the host as before
+    # what a failed containment left: the host as before
+    for pid in marked_processes(params["SLEEP_MARK"]):
         os.kill(int(pid), 9)
     for kind, number in sysv_ids() - host["sysv"]:
-        {"shm": libc.shmctl, "msg": libc.msgctl, "sem": libc.semctl}[kind](int(number), 0, None)  # IPC_RMID
+        # IPC_RMID
+        {"shm": libc.shmctl, "msg": libc.msgctl, "sem": libc.semctl}[kind](int(number), 0, None)
     OUTCOMES[who, mode] = results
     return results
 
@@ -298,8 +323,8 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
 def runs_as(user: pwd.struct_passwd, python: str) -> bool:
     check = "import sys; assert sys.version_info >= (3, 10)"
     try:
-        return subprocess.run([python, "-I", "-c", check], user=user.pw_uid, group=user.pw_gid, extra_groups=[],
-                              cwd="/", capture_output=True).returncode == 0
+        return subprocess.run([python, "-I", "-c", check], user=user.pw_uid, group=user.pw_gid,
+                              extra_groups=[], cwd="/", capture_output=True).returncode == 0
     except OSError:  # e.g. an interpreter under /root
         return False
 
@@ -319,18 +344,22 @@ def marked_processes(marker: str) -> list[str]:
     return found
 
 
-CASES = [pytest.param(who, mode, attack, id=f"{who}-{mode or 'best'}-{attack.category}-{attack.name}")
-         for who, mode in CONTEXTS for attack in ATTACKS + LATER if mode is None or mode in attack.modes]
+CASES = [pytest.param(who, mode, attack,
+                      id=f"{who}-{mode or 'best'}-{attack.category}-{attack.name}")
+         for who, mode in CONTEXTS for attack in ATTACKS + LATER
+         if mode is None or mode in attack.modes]
 
 
 @pytest.mark.parametrize("who, mode, attack", CASES)
 def test_attack_is_contained(host, who, mode, attack):
     results = outcome(host, who, mode)
     if results["_mode"] not in attack.modes:  # only where the machine offers nothing stronger
-        pytest.skip(f"the {results['_mode']} mode does not contain this, as sandbox.py says; no stronger mode here")
+        pytest.skip(f"the {results['_mode']} mode does not contain this, as sandbox.py says; "
+                    "no stronger mode here")
     output, seconds = results[attack.name]
     assert attack.contained(output), output
-    assert seconds < attack.timeout_s + 3, seconds  # every call ends within its timeout (the rest: start-up)
+    # every call ends within its timeout (the rest: start-up)
+    assert seconds < attack.timeout_s + 3, seconds
     facts = results["_facts"]
     failed = [fact for fact in ("trainer_alive", *attack.host) if not facts[fact]]
     assert not failed, f"host changed: {failed}; output: {output}"
@@ -339,4 +368,5 @@ def test_attack_is_contained(host, who, mode, attack):
 def test_attack_suite_is_large_and_covers_every_category():
     categories = {a.category for a in ATTACKS}
     assert len(ATTACKS) + len(LATER) >= 40 and categories == {
-        "resources", "filesystem", "process", "environment and memory", "network", "IPC", "persistence"}
+        "resources", "filesystem", "process", "environment and memory", "network", "IPC",
+        "persistence"}

@@ -1,4 +1,5 @@
-"""Tests of tools.py: tool-call parsing, the search backends and cache (bounds, counters, locking). Offline.
+"""Tests of tools.py: tool-call parsing, the search backends and cache (bounds, counters, locking).
+Offline.
 
 The Python sandbox has its own tests: tests/test_sandbox.py.
 """
@@ -15,8 +16,8 @@ import pytest
 from ddgs.exceptions import DDGSException, RatelimitException, TimeoutException
 
 import tools
-from tools import (NO_RESULTS, SEARCH_FAILED, BM25Search, CachedSearch, SearchTool, WebSearch, format_results,
-                   parse_tool_call, result_block, take_search_stats)
+from tools import (NO_RESULTS, SEARCH_FAILED, BM25Search, CachedSearch, SearchTool, WebSearch,
+                   format_results, parse_tool_call, result_block, take_search_stats)
 
 
 
@@ -56,10 +57,13 @@ def test_format_results_cuts_each_snippet_and_keeps_one_line_each():
 
 
 DOCS = [
-    {"id": "1", "title": "Zorblax Quint", "text": "Zorblax Quint is a river that flows through the Vell valley."},
+    {"id": "1", "title": "Zorblax Quint",
+     "text": "Zorblax Quint is a river that flows through the Vell valley."},
     {"id": "2", "title": "Florin", "text": "Florin is a kingdom whose capital is Guilder Harbour."},
-    {"id": "3", "title": "Mirella Vantworth", "text": "Mirella Vantworth composed the Ninth Lantern Suite in 1873."},
-    {"id": "4", "title": "Lantern festival", "text": "A festival of lanterns held every spring in Guilder Harbour."},
+    {"id": "3", "title": "Mirella Vantworth",
+     "text": "Mirella Vantworth composed the Ninth Lantern Suite in 1873."},
+    {"id": "4", "title": "Lantern festival",
+     "text": "A festival of lanterns held every spring in Guilder Harbour."},
 ]
 
 
@@ -79,7 +83,8 @@ def test_bm25_ranks_the_named_entity_first(bm25, query, title):
 
 def test_bm25_result_format_and_misses(bm25):
     text = bm25.search("Guilder Harbour", k=10)
-    assert len(text.splitlines()) == 2 and all(len(line) <= len("Page 1: ") + 60 for line in text.splitlines())
+    assert (len(text.splitlines()) == 2
+            and all(len(line) <= len("Page 1: ") + 60 for line in text.splitlines()))
     assert bm25.search("qwxyz unknownword") == NO_RESULTS
     assert bm25.search("the of a ???") == NO_RESULTS
     errors = bm25.errors
@@ -90,7 +95,8 @@ def test_bm25_from_jsonl(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps(doc) for doc in DOCS) + "\n\n")
     assert BM25Search.from_jsonl(path).search("Zorblax").startswith("Page 1: Zorblax Quint")
-    lines = [json.dumps(DOCS[0]), json.dumps(DOCS[1]), '{"id": "3", "title": "no text"}', json.dumps(DOCS[3])]
+    lines = [json.dumps(DOCS[0]), json.dumps(DOCS[1]), '{"id": "3", "title": "no text"}',
+             json.dumps(DOCS[3])]
     path.write_text("\n".join(lines))
     with pytest.raises(ValueError, match=r"corpus\.jsonl, line 3: .*KeyError"):
         BM25Search.from_jsonl(path)
@@ -117,20 +123,25 @@ class FakeBackend:
 def test_cache_round_trip_and_errors_not_cached(tmp_path):
     path, backend = tmp_path / "sub" / "cache.json", FakeBackend()
     cache = CachedSearch(backend, path)
-    assert cache.search("Amy Smart") == cache.search("Amy Smart", k=3) == "Page 1: result for Amy Smart"
+    assert (cache.search("Amy Smart") == cache.search("Amy Smart", k=3)
+            == "Page 1: result for Amy Smart")
     assert (backend.calls, cache.calls, cache.hits, cache.misses) == (1, 2, 1, 1)
-    assert cache.search("fail once").startswith(SEARCH_FAILED) and cache.search("fail once").startswith(SEARCH_FAILED)
+    assert (cache.search("fail once").startswith(SEARCH_FAILED)
+            and cache.search("fail once").startswith(SEARCH_FAILED))
     assert (backend.calls, cache.errors) == (3, 2)
     assert json.loads(path.read_text()) == {"Amy Smart": "Page 1: result for Amy Smart"}
     reloaded = CachedSearch(FakeBackend(), path)
-    assert reloaded.search("Amy Smart") == "Page 1: result for Amy Smart" and reloaded.backend.calls == 0
-    assert sorted(p.name for p in path.parent.iterdir()) == ["cache.json", "cache.json.lock"]  # no temporary files
+    assert (reloaded.search("Amy Smart") == "Page 1: result for Amy Smart"
+            and reloaded.backend.calls == 0)
+    # no temporary files
+    assert sorted(p.name for p in path.parent.iterdir()) == ["cache.json", "cache.json.lock"]
 
 
 def test_cache_concurrent_writes_keep_valid_json(tmp_path):
     path = tmp_path / "cache.json"
     cache = CachedSearch(FakeBackend(delay_s=0.001), path)
-    threads = [threading.Thread(target=lambda t=t: [cache.search(f"q{t}-{i}") for i in range(25)]) for t in range(8)]
+    threads = [threading.Thread(target=lambda t=t: [cache.search(f"q{t}-{i}") for i in range(25)])
+               for t in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -190,17 +201,20 @@ def test_web_search_failures_become_text_after_bounded_retries(monkeypatch, erro
 
 
 def test_web_search_results_empty_pages_and_empty_queries(monkeypatch):
-    calls = fake_ddgs(monkeypatch, hits=[{"title": "T", "href": "u", "body": "b" * 20}, {"title": "only title"}])
+    calls = fake_ddgs(monkeypatch,
+                      hits=[{"title": "T", "href": "u", "body": "b" * 20}, {"title": "only title"}])
     search = WebSearch(snippet_chars=5, sleep=pytest.fail)
     assert search.search("q") == "Page 1: bbbbb\nPage 2: only "
     fake_ddgs(monkeypatch, error=DDGSException("No results found."))
-    assert search.search("q") == NO_RESULTS  # not an error, and not retried (sleep would fail the test)
+    # not an error, and not retried (sleep would fail the test)
+    assert search.search("q") == NO_RESULTS
     assert search.search("  \n").startswith(SEARCH_FAILED) and len(calls) == 1
     assert (search.calls, search.errors) == (3, 1)
 
 
 def test_web_search_bounds_the_whole_query(monkeypatch):
-    """A query whose engines hang (a black-holed network) returns an error text at query_timeout_s."""
+    """A query whose engines hang (a black-holed network) returns an error text at
+    query_timeout_s."""
     class HangingDDGS:
         def __init__(self, timeout):
             pass
@@ -218,13 +232,16 @@ def test_web_search_bounds_the_whole_query(monkeypatch):
 
 def test_web_search_retries_only_while_time_is_left(monkeypatch):
     calls, sleeps = fake_ddgs(monkeypatch, error=DDGSException("DNSError")), []
-    search = WebSearch(timeout_s=3.0, retries=5, backoff_s=1.0, query_timeout_s=5.0, sleep=sleeps.append)
+    search = WebSearch(timeout_s=3.0, retries=5, backoff_s=1.0, query_timeout_s=5.0,
+                       sleep=sleeps.append)
     assert search.search("q").startswith(SEARCH_FAILED)
-    assert len(calls) == 2 and sleeps == [1.0]  # a third attempt would start after 1 + 2 s and could end at 6 s
+    # a third attempt would start after 1 + 2 s and could end at 6 s
+    assert len(calls) == 2 and sleeps == [1.0]
 
 
 def test_cache_path_that_is_a_directory(tmp_path):
-    with pytest.raises(ValueError, match=f"{tmp_path} is a directory; the search cache must be a JSON file"):
+    with pytest.raises(ValueError,
+                       match=f"{tmp_path} is a directory; the search cache must be a JSON file"):
         CachedSearch(FakeBackend(), tmp_path)
 
 
@@ -252,7 +269,8 @@ def test_cache_two_processes_lose_no_entries(tmp_path):
     path = tmp_path / "cache.json"
     CachedSearch(FakeBackend(), path).search("before")
     context = multiprocessing.get_context("fork")
-    writers = [context.Process(target=_fill_cache, args=(str(path), name, 60)) for name in ("a", "b")]
+    writers = [context.Process(target=_fill_cache, args=(str(path), name, 60))
+               for name in ("a", "b")]
     for writer in writers:
         writer.start()
     for writer in writers:
@@ -287,13 +305,15 @@ def test_search_stats_are_taken_per_step(tmp_path):
     assert take_search_stats(tools_) == {"calls": 4, "errors": 1, "hits": 1, "misses": 3}
     tools_["search"]("a")
     assert take_search_stats(tools_) == {"calls": 1, "errors": 0, "hits": 1, "misses": 0}
-    assert take_search_stats({"search": lambda q: ""}) == {"calls": 0, "errors": 0, "hits": 0, "misses": 0}
+    assert (take_search_stats({"search": lambda q: ""})
+            == {"calls": 0, "errors": 0, "hits": 0, "misses": 0})
 
 
 def test_log_line_says_when_searches_failed():
     import report
 
-    row = {"step": 0, "reward": 0.5, "acc": 0.5, "entropy": 1.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0,
-           "search_calls": 1.0, "python_calls": 0.0, "branches_per_q": 0.0, "step_s": 3.0}
+    row = {"step": 0, "reward": 0.5, "acc": 0.5, "entropy": 1.0, "clip_frac_low": 0.0,
+           "clip_frac_high": 0.0, "search_calls": 1.0, "python_calls": 0.0, "branches_per_q": 0.0,
+           "step_s": 3.0}
     assert "search failed" not in report.log_line(row | {"search_errors": 0}, 10)
     assert report.log_line(row | {"search_errors": 7}, 10).endswith(" | search failed 7")

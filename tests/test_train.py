@@ -250,3 +250,73 @@ class _NoAccelerator:
     @staticmethod
     def unwrap_model(model):
         return model
+
+
+def test_token_budget_stops_rl_and_tensorboard_gets_every_row(tmp_path, sft_start):
+    """--token_budget ends RL after the step that spends it (with a checkpoint), a resume past it adds no
+    step, and --report_to tensorboard holds the same rows as metrics.jsonl."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    common = ["--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start), "--steps", "5",
+              "--save_every", "10", "--output_dir", str(run), "--report_to", "tensorboard"]
+    probe = tmp_path / "probe"               # how many tokens the first step samples
+    train.main(["--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start), "--steps", "1",
+                "--output_dir", str(probe)])
+    first = json.loads(open(probe / "metrics.jsonl").readline())["sampled_tokens"]
+    assert first > 0
+    train.main(common + ["--token_budget", str(first + 1)])      # step 1 leaves 1 token: one more step
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [0, 1]
+    assert rows[0]["sampled_tokens_total"] == first
+    assert rows[1]["sampled_tokens_total"] == first + rows[1]["sampled_tokens"] > first + 1
+    assert [p.name for p in train.checkpoints(run)] == ["checkpoint-1"]
+    train.main(common + ["--token_budget", str(first + 1), "--resume"])
+    assert len(open(run / "metrics.jsonl").readlines()) == 2
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    for key in ("reward", "entropy", "sampled_tokens_total", "branch_top1_share"):
+        logged = [(e.step, e.value) for e in events.Scalars(key)]
+        assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows], key
+
+
+def test_cached_sft_is_built_once_and_renewed_when_its_code_changes(tmp_path, monkeypatch):
+    built = []
+
+    def fake_sft(cfg, run):
+        built.append(run)
+        (run / "sft").mkdir()
+        (run / "sft" / "config.json").write_text("{}")
+        return run / "sft"
+
+    monkeypatch.setattr(world, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(train, "sft", fake_sft)
+    cfg = Config(init_from="cached-sft")
+    first = train.cached_sft(cfg)
+    assert train.rl_start(cfg, tmp_path / "run") == str(first) and len(built) == 1
+    assert first.parent.name.startswith("sft-") and first.parent.parent == tmp_path
+    monkeypatch.setattr(train, "Config", lambda: Config(sft_steps=7))    # another recipe: another folder
+    assert train.cached_sft(cfg) != first and len(built) == 2
+
+
+def test_code_hash_ignores_layout_but_not_code():
+    code = "def f(x):\n    # the rule\n    return x + 1\n"
+    assert world.code_hash(code) == world.code_hash("def f(x):  # reflowed\n    return (x\n            + 1)\n")
+    assert world.code_hash(code) != world.code_hash(code.replace("+ 1", "- 1"))
+    assert len(world.code_hash(code)) == 12
+
+
+def test_class_preset_is_rl_from_the_cached_sft_with_a_token_budget():
+    cfg = resolve(Config(preset="class", output_dir="x"), explicit={"preset"})
+    assert (cfg.init_from, cfg.sft_dataset, cfg.stage) == ("cached-sft", "", "all")
+    assert cfg.token_budget > 0 and cfg.eval_dataset == "world:heldout"
+
+
+def test_report_to_a_missing_package_stops_in_one_line(monkeypatch, capsys):
+    import importlib.util
+
+    import cli
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"--report_to wandb: the wandb package is not installed \(pip install "
+                                         r"wandb\); --report_to tensorboard works offline"):
+        cli.train_config(["--report_to", "wandb", "--output_dir", "x"])

@@ -1,0 +1,150 @@
+"""The paper's comparison in miniature: GRPO, ARPO and AEPO (3 seeds each) and AEPO's two ablations
+(1 seed each) on the built-in world, every run `python train.py --preset class` (RL from the cached SFT
+start, the same budget of sampled rollout tokens, then held-out evaluation).
+
+    python benchmarks/reproduce.py                   # 11 runs, ~5 min each on 2 CPU cores
+    python benchmarks/reproduce.py --seeds 1 --ablation_seeds 0      # a lab-sized version: 3 runs
+    python benchmarks/reproduce.py --parallel 2      # two runs at a time, one torch thread each
+    python benchmarks/reproduce.py -- --token_budget 30000          # flags after -- go to train.py
+
+A run whose eval-rl/summary.json exists is kept (so a crashed reproduction resumes where it stopped;
+--fresh reruns everything). Writes benchmarks/results/reproduce.md (the table, with the machine) and
+reproduce.png (mean and min-max band over seeds per algorithm; report.plot_compare), and prints the table.
+
+Columns: held-out Pass@1 and Pass@4 (150 questions x 4 runs, T = 1) of the SFT start and after RL;
+tool calls per answer; RL steps the token budget allowed; the paper's rollout analysis over the RL
+steps: policy entropy of sampled tokens (first and last 5 steps), clip fractions, branches per question,
+branch concentration (share of branches on the top-1 and top-3 global chains of a group) and the
+share of branch steps that continue a streak of consecutive branching.
+"""
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine  # noqa: E402  (benchmarks/common.py)
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import report  # noqa: E402
+
+ALGOS = ("grpo", "arpo", "aepo")
+ABLATIONS = ("aepo_no_dynamic_rollout", "aepo_no_balanced_update")
+
+
+def plan(args) -> list[tuple[str, int]]:
+    return ([(a, s) for a in ALGOS for s in range(args.seeds)]
+            + [(a, s) for a in ABLATIONS for s in range(args.ablation_seeds)])
+
+
+def run_all(runs: list[tuple[str, int, Path]], args) -> None:
+    """train.py for every run not yet finished, `args.parallel` at a time."""
+    todo = [(a, s, r) for a, s, r in runs if args.fresh or not (r / "eval-rl" / "summary.json").exists()]
+    threads = max(1, 2 // args.parallel) if args.parallel > 1 else 0
+    active: list[tuple[subprocess.Popen, str]] = []
+    for i, (algo, seed, run) in enumerate(todo):
+        while len(active) >= args.parallel:
+            active = _reap(active)
+        cmd = [sys.executable, "train.py", "--preset", "class", "--algo", algo, "--seed", str(seed),
+               "--output_dir", str(run), "--threads", str(threads), *args.rest]
+        run.mkdir(parents=True, exist_ok=True)
+        log = open(run / "train.log", "w")
+        print(f"[{i + 1}/{len(todo)}] {' '.join(cmd[1:])}  (log: {run / 'train.log'})", flush=True)
+        active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), str(run)))
+    while active:
+        active = _reap(active)
+
+
+def _reap(active):
+    time.sleep(2)
+    still = []
+    for proc, run in active:
+        if proc.poll() is None:
+            still.append((proc, run))
+        elif proc.returncode:
+            sys.exit(f"error: {run} failed (exit {proc.returncode}); its log: {run}/train.log")
+    return still
+
+
+def summarize(algo: str, folders: list[Path]) -> dict:
+    """The table row of one algorithm: each figure as (mean, std over seeds)."""
+    per_run = []
+    for run in folders:
+        before = json.loads((run / "eval-sft" / "summary.json").read_text())
+        after = json.loads((run / "eval-rl" / "summary.json").read_text())
+        steps = report.read_metrics(run)
+        mean = lambda key, rows=steps: sum(r.get(key, 0.0) for r in rows) / len(rows)
+        per_run.append({
+            "pass1_sft": before["pass1"], "pass1": after["pass1"], "passk": after["pass_at_k"][str(after["runs"])],
+            "tools": after["search_calls"] + after["python_calls"], "steps": len(steps),
+            "tokens": steps[-1]["sampled_tokens_total"],
+            "entropy_first": mean("entropy", steps[:5]), "entropy_last": mean("entropy", steps[-5:]),
+            "clip": mean("clip_frac_low") + mean("clip_frac_high"), "branches": mean("branches_per_q"),
+            "top1": mean("branch_top1_share"), "top3": mean("branch_top3_share"),
+            "consecutive": mean("consecutive_branch_share"),
+            "minutes": ((run / "eval-rl" / "summary.json").stat().st_mtime
+                        - (run / "config.json").stat().st_mtime) / 60})
+    out = {"algo": algo, "n": len(per_run)}
+    for key in per_run[0]:
+        values = [r[key] for r in per_run]
+        out[key] = (statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
+COLUMNS = [("pass1_sft", "Pass@1 SFT start", 100, ".1f"), ("pass1", "Pass@1 after RL", 100, ".1f"),
+           ("passk", "Pass@4 after RL", 100, ".1f"), ("tools", "tool calls / answer", 1, ".2f"),
+           ("steps", "RL steps", 1, ".1f"), ("tokens", "sampled tokens", 1e-3, ".1f"),
+           ("entropy_first", "entropy, first 5 steps", 1, ".3f"), ("entropy_last", "entropy, last 5 steps", 1, ".3f"),
+           ("clip", "clip fraction", 1, ".4f"), ("branches", "branches / question", 1, ".2f"),
+           ("top1", "branches on top-1 chain", 1, ".2f"), ("top3", "on top-3 chains", 1, ".2f"),
+           ("consecutive", "consecutive branching", 1, ".2f"), ("minutes", "wall time (min)", 1, ".1f")]
+
+
+def table(rows: list[dict]) -> list[str]:
+    head = "| algorithm (seeds) | " + " | ".join(label + (" (k)" if key == "tokens" else "")
+                                             for key, label, _, _ in COLUMNS) + " |"
+    lines = [head, "|---" * (len(COLUMNS) + 1) + "|"]
+    for r in rows:
+        cells = []
+        for key, _, scale, fmt in COLUMNS:
+            mean, std = r[key]
+            cells.append(f"{scale * mean:{fmt}}" + (f" ± {scale * std:{fmt}}" if r["n"] > 1 else ""))
+        lines.append(f"| {r['algo']} ({r['n']}) | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of grpo, arpo and aepo")
+    parser.add_argument("--ablation_seeds", type=int, default=1, help="seeds of each AEPO ablation")
+    parser.add_argument("--out", default="runs/reproduce", help="parent folder of the runs")
+    parser.add_argument("--results", default="benchmarks/results", help="folder of reproduce.md/.png")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2 // N threads)")
+    parser.add_argument("--fresh", action="store_true", help="rerun finished runs too")
+    parser.add_argument("rest", nargs="*", help="extra train.py flags (after --)")
+    args = parser.parse_args()
+    runs = [(a, s, ROOT / args.out / f"{a}-seed{s}") for a, s in plan(args)]
+    run_all(runs, args)
+
+    folders = [r for _, _, r in runs]
+    groups = report.group_runs(folders)
+    rows = [summarize(algo, fs) for algo, fs in groups.items()]
+    results = ROOT / args.results
+    results.mkdir(parents=True, exist_ok=True)
+    report.plot_compare(folders, results / "reproduce.png")
+    report.plot_compare(folders, results / "reproduce-tokens.png", x="sampled_tokens_total")
+    flags = " ".join(["--preset class", *args.rest])
+    lines = [f"# GRPO vs ARPO vs AEPO on the built-in world (`train.py {flags}`)", "",
+             f"Machine: {machine()}; {args.parallel} run(s) at a time.", "",
+             "Mean ± standard deviation over seeds (population); held-out: 150 questions x 4 runs at T = 1.",
+             "", *table(rows), "",
+             "Curves: reproduce.png (per RL step) and reproduce-tokens.png (per sampled rollout token)."]
+    (results / "reproduce.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
