@@ -1,7 +1,7 @@
-"""The generate engine under the tree sampler, in its simplest form: every round, re-encode every row.
+"""The tree sampler's generate engine in its simplest form: every round, re-encode every row.
 
-The sampler (rollout.py) drives an engine through five verbs. It holds one row per active trajectory,
-in the sampler's order, and never sees a tensor:
+The sampler (rollout.py) drives an engine through five verbs. It holds one row per active
+trajectory, in the sampler's order, and never sees a tensor:
 
     engine.add(prompts)             new rows, each starting from its prompt's token ids
     engine.generate(n, tails)       sample up to n tokens for every row -> one Segment per row
@@ -9,11 +9,12 @@ in the sampler's order, and never sees a tensor:
     engine.select(index)            keep rows `index`, in that order; a repeated index copies a row
     engine.release(prompt)          no later row will start from this prompt
 
-`ReencodeEngine` below is the reference: about forty lines, no cache kept between rounds. It is what the
-tests compare the cached engine (kvcache.py) against, token for token, and the benchmark's baseline.
-Both share `sample_segments`, the one `model.generate` call that records, for every sampled token, its
-exact entropy and log-prob under the temperature-1 policy, and that knows where each row really
-stopped (a stop tag that is several tokens long, or EOS), so that filler never passes for a sample.
+`ReencodeEngine` below is the reference: about forty lines, no cache kept between rounds. It is what
+the tests compare the cached engine (kvcache.py) against, token for token, and the benchmark's
+baseline. Both share `sample_segments`, the one `model.generate` call that records, for every
+sampled token, its exact entropy and log-prob under the temperature-1 policy, and that knows where
+each row really stopped (a stop tag that is several tokens long, or EOS), so that filler never
+passes for a sample.
 
     engine = ReencodeEngine(model, Sampling.make(tokenizer))
     engine.add([prompt_ids])
@@ -29,15 +30,16 @@ from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 from loss import entropy_of_logp
 
-CLOSING_TAGS = ("</search>", "</python>")   # generation stops after a tool call (arXiv 2510.14545, sec. 3)
+# generation stops after a tool call (arXiv 2510.14545, sec. 3)
+CLOSING_TAGS = ("</search>", "</python>")
 
 
 @dataclass
 class Segment:
-    tokens: list[int]                 # sampled by the policy, the stop token(s) included
-    logp: list[float]                 # log pi(token) under the temperature-1 policy
-    entropy: list[float]              # exact entropy (nats) of the distribution each token came from
-    stop: str | None                  # "eos", "tag" (a tool closing tag) or None (ran out of tokens)
+    tokens: list[int]           # sampled by the policy, the stop token(s) included
+    logp: list[float]           # log pi(token) under the temperature-1 policy
+    entropy: list[float]        # exact entropy (nats) of the distribution each token came from
+    stop: str | None            # "eos", "tag" (a tool closing tag) or None (ran out of tokens)
 
 
 @dataclass
@@ -53,25 +55,27 @@ class Sampling:
     generate_kwargs: dict = field(default_factory=dict)
 
     @staticmethod
-    def make(tokenizer, *, greedy: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> "Sampling":
+    def make(tokenizer, *, greedy: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0) -> "Sampling":
         ids = {tag: tokenizer.convert_tokens_to_ids(tag) for tag in CLOSING_TAGS}
         single = {tag: i for tag, i in ids.items()
                   if i is not None and i != tokenizer.unk_token_id and tokenizer.decode([i]) == tag}
         pad = tokenizer.pad_token_id
         kwargs = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else
-                  dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p))  # plain sampling
+                  dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p))  # no top-k
         strings = [tag for tag in CLOSING_TAGS if tag not in single]
-        tail = max((len(tokenizer.encode(t, add_special_tokens=False)) for t in strings), default=1) + 2
-        return Sampling(tokenizer, sorted({tokenizer.eos_token_id, pad}), sorted(single.values()), strings,
-                        tail, pad, kwargs)
+        tail = max((len(tokenizer.encode(t, add_special_tokens=False)) for t in strings),
+                   default=1) + 2
+        return Sampling(tokenizer, sorted({tokenizer.eos_token_id, pad}), sorted(single.values()),
+                        strings, tail, pad, kwargs)
 
 
 class _Recorder(LogitsProcessor):
     """Records the exact entropy and the sampled token's log-prob from the raw logits of each step.
 
     The processor sees logits before temperature / top-p, i.e. the temperature-1 policy. The token
-    sampled at step t is only known at step t + 1 (it is then the last input id), so the log-softmax of
-    one step is kept until the next: O(B x V) memory instead of all logits.
+    sampled at step t is only known at step t + 1 (it is then the last input id), so the log-softmax
+    of one step is kept until the next: O(B x V) memory instead of all logits.
     """
 
     def __init__(self):
@@ -95,8 +99,8 @@ class _StopRecorder(StoppingCriteria):
     A tag that is several tokens is found in the decoded text of the row's current segment (`tails`:
     its tokens before this call, so a tag split across two calls is still seen). After a row stops,
     `generate` fills it with the pad id; `stopped_at` tells the sampler where its real tokens end.
-    `eos_token_id` is set so that `generate` does that filling (it pads only when an EOS criterion is
-    present).
+    `eos_token_id` is set so that `generate` does that filling (it pads only when an EOS criterion
+    is present).
     """
 
     def __init__(self, sampling: Sampling, tails: list[list[int]], start: int):
@@ -121,7 +125,7 @@ class _StopRecorder(StoppingCriteria):
 
     def _ends_tag(self, row: torch.Tensor, b: int) -> bool:
         """A closing tag that the row's last token completes (it was not in the text before it)."""
-        new = row[max(self.start, row.shape[0] - self.longest):].tolist()          # this call's last tokens
+        new = row[max(self.start, row.shape[0] - self.longest):].tolist()  # this call's tail
         tail = (self.tails[b] + new)[-self.longest:]
         text = self.s.tokenizer.decode(tail, skip_special_tokens=False)
         before = self.s.tokenizer.decode(tail[:-1], skip_special_tokens=False)
@@ -130,12 +134,14 @@ class _StopRecorder(StoppingCriteria):
 
 def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: int,
                     sampling: Sampling, tails: list[list[int]]):
-    """Continue every row of (B, W) `ids` by up to max_new_tokens, each until its first stop. `cache`
-    holds keys and values of a prefix of the columns (or is None). Returns the full (B, W + N) ids, the
-    (B, N) mask of the new columns (0 after a row's stop), the cache, and one Segment per row."""
+    """Continue every row of (B, W) `ids` by up to max_new_tokens, each until its first stop.
+    `cache` holds keys and values of a prefix of the columns (or is None). Returns the full
+    (B, W + N) ids, the (B, N) mask of the new columns (0 after a row's stop), the cache, and one
+    Segment per row."""
     recorder, stops = _Recorder(), _StopRecorder(sampling, tails, ids.shape[1])
-    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=max_new_tokens,
-                         logits_processor=[recorder], stopping_criteria=StoppingCriteriaList([stops]),
+    out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
+                         max_new_tokens=max_new_tokens, logits_processor=[recorder],
+                         stopping_criteria=StoppingCriteriaList([stops]),
                          eos_token_id=sampling.eos_ids, pad_token_id=sampling.pad,
                          return_dict_in_generate=True, **sampling.generate_kwargs)
     seq = out.sequences                                                         # (B, W + N)
@@ -146,7 +152,8 @@ def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new
     for b, toks in enumerate(new.cpu().tolist()):
         n = stops.stopped_at[b] or len(toks)
         new_mask[b, n:] = 0
-        segments.append(Segment(toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist(), stops.reason[b]))
+        segments.append(Segment(toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist(),
+                                stops.reason[b]))
     return seq, new_mask, out.cache, segments
 
 
@@ -158,7 +165,7 @@ def left_padded(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The reference engine
 
 
@@ -170,7 +177,7 @@ class ReencodeEngine:
         self.model, self.sampling, self.rows_per_call = model, sampling, rows_per_call
         self.device = next(model.parameters()).device
         self.seqs: list[list[int]] = []
-        self.prefill_tokens = self.generated_tokens = 0     # tokens encoded without sampling / sampled
+        self.prefill_tokens = self.generated_tokens = 0   # encoded without sampling / sampled
 
     def add(self, prompts: list[list[int]]) -> None:
         self.seqs += [list(p) for p in prompts]

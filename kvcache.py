@@ -1,10 +1,10 @@
-"""The cached engine: the five verbs of engine.py (add, generate, append, select, release) with one KV
-cache prefix_kv across rounds, so that each token is encoded once.
+"""The cached engine: the five verbs of engine.py (add, generate, append, select, release) with one
+KV cache kept across rounds, so that each token is encoded once.
 
     engine = CachedEngine(model, Sampling.make(tokenizer))   # a drop-in for engine.ReencodeEngine
 
-Layout. The batch is B rows x W columns of token ids, a 0/1 mask of the same shape, and a KV cache for
-the first c columns:
+Layout. The batch is B rows x W columns of token ids, a 0/1 mask of the same shape, and a KV cache
+for the first c columns:
 
                  cached: keys and values in `cache`               uncached
       column     0                                           c-1 | c ... W-1
@@ -13,16 +13,17 @@ the first c columns:
       row 2      .  .  .  .  .  .  .  .  .  P  P  P  P  P  P  P  | P
                  P prompt, S sampled, R tool result, . filler (mask 0)
 
-Row b's sequence is ids[b] at its mask-1 columns, in order; filler is never attended to. Position ids
-follow the mask's cumulative sum, so each row sees exactly its own sequence wherever its tokens sit.
-New tokens join as a right-aligned block, filler before them. Keys are cached with their positions
-already applied (rotary embeddings), so cached columns can be copied between rows with the same
-history: a branch child copies its parent's row (`select` with a repeated index), and a global that
-starts mid-rollout gets its prompt's keys and values, encoded once per prompt (`add`).
+Row b's sequence is ids[b] at its mask-1 columns, in order; filler is never attended to. Position
+ids follow the mask's cumulative sum, so each row sees exactly its own sequence wherever its tokens
+sit. New tokens join as a right-aligned block, filler before them. Keys are cached with their
+positions already applied (rotary embeddings), so cached columns can be copied between rows with the
+same history: a branch child copies its parent's row (`select` with a repeated index), and a global
+that starts mid-rollout gets its prompt's keys and values, encoded once per prompt (`add`).
 
-What the model encodes besides sampled tokens (`prefill_tokens`): each prompt but its last token once,
-then per row its prompt's last token, each tool result once (before a branch copies it), and one token
-per continued segment (`generate` samples from the last fed column, so that token is fed again).
+What the model encodes besides sampled tokens (`prefill_tokens`): each prompt but its last token
+once, then per row its prompt's last token, each tool result once (before a branch copies it), and
+one token per continued segment (`generate` samples from the last fed column, so that token is fed
+again).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from transformers import DynamicCache
 
 from engine import Sampling, Segment, left_padded, sample_segments
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]     # per layer: (keys, values), each (heads, n, head_dim)
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (heads, n, head_dim)
 
 
 class CachedEngine:
@@ -45,9 +46,10 @@ class CachedEngine:
         self.prompt_kv: dict[tuple[int, ...], KV] = {}   # prompt -> keys and values of prompt[:-1]
         self.prefill_tokens = self.generated_tokens = 0
 
-    # -- the verbs ----------------------------------------------------------------------------------
+    # -- the verbs ---------------------------------------------------------------------------------
     def add(self, prompts: list[list[int]]) -> None:
-        """New rows: prompt[:-1] copied from its kept cache (encoded now if new), the last token unfed."""
+        """New rows: prompt[:-1] copied from its kept cache (encoded now if new); the last token is
+        left unfed."""
         todo = sorted({tuple(p) for p in prompts if len(p) > 1} - self.prompt_kv.keys())
         if todo:
             self.prompt_kv |= dict(zip(todo, self._encode_alone([list(p[:-1]) for p in todo])))
@@ -63,17 +65,18 @@ class CachedEngine:
         self.unfed[b] += tokens
 
     def select(self, index: list[int]) -> None:
-        """Keep rows `index`. Unfed tokens but the last are encoded first, so that the copies of a row
-        share its encoded tool result instead of each encoding it again."""
-        if not index:                                        # no rows left (prefix_kv prompts stay)
-            self.ids, self.mask, self.cache, self.unfed = self.ids[:0, :0], self.mask[:0, :0], None, []
+        """Keep rows `index`. Unfed tokens but the last are encoded first, so that the copies of a
+        row share its encoded tool result instead of each encoding it again."""
+        if not index:                                        # no rows left (prompt_kv stays)
+            self.ids, self.mask = self.ids[:0, :0], self.mask[:0, :0]
+            self.cache, self.unfed = None, []
             return
         self._encode_unfed_heads()
         idx = torch.tensor(index, device=self.device)
         self.cache.batch_select_indices(idx)
         self.ids, self.mask = self.ids[idx], self.mask[idx]                       # (B', W)
         self.unfed = [list(self.unfed[i]) for i in index]
-        used = self.mask[:, :-1].any(0).nonzero()            # drop leading columns no row attends to
+        used = self.mask[:, :-1].any(0).nonzero()        # drop leading columns no row attends to
         self._drop_leading(int(used[0]) if len(used) else self.ids.shape[1] - 1)
 
     def release(self, prompt: list[int]) -> None:
@@ -82,7 +85,7 @@ class CachedEngine:
     def generate(self, max_new_tokens: int, tails: list[list[int]]) -> list[Segment]:
         """Feed every row's unfed tokens and sample up to max_new_tokens for each row."""
         for b, unfed in enumerate(self.unfed):
-            if not unfed:                                  # continuing a segment: re-feed its last token
+            if not unfed:                        # continuing a segment: re-feed its last token
                 unfed.append(self._pop_last(b))
         self.prefill_tokens += sum(map(len, self.unfed))
         self._append_columns(self.unfed)
@@ -93,7 +96,7 @@ class CachedEngine:
         self.generated_tokens += sum(len(s.tokens) for s in segments)
         return segments
 
-    # -- the layout ---------------------------------------------------------------------------------
+    # -- the layout --------------------------------------------------------------------------------
     def positions(self) -> torch.Tensor:
         return (self.mask.cumsum(-1) - 1).clamp(min=0)                         # (B, W)
 
@@ -102,30 +105,32 @@ class CachedEngine:
         self.ids, self.mask = torch.cat([self.ids, ids], 1), torch.cat([self.mask, mask], 1)
 
     def _encode_unfed_heads(self) -> None:
-        """Run unfed[:-1] of every row through the model into the cache (with any uncached column)."""
-        heads = [p[:-1] for p in self.unfed]                                 # all but the last token
+        """Run every row's unfed[:-1] through the model into the cache (and any uncached column)."""
+        heads = [p[:-1] for p in self.unfed]                            # all but the last token
         if not any(heads):
             return
         self.unfed = [p[-1:] for p in self.unfed]
         self.prefill_tokens += sum(map(len, heads))
         c = self.cache.get_seq_length()
         self._append_columns(heads)
-        self.model(input_ids=self.ids[:, c:], attention_mask=self.mask, position_ids=self.positions()[:, c:],
-                   cache=self.cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=self.ids[:, c:], attention_mask=self.mask,
+                   position_ids=self.positions()[:, c:], cache=self.cache, use_cache=True,
+                   logits_to_keep=1)
 
     def _encode_alone(self, seqs: list[list[int]]) -> list[KV]:
         """Each sequence's keys and values, from one left-padded forward pass outside the batch."""
         ids, mask = left_padded(seqs, self.pad, self.device)                   # (U, N)
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                   cache=cache, use_cache=True, logits_to_keep=1)
+        self.model(input_ids=ids, attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0), cache=cache, use_cache=True,
+                   logits_to_keep=1)
         N = ids.shape[1]
-        return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):]) for layer in cache.layers]
-                for u, s in enumerate(seqs)]
+        return [[(layer.keys[u, :, N - len(s):], layer.values[u, :, N - len(s):])
+                 for layer in cache.layers] for u, s in enumerate(seqs)]
 
     def _copy_prefix(self, b: int, tokens: list[int], prefix_kv: KV) -> None:
-        """Make `tokens`, whose keys and values are `prefix_kv`, the history of row b (an all-filler row):
-        they go in the last cached columns, after widening the batch on the left if it is too short."""
+        """Make `tokens`, whose keys and values are `prefix_kv`, the history of row b (an all-filler
+        row): they go in the last cached columns, after widening the batch on the left if needed."""
         if self.cache is None:
             self._start_cache(prefix_kv)
         n, c = len(tokens), self.cache.get_seq_length()
@@ -149,13 +154,14 @@ class CachedEngine:
         self.ids = torch.cat([self.ids, self.ids.new_full((n, W), self.pad)])
         self.mask = torch.cat([self.mask, self.mask.new_zeros((n, W))])
         for layer in self.cache.layers if self.cache is not None else []:
-            layer.keys = torch.cat([layer.keys, layer.keys.new_zeros((n, *layer.keys.shape[1:]))])
-            layer.values = torch.cat([layer.values, layer.values.new_zeros((n, *layer.values.shape[1:]))])
+            k, v = layer.keys, layer.values                          # (B, heads, c, head_dim)
+            layer.keys = torch.cat([k, k.new_zeros((n, *k.shape[1:]))])
+            layer.values = torch.cat([v, v.new_zeros((n, *v.shape[1:]))])
 
     def _widen(self, n: int) -> None:
         """n filler columns on the left, cached as zeros (never attended)."""
         for layer in self.cache.layers:
-            k, v = layer.keys, layer.values                                     # (B, heads, c, head_dim)
+            k, v = layer.keys, layer.values                          # (B, heads, c, head_dim)
             layer.keys = torch.cat([k.new_zeros((*k.shape[:2], n, k.shape[3])), k], 2)
             layer.values = torch.cat([v.new_zeros((*v.shape[:2], n, v.shape[3])), v], 2)
         B = self.ids.shape[0]
@@ -169,7 +175,7 @@ class CachedEngine:
 
     def _pop_last(self, b: int) -> int:
         """Row b's last token, masked out where it sits so that it can be fed again as a new column
-        (generate samples from the last column); its position, the mask's cumulative sum, is unchanged."""
+        (generate samples from the last column); its position (the mask's cumsum) is unchanged."""
         j = int(self.mask[b].nonzero()[-1])
         self.mask[b, j] = 0
         return int(self.ids[b, j])

@@ -1,5 +1,5 @@
-"""The entropy-guided tree sampler: k tool-using trajectories per question, as GRPO chains, with ARPO's
-entropy branching, or with AEPO's dynamic entropy-balanced rollout (arXiv 2510.14545).
+"""The entropy-guided tree sampler: k tool-using trajectories per question, as GRPO chains, with
+ARPO's entropy branching, or with AEPO's dynamic entropy-balanced rollout (arXiv 2510.14545).
 
     from rollout import rollout
     result = rollout(model, tokenizer, questions, tools, cfg, seed=0, system_prompt=prompt)
@@ -23,7 +23,8 @@ Deviations from the released code (also in the README): the probe is the first o
 (released: a separate, discarded probe); entropy state resets at each call; `max_rounds` is a budget
 per trajectory (a branch counts its parent's rounds), so an algorithm that starts trajectories later
 (AEPO after its probe, restarts) loses none to it; `l` also counts rounds that restarted a global.
-The generate engine (engine.py, kvcache.py) is below this file: it only sees token ids.
+The generate engine (engine.py, kvcache.py) is below this file: it only sees token ids. What a call
+returns (RolloutResult, QuestionStats) is defined in rollout_types.py.
 """
 from __future__ import annotations
 
@@ -40,36 +41,11 @@ from aepo import (Config, Tools, Trajectory, aepo_should_branch, arpo_should_bra
 from engine import CLOSING_TAGS, ReencodeEngine, Sampling, Segment
 from kvcache import CachedEngine
 from policy import prompt_ids
+from rollout_types import QuestionStats, RolloutResult, merge_chunks
 from tools import parse_tool_call, result_block
 
 ENGINES = {"cached": CachedEngine, "reencode": ReencodeEngine,
            "naive": lambda model, sampling: ReencodeEngine(model, sampling, rows_per_call=1)}
-
-
-@dataclass
-class QuestionStats:
-    m: int = 0                    # global budget (AEPO: from pre-monitoring)
-    h_root: float = 0.0           # segment entropy of the probe's first segment
-    h_tool: float = 0.0           # mean segment entropy of the probe's segments after tool results
-    n_global: int = 0             # global trajectories started (restarts included)
-    n_branch: int = 0             # branch children created
-    n_restart: int = 0
-    n_duplicate: int = 0
-    branches_after_first_call: int = 0  # branch events at a source's second or later tool call
-    consecutive_branch_steps: int = 0   # branch events while l > 0
-    branches_per_source: dict[int, int] = field(default_factory=dict)
-
-
-@dataclass
-class RolloutResult:
-    trajectories: list[Trajectory]      # k per question, in question order
-    stats: list[QuestionStats]
-    generated_tokens: int = 0           # tokens sampled by the policy
-    prefill_tokens: int = 0             # tokens the model encoded without sampling them
-    rounds: int = 0                     # generate rounds (latency)
-    generate_s: float = 0.0
-    tools_s: float = 0.0
-    slowest_tool_s: float = 0.0
 
 
 @dataclass
@@ -78,7 +54,7 @@ class Question:
     prompt: list[int]
     m: int | None                 # global budget; None until the probe has ended (AEPO)
     started: int = 0              # trajectories started: globals and branches
-    globals_due: int = 0                 # globals to start next round
+    globals_due: int = 0          # globals to start next round
     l: int = 0                    # consecutive rounds that created a trajectory (branch penalty)
     active: int = 0               # rows in flight
     finished: list[Trajectory] = field(default_factory=list)
@@ -94,19 +70,20 @@ class Row:
     done: bool = False
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pure rules on the question state
 
 
 def initial_globals(cfg: Config) -> tuple[int | None, int]:
-    """(m, globals to start now): GRPO m = k; ARPO m = global_rollouts; AEPO one probe, m unknown."""
+    """(m, globals to start now): GRPO m = k, ARPO m = global_rollouts, AEPO 1 probe (m unknown)."""
     if cfg.pre_monitor:
         return None, 1
     m = cfg.global_rollouts if cfg.branching else cfg.k
     return m, m
 
 
-def budget_from_probe(seg_entropies: list[float], k: int, beta: float) -> tuple[int, float, float]:
+def budget_from_probe(seg_entropies: list[float], k: int,
+                      beta: float) -> tuple[int, float, float]:
     """[pre-monitoring] (m, H_root, H_tool) from the probe's segment entropies: H_root is its first
     segment, H_tool the mean of the segments after tool results (H_root when it used no tool)."""
     # >>> solution A4
@@ -118,16 +95,16 @@ def budget_from_probe(seg_entropies: list[float], k: int, beta: float) -> tuple[
 
 
 def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Random) -> int:
-    """[branching] How many of the Z - 1 child slots of one source branch, given Delta H, the streak l
-    and the room left under k. One uniform draw per slot while there is room."""
+    """[branching] How many of the Z - 1 child slots of one source branch, given Delta H, the streak
+    l and the room left under k. One uniform draw per slot while there is room."""
     # >>> solution A4
     n = 0
     for _ in range(cfg.branch_z - 1):
         if n == room:
             break
         u = rng.random()
-        n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.penalty) if cfg.branch_penalty
-              else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
+        n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.penalty)
+              if cfg.branch_penalty else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
     return n
     # <<< solution
 
@@ -140,14 +117,15 @@ def next_streak(l: int, created: bool) -> int:
 
 
 def wants_restart(q: Question, k: int, round_: int, max_rounds: int) -> bool:
-    """Restart rule: an idle question with a known budget and fewer than k trajectories starts one more
-    global, during the call's first max_rounds rounds (later, what is short is padded by duplicates)."""
+    """Restart rule: an idle question with a known budget and fewer than k trajectories starts one
+    more global in the call's first max_rounds rounds (later, duplicates pad what is short)."""
     # >>> solution A4
-    return q.m is not None and q.active == 0 and q.globals_due == 0 and q.started < k and round_ < max_rounds
+    return (q.m is not None and q.active == 0 and q.globals_due == 0 and q.started < k
+            and round_ < max_rounds)
     # <<< solution
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The rollout
 
 
@@ -161,40 +139,25 @@ def rollout(model, tokenizer, questions: list[str], tools: Tools, cfg: Config, s
     prompts = [prompt_ids(tokenizer, q, system_prompt)[-cfg.max_prompt_tokens:] for q in questions]
     if not prompts:
         return RolloutResult([], [])
-    chunk = cfg.rollout_questions or len(prompts)                     # bounds the KV cache (memory)
+    chunk = cfg.rollout_questions or len(prompts)                 # bounds the KV cache (memory)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(seed)
         rng, parts = random.Random(seed), []
         for i in range(0, len(prompts), chunk):
-            sampler = _Sampler(ENGINES[engine](model, sampling), tokenizer, tools, cfg, rng, model.config.vocab_size)
+            sampler = _Sampler(ENGINES[engine](model, sampling), tokenizer, tools, cfg, rng,
+                               model.config.vocab_size)
             parts.append((i, sampler.run(prompts[i:i + chunk])))
-    return _merge(parts) if len(parts) > 1 else parts[0][1]
-
-
-def _merge(parts: list[tuple[int, RolloutResult]]) -> RolloutResult:
-    """One result from the results of consecutive chunks of questions (offset question and trajectory ids)."""
-    out, next_id = RolloutResult([], []), 0
-    for first, res in parts:
-        for t in res.trajectories:
-            t.question_idx += first
-            t.traj_id += next_id
-            t.parent_id = None if t.parent_id is None else t.parent_id + next_id
-        next_id = 1 + max(t.traj_id for t in res.trajectories)
-        out.trajectories += res.trajectories
-        out.stats += res.stats
-        for key in ("generated_tokens", "prefill_tokens", "rounds", "generate_s", "tools_s"):
-            setattr(out, key, getattr(out, key) + getattr(res, key))
-        out.slowest_tool_s = max(out.slowest_tool_s, res.slowest_tool_s)
-    return out
+    return merge_chunks(parts) if len(parts) > 1 else parts[0][1]
 
 
 class _Sampler:
-    """One rollout call's mutable state: the engine's rows (in `rows` order), the questions, counters."""
+    """One rollout call's mutable state: the engine's rows (in `rows` order), questions, counts."""
 
-    def __init__(self, engine, tokenizer, tools: Tools, cfg: Config, rng: random.Random, vocab: int):
-        self.engine, self.tok, self.tools, self.cfg, self.rng, self.vocab = engine, tokenizer, tools, cfg, rng, vocab
-        self.next_id = 0
+    def __init__(self, engine, tokenizer, tools: Tools, cfg: Config, rng: random.Random,
+                 vocab: int):
+        self.engine, self.tok, self.tools, self.cfg = engine, tokenizer, tools, cfg
+        self.rng, self.vocab, self.next_id = rng, vocab, 0
         self.res = RolloutResult([], [])
 
     def run(self, prompts: list[list[int]]) -> RolloutResult:
@@ -228,16 +191,18 @@ class _Sampler:
             #    [branching] + [branch penalty] rows that just received a tool result may branch
             children = {b: self._branch(row) for b, row in called if not row.done}
             # 5. keep the live rows, each followed by its children; start new globals; update l
-            index = [b for b, row in enumerate(rows) if not row.done for _ in range(1 + len(children.get(b, [])))]
-            rows = [r for b, row in enumerate(rows) if not row.done for r in [row, *children.get(b, [])]]
+            kept = [(b, [row, *children.get(b, [])]) for b, row in enumerate(rows) if not row.done]
+            index = [b for b, family in kept for _ in family]
+            rows = [r for _, family in kept for r in family]
             self.engine.select(index)
-            created = {self._q(kids[0]) for kids in children.values() if kids}
+            created = {kids[0].traj.question_idx for kids in children.values() if kids}
             rows += self._start(self._new_globals(created))
         res.trajectories = self._pad_groups()
-        res.prefill_tokens, res.generated_tokens = self.engine.prefill_tokens, self.engine.generated_tokens
+        res.prefill_tokens = self.engine.prefill_tokens
+        res.generated_tokens = self.engine.generated_tokens
         return res
 
-    # -- 2. recording a segment ----------------------------------------------------------------------
+    # -- 2. recording a segment --------------------------------------------------------------------
     def _record(self, row: Row, seg: Segment) -> None:
         cfg, t = self.cfg, row.traj
         t.rounds += 1
@@ -258,10 +223,10 @@ class _Sampler:
             self._end_segment(row)
             text = self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False)
             end = max(text.rfind(tag) + len(tag) for tag in CLOSING_TAGS if tag in text)
-            call = parse_tool_call(text[:end])      # a tag may end inside a token: cut the text there
-            if call is None:                        # a closing tag without its opening tag
+            call = parse_tool_call(text[:end])  # a tag may end inside a token: cut the text there
+            if call is None:                    # a closing tag without its opening tag
                 self._finish(row, "malformed")
-            elif len(t.tool_calls) >= cfg.call_limit:          # released behaviour: force EOS
+            elif len(t.tool_calls) >= cfg.call_limit:   # released behaviour: force EOS
                 self._append(row, [self.tok.eos_token_id])
                 self._finish(row, "call_limit")
             else:
@@ -269,7 +234,7 @@ class _Sampler:
         # otherwise the segment goes on next round
 
     def _end_segment(self, row: Row) -> None:
-        """The segment's entropy: its first w sampled tokens, from seg_start (never a tool result)."""
+        """The segment's entropy H: its first w sampled tokens from seg_start (never a result)."""
         t = row.traj
         h = segment_entropy(t.entropy[row.seg_start:], self.cfg.entropy_window, self.vocab)
         t.seg_entropy.append(h)
@@ -285,15 +250,15 @@ class _Sampler:
         t.entropy += [0.0] * len(ids)
 
     def _finish(self, row: Row, how: str) -> None:
-        t, q = row.traj, self.qs[self._q(row)]
+        t, q = row.traj, self.qs[row.traj.question_idx]
         ids = [i for i in t.response_ids if i not in (self.tok.pad_token_id, self.tok.eos_token_id)]
         t.text, t.finish, row.done = self.tok.decode(ids, skip_special_tokens=False), how, True
         q.finished.append(t)
         q.active -= 1
 
-    # -- 3. tools ------------------------------------------------------------------------------------
+    # -- 3. tools ----------------------------------------------------------------------------------
     def _run_tools(self, rows: list[Row]) -> list[list[int]]:
-        """Run every queued call in parallel threads; append each result. Returns the result tokens."""
+        """Run the queued calls in parallel threads; append each result; return its tokens."""
         def timed(call):
             t0 = time.perf_counter()
             output = self.tools[call[0]](call[1])
@@ -313,37 +278,39 @@ class _Sampler:
             block = self.tok.encode(result_block(output), add_special_tokens=False)
             room = self.cfg.max_response_tokens - len(row.traj.response_ids)
             self._append(row, block[:room])
-            row.seg_start = len(row.traj.response_ids)        # the next segment starts after the result
+            row.seg_start = len(row.traj.response_ids)    # the next segment starts after it
             appended.append(block[:room])
             if len(block) >= room:
                 self._finish(row, "length")
         return appended
 
-    # -- 4. the entropy rules ------------------------------------------------------------------------
+    # -- 4. the entropy rules ----------------------------------------------------------------------
     def _pre_monitor(self, q: int) -> None:
-        """[pre-monitoring] The probe (the question's first global) has ended: set m from its segment
-        entropies; the other m - 1 globals start next round."""
+        """[pre-monitoring] The probe (the question's first global) has ended: set m from its
+        segment entropies; the other m - 1 globals start next round."""
         question, s = self.qs[q], self.res.stats[q]
-        s.m, s.h_root, s.h_tool = budget_from_probe(question.finished[0].seg_entropy, self.cfg.k, self.cfg.beta)
+        s.m, s.h_root, s.h_tool = budget_from_probe(question.finished[0].seg_entropy, self.cfg.k,
+                                                    self.cfg.beta)
         question.m, question.globals_due = s.m, s.m - 1
 
     def _branch(self, row: Row) -> list[Row]:
-        """[branching] Delta H = H(segment that just called a tool) - H_init; up to Z - 1 children, at
-        most k trajectories per question. [branch penalty] The AEPO rule takes the streak l."""
-        q = self._q(row)
+        """[branching] Delta H = H(segment that just called a tool) - H_init; up to Z - 1 children,
+        at most k trajectories per question. [branch penalty] The AEPO rule takes the streak l."""
+        q = row.traj.question_idx
         question, s = self.qs[q], self.res.stats[q]
-        if not self.cfg.branching or question.m is None:       # no branching before the budget is known
+        if not self.cfg.branching or question.m is None:     # not before the budget is known
             return []
         delta_h = row.traj.seg_entropy[-1] - row.h_init
         n = n_children(delta_h, question.l, self.cfg.k - question.started, self.cfg, self.rng)
         s.n_branch += n
         if n:
-            s.branches_per_source[row.traj.traj_id] = s.branches_per_source.get(row.traj.traj_id, 0) + n
+            source = row.traj.traj_id
+            s.branches_per_source[source] = s.branches_per_source.get(source, 0) + n
         s.consecutive_branch_steps += n * (question.l > 0)
         s.branches_after_first_call += n * (len(row.traj.tool_calls) > 1)
         return [self._child(row) for _ in range(n)]
 
-    # -- 5. new trajectories -------------------------------------------------------------------------
+    # -- 5. new trajectories -----------------------------------------------------------------------
     def _new_globals(self, created: set[int]) -> list[int]:
         """Questions to start a global for: the rest of a fresh AEPO budget, then the restart rule.
         [branch penalty] Updates each question's streak l."""
@@ -359,8 +326,8 @@ class _Sampler:
         return new
 
     def _start(self, qs: list[int]) -> list[Row]:
-        rows = [Row(Trajectory(question_idx=q, prompt_ids=list(self.qs[q].prompt), traj_id=self._new_id()))
-                for q in qs]
+        rows = [Row(Trajectory(question_idx=q, prompt_ids=list(self.qs[q].prompt),
+                               traj_id=self._new_id())) for q in qs]
         self.engine.add([self.qs[q].prompt for q in qs])
         for q in qs:
             self.res.stats[q].n_global += 1
@@ -368,11 +335,11 @@ class _Sampler:
         return rows
 
     def _child(self, row: Row) -> Row:
-        """A full copy of the row, tool result included; it diverges at the first token it samples."""
+        """A full copy of the row, tool result included; it diverges at its first sampled token."""
         child = copy.deepcopy(row)
-        child.traj.traj_id, child.traj.parent_id, child.traj.is_global = self._new_id(), row.traj.traj_id, False
-        child.h_init = None
-        self._count_start(self._q(row))
+        child.traj.traj_id, child.traj.parent_id = self._new_id(), row.traj.traj_id
+        child.traj.is_global, child.h_init = False, None
+        self._count_start(row.traj.question_idx)
         return child
 
     def _count_start(self, q: int) -> None:
@@ -380,15 +347,11 @@ class _Sampler:
         question.started += 1
         question.active += 1
         if question.started >= self.cfg.k:
-            self.engine.release(question.prompt)            # no later global of q needs its prompt cache
+            self.engine.release(question.prompt)    # no later global of q needs its prompt cache
 
     def _new_id(self) -> int:
         self.next_id += 1
         return self.next_id - 1
-
-    @staticmethod
-    def _q(row: Row) -> int:
-        return row.traj.question_idx
 
     def _pad_groups(self) -> list[Trajectory]:
         """Exactly k per question: duplicate the last trajectory of a question that ended short."""

@@ -36,8 +36,8 @@ ABLATIONS = ("aepo_no_dynamic_rollout", "aepo_no_balanced_update")
 
 
 def plan(args) -> list[tuple[str, int]]:
-    return ([(a, s) for a in ALGOS for s in range(args.seeds)]
-            + [(a, s) for a in ABLATIONS for s in range(args.ablation_seeds)])
+    return ([(a, s) for a in args.algos for s in range(args.seeds)]
+            + [(a, s) for a in args.ablations for s in range(args.ablation_seeds)])
 
 
 def run_all(runs: list[tuple[str, int, Path]], args) -> None:
@@ -120,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of grpo, arpo and aepo")
     parser.add_argument("--ablation_seeds", type=int, default=1, help="seeds of each AEPO ablation")
+    parser.add_argument("--algos", nargs="*", default=list(ALGOS), help="the algorithms compared")
+    parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="AEPO's ablations")
     parser.add_argument("--out", default="runs/reproduce", help="parent folder of the runs")
     parser.add_argument("--results", default="benchmarks/results", help="folder of reproduce.md/.png")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2 // N threads)")

@@ -1,7 +1,7 @@
-"""The cached engine's layout invariant: however a row's tokens got into the batch (a prompt placed from
-a kept cache into a wider or narrower history, a tool result encoded before a branch copy, a re-fed
-last token, rows that join later or leave), every sampled token, log-prob and entropy equals what the
-reference engine gets by re-encoding each row from scratch."""
+"""The cached engine's layout invariant: however a row's tokens got into the batch (a prompt placed
+from a kept cache into a wider or narrower history, a tool result encoded before a branch copy, a
+re-fed last token, rows that join later or leave), every sampled token, log-prob and entropy equals
+what the reference engine gets by re-encoding each row from scratch."""
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -12,9 +12,9 @@ from kvcache import CachedEngine
 
 def model_(vocab):
     torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                        pad_token_id=0)).eval()
+    return Qwen3ForCausalLM(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=2, num_attention_heads=4,
+                                        num_key_value_heads=2, head_dim=8, pad_token_id=0)).eval()
 
 
 def play(engine, script):
@@ -38,15 +38,16 @@ def test_cached_engine_equals_reencoding_under_every_verb():
     tok = toy_tokenizer()
     model = model_(len(tok))
     sampling = Sampling.make(tok, greedy=True)
-    sampling.eos_ids, sampling.tag_ids, sampling.tag_strings = [], [], []   # never stop: compare every step
+    # never stop: compare every step
+    sampling.eos_ids, sampling.tag_ids, sampling.tag_strings = [], [], []
     a, b, c = list(range(5, 12)), [12, 13, 14], list(range(15, 25))
     script = [("add", [a, b]), ("generate", 3),
-              ("append", 0, [30, 31, 32]), ("append", 1, [33]),             # tool results
-              ("select", [0, 1, 1]),                                         # row 1 branches
+              ("append", 0, [30, 31, 32]), ("append", 1, [33]),   # tool results
+              ("select", [0, 1, 1]),                              # row 1 branches
               ("append", 2, [34, 35]), ("generate", 2),
-              ("add", [c, a]),                                               # a longer prompt joins; a again
+              ("add", [c, a]),                                    # a longer prompt joins; a again
               ("generate", 4),
-              ("select", [3, 0]),                                            # rows leave, order changes
+              ("select", [3, 0]),                                 # rows leave, order changes
               ("append", 1, [36]), ("generate", 3),
               ("release", a), ("add", [b]), ("generate", 2)]
     cached, reference = CachedEngine(model, sampling), ReencodeEngine(model, sampling)

@@ -34,12 +34,13 @@ def test_masks_results_and_text(tok):
     assert len(res.trajectories) == 6
     block = ids(tok, result_block(TOOLS["search"]("Mira Quell")))
     for t in res.trajectories:
-        assert t.finish == "eos" and t.tool_calls == [("search", "Mira Quell", TOOLS["search"]("Mira Quell"))]
+        assert t.finish == "eos"
+        assert t.tool_calls == [("search", "Mira Quell", TOOLS["search"]("Mira Quell"))]
         expected = seg0 + block + seg1 + [tok.eos_token_id]
         assert t.response_ids == expected
         assert t.loss_mask == [1] * len(seg0) + [0] * len(block) + [1] * (len(seg1) + 1)
         assert len(t.logp) == len(t.entropy) == len(t.response_ids)
-        assert all(lp == 0.0 for lp, m in zip(t.logp, t.loss_mask) if m == 1)   # deterministic script
+        assert all(lp == 0.0 for lp, m in zip(t.logp, t.loss_mask) if m == 1)  # scripted: p = 1
         assert "<result>\nPage 1: Mira Quell was born in Vantor.\n</result>" in t.text
         assert t.text.endswith("</answer>")
 
@@ -51,21 +52,21 @@ def test_call_limit_forces_eos(tok):
                   system_prompt="sys")
     for t in res.trajectories:
         assert t.finish == "call_limit" and len(t.tool_calls) == 2
-        assert t.response_ids[-1] == tok.eos_token_id and t.loss_mask[-1] == 0   # forced, not sampled
-        assert t.response_ids[-1 - len(search):-1] == search                      # third call not run
+        assert t.response_ids[-1] == tok.eos_token_id and t.loss_mask[-1] == 0  # forced: mask 0
+        assert t.response_ids[-1 - len(search):-1] == search                 # third call not run
 
 
 def test_length_budget_truncates(tok):
     model = ScriptedPolicy(tok, [ids(tok, " a b c d e f g h i j k l m n o p")])
-    res = rollout(model, tok, ["Q?"], TOOLS, cfg_with(k=1, max_response_tokens=5, segment_tokens=3, **CHAIN),
-                  seed=0, system_prompt="sys")
+    cfg = cfg_with(k=1, max_response_tokens=5, segment_tokens=3, **CHAIN)
+    res = rollout(model, tok, ["Q?"], TOOLS, cfg, seed=0, system_prompt="sys")
     (t,) = res.trajectories
     assert t.finish == "length" and len(t.response_ids) == 5 and t.loss_mask == [1] * 5
 
 
 def test_restart_then_duplicate(tok):
-    """No branching (P = 0): an idle question restarts one global per round; what is still short at the
-    end is padded by duplicating its last trajectory."""
+    """No branching (P = 0): an idle question restarts one global per round; what is still short at
+    the end is padded by duplicating its last trajectory."""
     model = ScriptedPolicy(tok, [ids(tok, " <answer> y </answer>")])
     cfg = cfg_with(k=4, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=False,
                    tau=0.0, gamma=0.0, max_rounds=2)
@@ -80,12 +81,12 @@ def test_restart_then_duplicate(tok):
 
 
 def test_branching_never_exceeds_k_and_children_diverge_after_result(tok):
-    """tau = 1, gamma = 0: ARPO always branches. Every child equals its parent up to and including the
-    tool result, and a question never holds more than k trajectories."""
+    """tau = 1, gamma = 0: ARPO always branches. Every child equals its parent up to and including
+    the tool result, and a question never holds more than k trajectories."""
     a, b = ids(tok, " a")[0], ids(tok, " b")[0]
     seg0 = ids(tok, "<think>") + [{a: 0.5, b: 0.5}] + ids(tok, " </think> <search> x </search>")
-    seg1 = [{a: 0.5, b: 0.5}, {a: 0.5, b: 0.5}, {a: 0.5, b: 0.5}] + ids(tok, " <search> z </search>")
-    seg2 = [{a: 0.5, b: 0.5}, {a: 0.5, b: 0.5}] + ids(tok, " <answer> y </answer>")
+    seg1 = [{a: 0.5, b: 0.5}] * 3 + ids(tok, " <search> z </search>")
+    seg2 = [{a: 0.5, b: 0.5}] * 2 + ids(tok, " <answer> y </answer>")
     model = ScriptedPolicy(tok, [seg0, seg1, seg2])
     cfg = cfg_with(k=6, global_rollouts=2, branching=True, pre_monitor=False, branch_penalty=False,
                    tau=1.0, gamma=0.0, branch_z=3)
@@ -95,7 +96,7 @@ def test_branching_never_exceeds_k_and_children_diverge_after_result(tok):
     n_children = 0
     for s in res.stats:
         assert s.n_global + s.n_branch <= cfg.k and s.n_branch > 0
-        assert 0 < max(s.branches_per_source.values()) <= cfg.branch_z - 1      # Z - 1 children per source
+        assert 0 < max(s.branches_per_source.values()) <= cfg.branch_z - 1   # Z - 1 per source
     result_end = tok.convert_tokens_to_ids("</result>")
     for t in res.trajectories:
         if t.parent_id is None or t.is_duplicate:
@@ -124,13 +125,15 @@ def test_aepo_probe_sets_the_budget(tok):
 
 @pytest.mark.parametrize("rules", [
     CHAIN,
-    dict(branching=True, pre_monitor=True, branch_penalty=True, tau=2.0, gamma=0.0),    # never branches
-    dict(branching=True, pre_monitor=False, branch_penalty=False, tau=1.0, gamma=0.0, global_rollouts=2)],
+    dict(branching=True, pre_monitor=True, branch_penalty=True, tau=2.0, gamma=0.0),  # no branching
+    dict(branching=True, pre_monitor=False, branch_penalty=False, tau=1.0, gamma=0.0,
+         global_rollouts=2)],
     ids=["grpo", "aepo-no-branch", "arpo-always-branch"])
 def test_prompts_and_tool_results_are_encoded_once(tok, rules):
-    """Prefill = each question's prompt[:-1] once, plus for every global its prompt's last token and its
-    tool result, plus for every branch child the result's last token: later globals and restarts copy
-    the kept prompt cache, and children copy their parent's cache with the result already encoded."""
+    """Prefill = each question's prompt[:-1] once, plus for every global its prompt's last token and
+    its tool result, plus for every branch child the result's last token: later globals and restarts
+    copy the kept prompt cache, and children copy their parent's cache with the result already
+    encoded."""
     seg0 = ids(tok, "<think> a </think> <search> x </search>")
     model = ScriptedPolicy(tok, [seg0, ids(tok, " <answer> y </answer>")])
     questions = ["Where was Mira Quell born?", "Q2?"]
@@ -145,17 +148,19 @@ def test_prompts_and_tool_results_are_encoded_once(tok, rules):
 
 
 def _biased_random_qwen(tok, seed=6):
-    """A random tiny Qwen3 whose greedy output opens and closes searches and sometimes ends: enough to
-    exercise branching, restarts and the call limit with real attention and KV caches. (Seed and
+    """A random tiny Qwen3 whose greedy output opens and closes searches and sometimes ends: enough
+    to exercise branching, restarts and the call limit with real attention and KV caches. (Seed and
     scales were picked by searching for a model that shows all of these.)"""
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(Qwen3Config(
         vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512,
-        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id)).eval()
     with torch.no_grad():
         model.model.norm.weight[:3] = 1.5
-        for dim, (tag, scale) in enumerate([("<search>", 1.0), ("</search>", 0.5), ("<|im_end|>", 0.5)]):
+        biases = [("<search>", 1.0), ("</search>", 0.5), ("<|im_end|>", 0.5)]
+        for dim, (tag, scale) in enumerate(biases):
             i = tok.convert_tokens_to_ids(tag)
             model.lm_head.weight[i] = 0.0
             model.lm_head.weight[i, dim] = scale
@@ -165,11 +170,14 @@ def _biased_random_qwen(tok, seed=6):
 @pytest.mark.parametrize("algo", ["grpo", "arpo", "aepo"])
 def test_greedy_cached_tree_equals_recompute_from_scratch(tok, algo):
     model = _biased_random_qwen(tok)
-    rules = dict(pre_monitor=algo == "aepo", branch_penalty=algo == "aepo", branching=algo != "grpo")
-    cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=120, call_limit=2, **rules)
-    questions = ["Where was Mira Quell born?", "Q2 long question about a city?", "x?", "Which company?"]
-    runs = {mode: rollout(model, tok, questions, TOOLS, cfg, seed=1, system_prompt="sys", greedy=True,
-                          engine=mode) for mode in ("cached", "reencode", "naive")}
+    rules = dict(pre_monitor=algo == "aepo", branch_penalty=algo == "aepo",
+                 branching=algo != "grpo")
+    cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=120, call_limit=2,
+                   **rules)
+    questions = ["Where was Mira Quell born?", "Q2 long question about a city?", "x?",
+                 "Which company?"]
+    runs = {mode: rollout(model, tok, questions, TOOLS, cfg, seed=1, system_prompt="sys",
+                          greedy=True, engine=mode) for mode in ("cached", "reencode", "naive")}
     tree = runs["cached"]
     assert (sum(s.n_branch for s in tree.stats) > 0) == (algo != "grpo")
     assert {t.finish for t in tree.trajectories} == {"call_limit", "eos"}
@@ -178,15 +186,17 @@ def test_greedy_cached_tree_equals_recompute_from_scratch(tok, algo):
     for mode in ("reencode", "naive"):
         for a, b in zip(tree.trajectories, runs[mode].trajectories):
             assert a.response_ids == b.response_ids and a.loss_mask == b.loss_mask
-            torch.testing.assert_close(torch.tensor(a.logp), torch.tensor(b.logp), atol=1e-4, rtol=0)
-            torch.testing.assert_close(torch.tensor(a.entropy), torch.tensor(b.entropy), atol=1e-4, rtol=0)
+            for key in ("logp", "entropy"):
+                torch.testing.assert_close(torch.tensor(getattr(a, key)),
+                                           torch.tensor(getattr(b, key)), atol=1e-4, rtol=0)
     assert tree.prefill_tokens < runs["reencode"].prefill_tokens
 
 
 def test_same_seed_same_trajectories(tok):
     model = _biased_random_qwen(tok)
     cfg = cfg_with(k=4, global_rollouts=2, segment_tokens=12, max_response_tokens=80)
-    run = lambda seed: rollout(model, tok, ["Q1?", "Q2?"], TOOLS, cfg, seed=seed, system_prompt="sys")
+    run = lambda seed: rollout(model, tok, ["Q1?", "Q2?"], TOOLS, cfg, seed=seed,
+                               system_prompt="sys")
     a, b, c = run(0), run(0), run(1)
     assert [t.response_ids for t in a.trajectories] == [t.response_ids for t in b.trajectories]
     assert [t.response_ids for t in a.trajectories] != [t.response_ids for t in c.trajectories]
