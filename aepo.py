@@ -1,6 +1,7 @@
-"""The shared vocabulary of the project: the configuration, the trajectory type, and the pure entropy
-and branching rules of AEPO (arXiv 2510.14545: "Entropy Pre-Monitoring" and "Entropy-Balanced Adaptive
-Rollout") and of ARPO (arXiv 2507.19849: entropy-based adaptive rollout). Imports nothing of the project.
+"""The shared vocabulary of the project: the configuration, the trajectory type, and the pure
+entropy and branching rules of AEPO (arXiv 2510.14545: "Entropy Pre-Monitoring" and
+"Entropy-Balanced Adaptive Rollout") and of ARPO (arXiv 2507.19849: entropy-based adaptive rollout).
+Imports nothing of the project.
 
     from aepo import Config, global_budget
     cfg = Config(model="tiny")
@@ -11,12 +12,12 @@ Rollout") and of ARPO (arXiv 2507.19849: entropy-based adaptive rollout). Import
 Deviations from the released AEPO code (each also listed in the README):
   1. Token entropy is exact over the full vocabulary; the released code estimated it from the top-10
      log-probs.
-  2. The entropy pre-monitoring probe is an ordinary global sample, counted as the first of the m global
-     rollouts; the released code ran a separate probe and threw it away.
-  3. All entropy state (H_init, the consecutive-branch counter l) is reset at the start of each rollout
-     call; the released code carried it across batches by accident.
-  4. LoRA adapters (optionally on a 4-bit NF4 base) instead of a full fine-tune, so the learning rate is
-     larger than the released 1e-6.
+  2. The entropy pre-monitoring probe is an ordinary global sample, counted as the first of the m
+     global rollouts; the released code ran a separate probe and threw it away.
+  3. All entropy state (H_init, the consecutive-branch counter l) is reset at the start of each
+     rollout call; the released code carried it across batches by accident.
+  4. LoRA adapters (optionally on a 4-bit NF4 base) instead of a full fine-tune, so the learning
+     rate is larger than the released 1e-6.
 """
 from __future__ import annotations
 
@@ -28,86 +29,118 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Configuration
 
 
 @dataclass
 class Config:
-    """Every hyperparameter of a run. Paper symbols in brackets; defaults are the `tiny` CPU demo."""
+    """Every hyperparameter of a run. Paper symbols in brackets; defaults are the `tiny` CPU
+    demo."""
 
     # --- run ---
-    preset: str = field(default="tiny", metadata={"help": "Named overrides: tiny | class | smoke | qwen3-1.7b."})
-    algo: str = field(default="aepo", metadata={"help": "Algorithm preset (README table): " + " | ".join(
-        ["grpo", "dapo", "reinforce_pp", "gppo", "cispo", "arpo", "aepo", "aepo_no_dynamic_rollout",
-         "aepo_no_balanced_update"])})
-    output_dir: str = field(default="", metadata={"help": "Run folder; default runs/<timestamp>-<algo>."})
-    seed: int = field(default=0, metadata={"help": "Seed of everything; per-step seeds derive from it."})
-    stage: str = field(default="all", metadata={"help": "sft | rl | all (sft, then rl, then eval)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from output_dir's last checkpoint."})
+    preset: str = field(default="tiny", metadata={
+        "help": "Named overrides: tiny | class | smoke | qwen3-1.7b."})
+    algo: str = field(default="aepo", metadata={
+        "help": "Algorithm preset (README table): " + " | ".join(
+            ["grpo", "dapo", "reinforce_pp", "gppo", "cispo", "arpo", "aepo",
+             "aepo_no_dynamic_rollout", "aepo_no_balanced_update"])})
+    output_dir: str = field(default="", metadata={
+        "help": "Run folder; default runs/<timestamp>-<algo>."})
+    seed: int = field(default=0, metadata={
+        "help": "Seed of everything; per-step seeds derive from it."})
+    stage: str = field(default="all", metadata={
+        "help": "sft | rl | all (sft, then rl, then eval)."})
+    resume: bool = field(default=False, metadata={
+        "help": "Continue from output_dir's last checkpoint."})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)."})
 
     # --- policy ---
-    model: str = field(default="tiny", metadata={"help": "tiny | hub id | alias (Qwen3-1.7B) | local folder."})
+    model: str = field(default="tiny", metadata={
+        "help": "tiny | hub id | alias (Qwen3-1.7B) | local folder."})
     init_from: str = field(default="", metadata={
-        "help": "RL start: a model folder or adapter, or cached-sft (the tiny policy after the default SFT, "
-                "built once per machine); default output_dir/sft."})
-    load_in_4bit: bool = field(default=False, metadata={"help": "bitsandbytes NF4 base (QLoRA); CUDA only."})
+        "help": "RL start: a model folder or adapter, or cached-sft (the tiny policy after the "
+                "default SFT, built once per machine); default output_dir/sft."})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "bitsandbytes NF4 base (QLoRA); CUDA only."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank on all linear layers."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Trade compute for memory."})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "Trade compute for memory."})
 
     # --- data and tools ---
-    dataset: str = field(default="world:train", metadata={"help": "RL questions: world:train | file | hub id."})
-    eval_dataset: str = field(default="world:heldout", metadata={"help": "Held-out questions for eval."})
-    sft_dataset: str = field(default="world", metadata={"help": "Demonstrations: world (built-in) | jsonl."})
+    dataset: str = field(default="world:train", metadata={
+        "help": "RL questions: world:train | file | hub id."})
+    eval_dataset: str = field(default="world:heldout", metadata={
+        "help": "Held-out questions for eval."})
+    sft_dataset: str = field(default="world", metadata={
+        "help": "Demonstrations: world (built-in) | jsonl."})
     system_prompt: str = field(default="short", metadata={"help": "short (tiny model) | paper."})
     search: str = field(default="bm25", metadata={"help": "bm25 (local corpus) | web (ddgs)."})
-    search_corpus: str = field(default="", metadata={"help": "jsonl corpus for bm25; default the world's docs."})
-    search_cache: str = field(default="", metadata={"help": "JSON query cache file ('' = no cache)."})
+    search_corpus: str = field(default="", metadata={
+        "help": "jsonl corpus for bm25; default the world's docs."})
+    search_cache: str = field(default="", metadata={
+        "help": "JSON query cache file ('' = no cache)."})
     top_k: int = field(default=2, metadata={"help": "Search results per query (released: 10)."})
     snippet_chars: int = field(default=1000, metadata={"help": "Characters per search snippet."})
-    python_timeout_s: float = field(default=5.0, metadata={"help": "Python sandbox wall-clock limit."})
-    unsafe_python: bool = field(default=False, metadata={"help": "UNSAFE: run model-written Python even where no "
-                                "sandbox isolation is available (it then runs as you, with your files)."})
-    search_timeout_s: float = field(default=20.0, metadata={"help": "Bound on one web query's wall time, every "
-                                    "engine and retry included; past it the model reads 'Search failed'."})
+    python_timeout_s: float = field(default=5.0, metadata={
+        "help": "Python sandbox wall-clock limit."})
+    unsafe_python: bool = field(default=False, metadata={
+        "help": "UNSAFE: run model-written Python even where no sandbox isolation is available "
+                "(it then runs as you, with your files)."})
+    search_timeout_s: float = field(default=20.0, metadata={
+        "help": "Bound on one web query's wall time, every engine and retry included; past it "
+                "the model reads 'Search failed'."})
 
     # --- rollout (arXiv 2510.14545: dynamic entropy-balanced rollout) ---
     k: int = field(default=8, metadata={"help": "[k] trajectories per question (group size)."})
-    global_rollouts: int = field(default=4, metadata={"help": "[m] global rollouts when not pre-monitored."})
-    branching: bool = field(default=True, metadata={"help": "ARPO entropy-guided branching at tool results."})
-    pre_monitor: bool = field(default=True, metadata={"help": "AEPO (a): entropy pre-monitoring sets m."})
-    branch_penalty: bool = field(default=True, metadata={"help": "AEPO (b): consecutive-branch penalty."})
-    branch_z: int = field(default=2, metadata={"help": "[Z] paths per branch point (Z-1 children)."})
+    global_rollouts: int = field(default=4, metadata={
+        "help": "[m] global rollouts when not pre-monitored."})
+    branching: bool = field(default=True, metadata={
+        "help": "ARPO entropy-guided branching at tool results."})
+    pre_monitor: bool = field(default=True, metadata={
+        "help": "AEPO (a): entropy pre-monitoring sets m."})
+    branch_penalty: bool = field(default=True, metadata={
+        "help": "AEPO (b): consecutive-branch penalty."})
+    branch_z: int = field(default=2, metadata={
+        "help": "[Z] paths per branch point (Z-1 children)."})
     tau: float = field(default=0.5, metadata={"help": "[tau] branch threshold."})
     gamma: float = field(default=0.2, metadata={"help": "[gamma] weight of the entropy change."})
     beta: float = field(default=0.5, metadata={"help": "[beta] pre-monitoring sigmoid slope."})
-    penalty: float = field(default=0.05, metadata={"help": "Consecutive-branch penalty per step l."})
+    penalty: float = field(default=0.05, metadata={
+        "help": "Consecutive-branch penalty per step l."})
     entropy_window: int = field(default=20, metadata={"help": "[w] tokens in a segment entropy."})
-    call_limit: int = field(default=3, metadata={"help": "Tool calls per trajectory (then forced EOS)."})
-    max_prompt_tokens: int = field(default=256, metadata={"help": "Longer prompts are cut from the left."})
-    max_response_tokens: int = field(default=256, metadata={"help": "Response budget incl. tool results."})
+    call_limit: int = field(default=3, metadata={
+        "help": "Tool calls per trajectory (then forced EOS)."})
+    max_prompt_tokens: int = field(default=256, metadata={
+        "help": "Longer prompts are cut from the left."})
+    max_response_tokens: int = field(default=256, metadata={
+        "help": "Response budget incl. tool results."})
     segment_tokens: int = field(default=64, metadata={"help": "Max new tokens per generate call."})
     max_rounds: int = field(default=12, metadata={
         "help": "Generate rounds per trajectory (a branch counts its parent's); then it is cut."})
     rollout_questions: int = field(default=0, metadata={
-        "help": "Questions rolled out together in one batch (0: all); bounds the rollout's KV cache."})
+        "help": "Questions rolled out together in one batch (0: all); bounds the rollout's "
+                "KV cache."})
     temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
 
     # --- update (arXiv 2510.14545: entropy-balanced policy optimization) ---
     adv_estimator: str = field(default="grpo", metadata={"help": "grpo | reinforce_pp."})
-    entropy_adv_alpha: float = field(default=0.2, metadata={"help": "[alpha] entropy-aware advantage (0: off)."})
+    entropy_adv_alpha: float = field(default=0.2, metadata={
+        "help": "[alpha] entropy-aware advantage (0: off)."})
     clip_mode: str = field(default="aepo", metadata={"help": "ppo | gppo | cispo | aepo."})
     eps_low: float = field(default=0.2, metadata={"help": "[eps_low] lower clip."})
     eps_high: float = field(default=0.2, metadata={"help": "[eps_high] upper clip (DAPO: 0.28)."})
     dual_clip: float = field(default=3.0, metadata={"help": "[c] dual clip for A < 0."})
-    kl_coef: float = field(default=0.0, metadata={"help": "k3 KL to the adapter-free reference (0: off)."})
+    kl_coef: float = field(default=0.0, metadata={
+        "help": "k3 KL to the adapter-free reference (0: off)."})
     recompute_old_logp: bool = field(default=False, metadata={
         "help": "Recompute old log-probs with a forward pass instead of reusing the rollout's."})
-    steps: int = field(default=40, metadata={"help": "RL steps (rollout batch + one update epoch)."})
+    steps: int = field(default=40, metadata={
+        "help": "RL steps (rollout batch + one update epoch)."})
     token_budget: int = field(default=0, metadata={
-        "help": "Stop RL after the step whose rollouts bring the sampled tokens to this many (0: run --steps)."})
+        "help": "Stop RL after the step whose rollouts bring the sampled tokens to this many "
+                "(0: run --steps)."})
     questions_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
     mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step (one epoch)."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per mini-batch (memory)."})
@@ -118,37 +151,46 @@ class Config:
     # --- cold-start SFT ---
     sft_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps."})
     sft_batch: int = field(default=16, metadata={"help": "Demonstrations per SFT step."})
-    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (full fine-tune for tiny)."})
+    sft_lr: float = field(default=3e-3, metadata={
+        "help": "SFT learning rate (full fine-tune for tiny)."})
     sft_demos: int = field(default=4000, metadata={"help": "Built-in demonstrations to generate."})
-    sft_bad_fraction: float = field(default=0.4, metadata={"help": "Share of imperfect demonstrations."})
+    sft_bad_fraction: float = field(default=0.4, metadata={
+        "help": "Share of imperfect demonstrations."})
 
     # --- logging, checkpoints, evaluation ---
     save_every: int = field(default=10, metadata={"help": "Checkpoint every N RL steps."})
-    sample_every: int = field(default=10, metadata={"help": "Dump sample trajectories every N steps."})
+    sample_every: int = field(default=10, metadata={
+        "help": "Dump sample trajectories every N steps."})
     eval_runs: int = field(default=4, metadata={"help": "Runs per held-out question (Pass@k)."})
     eval_limit: int = field(default=0, metadata={"help": "First N held-out questions (0: all)."})
     eval_temperature: float = field(default=1.0, metadata={"help": "Eval sampling temperature."})
     eval_top_p: float = field(default=1.0, metadata={"help": "Eval nucleus sampling."})
     report_to: str = field(default="none", metadata={
-        "help": "Live curves besides curves.png: none | tensorboard (offline: tensorboard --logdir runs) | wandb."})
+        "help": "Live curves besides curves.png: none | tensorboard (offline: tensorboard "
+                "--logdir runs) | wandb."})
 
 
 PRESETS: dict[str, dict] = {
     "tiny": {},
-    # A lab session: RL only, from the cached SFT start, about 5 minutes on 2 CPU cores (README: the class)
-    "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000, save_every=40,
-                  sample_every=5),
-    "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4, global_rollouts=2,
-                  save_every=1, sample_every=1, eval_limit=8, eval_runs=2, max_response_tokens=128),
+    # A lab session: RL only, from the cached SFT start, about 5 minutes on 2 CPU cores (README: the
+    # class)
+    "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000,
+                  save_every=40, sample_every=5),
+    "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4,
+                  global_rollouts=2, save_every=1, sample_every=1, eval_limit=8, eval_runs=2,
+                  max_response_tokens=128),
     "qwen3-1.7b": dict(model="Qwen3-1.7B", load_in_4bit=True, system_prompt="paper", search="web",
-                       search_cache="search_cache.json", dataset="dongguanting/ARPO-RL-DeepSearch-1K",
-                       eval_dataset="", sft_dataset="", stage="rl", top_k=10, k=8, global_rollouts=4,
-                       call_limit=6, max_prompt_tokens=2000, max_response_tokens=4096,
-                       segment_tokens=512, max_rounds=16, questions_per_step=4, mini_batches=4,
-                       grad_accum=4, gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
+                       search_cache="search_cache.json",
+                       dataset="dongguanting/ARPO-RL-DeepSearch-1K",
+                       eval_dataset="", sft_dataset="", stage="rl", top_k=10, k=8,
+                       global_rollouts=4, call_limit=6, max_prompt_tokens=2000,
+                       max_response_tokens=4096, segment_tokens=512, max_rounds=16,
+                       questions_per_step=4, mini_batches=4, grad_accum=4,
+                       gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
                        steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5,
-                       # memory (python memory.py: peak ~10.5 GB): one question's k rows in flight keep
-                       # the KV cache at ~5.6 GB (all 4: ~22 GB); old log-probs recomputed (bf16 gap: README)
+                       # memory (python memory.py: peak ~10.5 GB): one question's k rows in
+                       # flight keep the KV cache at ~5.6 GB (all 4: ~22 GB); old log-probs
+                       # recomputed (bf16 gap: README)
                        rollout_questions=1, recompute_old_logp=True),
 }
 
@@ -184,12 +226,14 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = one_line_errors(HfArgumentParser(Config, allow_abbrev=False))
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
-        raise SystemExit(f"error: unknown arguments {' '.join(unknown)} (python {parser.prog} --help lists the flags)")
+        raise SystemExit(f"error: unknown arguments {' '.join(unknown)} "
+                         f"(python {parser.prog} --help lists the flags)")
     return resolve(cfg, explicit=_explicit_fields(argv))
 
 
 def one_line_errors(parser):
-    """argparse answers a bad flag with a usage block and exit status 2; make it one line naming the fix."""
+    """argparse answers a bad flag with a usage block and exit status 2; make it one line naming
+    the fix."""
     def error(message: str):
         raise SystemExit(f"error: {message} (python {parser.prog} --help lists the flags)")
     parser.error = error
@@ -201,21 +245,23 @@ def _explicit_fields(argv: list[str] | None) -> set[str]:
     return {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
-# What a field may hold; checked in resolve, so a bad value stops before any work. Every number must also
-# be finite; a field named nowhere here may hold any finite value.
+# What a field may hold; checked in resolve, so a bad value stops before any work. Every number must
+# also be finite; a field named nowhere here may hold any finite value.
 CHOICES = {"stage": ("sft", "rl", "all"), "report_to": ("none", "tensorboard", "wandb"),
            "search": ("bm25", "web"), "system_prompt": ("short", "paper"),
            "adv_estimator": ("grpo", "reinforce_pp"), "clip_mode": ("ppo", "gppo", "cispo", "aepo")}
 AT_LEAST = {name: 1 for name in (
-    "k", "global_rollouts", "branch_z", "entropy_window", "max_prompt_tokens", "max_response_tokens",
-    "segment_tokens", "max_rounds", "steps", "questions_per_step", "mini_batches", "grad_accum", "sft_steps",
-    "sft_batch", "sft_demos", "save_every", "sample_every", "eval_runs", "top_k", "snippet_chars", "lora_alpha")}
+    "k", "global_rollouts", "branch_z", "entropy_window", "max_prompt_tokens",
+    "max_response_tokens", "segment_tokens", "max_rounds", "steps", "questions_per_step",
+    "mini_batches", "grad_accum", "sft_steps", "sft_batch", "sft_demos", "save_every",
+    "sample_every", "eval_runs", "top_k", "snippet_chars", "lora_alpha")}
 AT_LEAST |= {name: 0 for name in (
     "threads", "token_budget", "lora_r", "call_limit", "eval_limit", "weight_decay", "kl_coef",
     "entropy_adv_alpha", "penalty", "eps_low", "eps_high", "tau", "sft_bad_fraction")}
 AT_LEAST["dual_clip"] = 1
 AT_MOST = {"tau": 1, "eps_low": 1, "sft_bad_fraction": 1, "eval_top_p": 1}
-POSITIVE = ("lr", "sft_lr", "temperature", "eval_temperature", "eval_top_p", "grad_clip", "python_timeout_s")
+POSITIVE = ("lr", "sft_lr", "temperature", "eval_temperature", "eval_top_p", "grad_clip",
+            "python_timeout_s")
 
 
 def config_errors(cfg: Config) -> list[str]:
@@ -240,13 +286,14 @@ def config_errors(cfg: Config) -> list[str]:
     return errors
 
 
-# The recipe a model gets when no --preset is given: model name prefix (lower case, hub owner dropped)
-# -> preset. Everything else keeps the default, the tiny CPU recipe.
+# The recipe a model gets when no --preset is given: model name prefix (lower case, hub owner
+# dropped) -> preset. Everything else keeps the default, the tiny CPU recipe.
 MODEL_PRESETS: dict[str, str] = {"qwen3-": "qwen3-1.7b"}
 
 
 def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
-    """(preset, why): the explicit --preset, else the recipe of the model's family, else cfg.preset."""
+    """(preset, why): the explicit --preset, else the recipe of the model's family, else
+    cfg.preset."""
     if "preset" in explicit or cfg.preset != Config.preset:
         return cfg.preset, "--preset given"
     name = cfg.model.split("/")[-1].lower()
@@ -254,7 +301,8 @@ def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
         if name.startswith(prefix):
             family = cfg.model.split("/")[-1][:len(prefix) - 1]
             return preset, f"--model {cfg.model} is a {family} model and no --preset was given"
-    return cfg.preset, f"the default for --model {cfg.model}; Qwen3 models get qwen3-1.7b (one CUDA GPU)"
+    return cfg.preset, (f"the default for --model {cfg.model}; Qwen3 models get qwen3-1.7b "
+                        "(one CUDA GPU)")
 
 
 def resolve(cfg: Config, explicit: set[str] = frozenset(), device_check: bool = True) -> Config:
@@ -267,14 +315,16 @@ def resolve(cfg: Config, explicit: set[str] = frozenset(), device_check: bool = 
     if cfg.algo not in ALGOS:
         raise SystemExit(f"--algo {cfg.algo!r} is unknown; choose one of {sorted(ALGOS)}")
     overrides = {**PRESETS[preset], **ALGOS[cfg.algo]}
-    cfg = dataclasses.replace(cfg, preset=preset, **{k: v for k, v in overrides.items() if k not in explicit})
+    cfg = dataclasses.replace(cfg, preset=preset,
+                              **{k: v for k, v in overrides.items() if k not in explicit})
     if errors := config_errors(cfg):
         raise SystemExit(f"error: {'; '.join(errors)}")
     print(f"recipe: {preset} ({why})")
     if device_check and cfg.load_in_4bit and not _cuda():
-        raise SystemExit(f"recipe {preset} needs a CUDA GPU (it loads {cfg.model} in 4-bit; memory: python "
-                         f"memory.py --preset {preset}) and this machine has none: on CPU run python train.py "
-                         "--preset tiny (the built-in world) or --model smollm2-135m (a real 135M LM)")
+        raise SystemExit(f"recipe {preset} needs a CUDA GPU (it loads {cfg.model} in 4-bit; "
+                         f"memory: python memory.py --preset {preset}) and this machine has none: "
+                         "on CPU run python train.py --preset tiny (the built-in world) or "
+                         "--model smollm2-135m (a real 135M LM)")
     if not cfg.output_dir:
         import time
 
@@ -292,7 +342,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The trajectory type: everything the loss and the logs need, token ids carried end to end
 
 
@@ -302,8 +352,9 @@ class Trajectory:
     prompt_ids: list[int]
     response_ids: list[int] = field(default_factory=list)   # sampled tokens and tool-result tokens
     loss_mask: list[int] = field(default_factory=list)      # 1 iff the policy sampled the token
-    logp: list[float] = field(default_factory=list)         # log pi_old(token), T = 1; 0 on tool tokens
-    entropy: list[float] = field(default_factory=list)      # exact token entropy (nats); 0 on tool tokens
+    logp: list[float] = field(default_factory=list)     # log pi_old(token), T = 1; 0 on tool tokens
+    # exact token entropy (nats); 0 on tool tokens
+    entropy: list[float] = field(default_factory=list)
     text: str = ""                    # decoded response, tool results included
     tool_calls: list[tuple[str, str, str]] = field(default_factory=list)  # (tool, input, result)
     traj_id: int = 0                  # unique within the rollout call
@@ -312,16 +363,16 @@ class Trajectory:
     is_duplicate: bool = False        # a copy that pads a question short of k trajectories
     finish: str = ""                  # eos | call_limit | length | rounds | malformed
     seg_entropy: list[float] = field(default_factory=list)  # segment entropies, in order
-    rounds: int = 0                   # generate rounds that produced its tokens (a branch counts its parent's)
+    rounds: int = 0  # generate rounds that produced its tokens (a branch counts its parent's)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Pure rules. No model, no config: numbers in, numbers out.
 
 
 def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
-    """Step entropy of a segment (ARPO and AEPO, released convention: the first w sampled tokens of the
-    segment, each token entropy normalised by log|V|): sum_{t < w} H_t / log|V|."""
+    """Step entropy of a segment (ARPO and AEPO, released convention: the first w sampled tokens of
+    the segment, each token entropy normalised by log|V|): sum_{t < w} H_t / log|V|."""
     # >>> solution A1
     head = [float(h) for h in list(token_entropies)[:w]]
     return sum(head) / math.log(vocab_size)
@@ -329,7 +380,8 @@ def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
 
 
 def arpo_branch_probability(delta_h: float, tau: float, gamma: float) -> float:
-    """ARPO's entropy-based branching (arXiv 2507.19849): P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
+    """ARPO's entropy-based branching (arXiv 2507.19849):
+    P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
     # >>> solution A1
     return min(1.0, max(0.0, tau + gamma * delta_h))
     # <<< solution
@@ -364,8 +416,9 @@ def aepo_should_branch(u: float, delta_h: float, tau: float, gamma: float, l: in
 
 
 def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
-    """AEPO's Entropy Pre-Monitoring (arXiv 2510.14545; the released formula): m = clamp(floor(k * sigmoid(beta *
-    (h_root - h_tool))) + 1, 1, k). More uncertainty at the root than after tools -> more global samples."""
+    """AEPO's Entropy Pre-Monitoring (arXiv 2510.14545; the released formula):
+    m = clamp(floor(k * sigmoid(beta * (h_root - h_tool))) + 1, 1, k). More uncertainty at the root
+    than after tools -> more global samples."""
     # >>> solution A1
     m = math.floor(k / (1.0 + math.exp(-beta * (h_root - h_tool)))) + 1
     return max(1, min(k, m))

@@ -58,7 +58,7 @@ from tqdm import tqdm
 import data
 from aepo import Config
 # the flags, parsed and checked in cli.py
-from cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401
+from cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401 (re-exported: eval.parse_args)
 from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import describe_isolation

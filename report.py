@@ -1,9 +1,9 @@
 """What a training run shows: one log line per RL step, curves.png (redrawn during the run from
 metrics.jsonl), optionally live TensorBoard or Weights & Biases curves (--report_to), and report.md,
-the held-out table of the SFT start against the policy after RL. Several runs side by side: one curve
-per algorithm, the mean over its seeds with a band from the lowest to the highest seed.
+the held-out table of the SFT start against the policy after RL. Several runs side by side: one
+curve per algorithm, the mean over its seeds with a band from the lowest to the highest seed.
 
-    python report.py runs/x                          # redraw runs/x/curves.png while the run goes on
+    python report.py runs/x  # redraw runs/x/curves.png while the run goes on
     python report.py runs/reproduce/* --out cmp.png  # overlay runs, grouped by their --algo
 """
 from __future__ import annotations
@@ -18,23 +18,26 @@ def log_line(m: dict, steps: int) -> str:
     """The fixed-order line printed after each RL step (m: one metrics.jsonl row)."""
     return (f"step {m['step'] + 1}/{steps} | reward {m['reward']:.2f} | acc {m['acc']:.2f} | "
             f"ent {m['entropy']:.2f} | clip {m['clip_frac_low'] + m['clip_frac_high']:.3f} | "
-            f"tools {m['search_calls'] + m['python_calls']:.2f} | branches {m['branches_per_q']:.1f} | "
-            f"{m['step_s']:.0f}s (generate {m.get('generate_s', 0):.0f}s, tools {m.get('tools_s', 0):.0f}s, "
+            f"tools {m['search_calls'] + m['python_calls']:.2f} | "
+            f"branches {m['branches_per_q']:.1f} | "
+            f"{m['step_s']:.0f}s (generate {m.get('generate_s', 0):.0f}s, "
+            f"tools {m.get('tools_s', 0):.0f}s, "
             f"slowest call {m.get('slowest_tool_s', 0):.1f}s)"
             + (f" | search failed {m['search_errors']:g}" if m.get("search_errors") else ""))
 
 
 def step_metrics(examples: list, res, rewards: list[float], update_stats: list[dict]) -> dict:
-    """One metrics.jsonl row's share from the rollout and the update: `examples[i]` is the question of
-    trajectory i of `res` (a rollout.RolloutResult), `rewards[i]` its reward; `update_stats` are the
-    loss's stats per micro-batch."""
+    """One metrics.jsonl row's share from the rollout and the update: `examples[i]` is the question
+    of trajectory i of `res` (a rollout.RolloutResult), `rewards[i]` its reward; `update_stats` are
+    the loss's stats per micro-batch."""
     import data
 
     trajs, stats = res.trajectories, res.stats
     n, nq = len(trajs), max(1, len(stats))
     n_search = [sum(c[0] == "search" for c in t.tool_calls) for t in trajs]
     n_python = [sum(c[0] == "python" for c in t.tool_calls) for t in trajs]
-    ems = [data.exact_match(data.extract_answer(t.text) or "", e.golds) for t, e in zip(trajs, examples)]
+    ems = [data.exact_match(data.extract_answer(t.text) or "", e.golds)
+           for t, e in zip(trajs, examples)]
     sampled = [h for t in trajs for h, m in zip(t.entropy, t.loss_mask) if m]
     n_branch = sum(s.n_branch for s in stats)
     by_kind: dict[str, list[bool]] = {}
@@ -49,19 +52,23 @@ def step_metrics(examples: list, res, rewards: list[float], update_stats: list[d
         "search_calls": sum(n_search) / n, "python_calls": sum(n_python) / n,
         **{f"search_rate_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "globals_per_q": sum(s.n_global for s in stats) / nq, "branches_per_q": n_branch / nq,
-        "branches_after_first_call": sum(s.branches_after_first_call for s in stats) / max(1, n_branch),
-        "consecutive_branch_share": sum(s.consecutive_branch_steps for s in stats) / max(1, n_branch),
+        "branches_after_first_call":
+            sum(s.branches_after_first_call for s in stats) / max(1, n_branch),
+        "consecutive_branch_share":
+            sum(s.consecutive_branch_steps for s in stats) / max(1, n_branch),
         **{f"branch_top{top}_share": branch_concentration(trajs, top) for top in (1, 3)},
-        "response_tokens": sum(len(t.response_ids) for t in trajs) / n, "sampled_tokens": res.generated_tokens,
+        "response_tokens": sum(len(t.response_ids) for t in trajs) / n,
+        "sampled_tokens": res.generated_tokens,
         "rollout_rounds": res.rounds, "generate_s": res.generate_s, "tools_s": res.tools_s,
         "slowest_tool_s": res.slowest_tool_s,
     }
 
 
 def branch_concentration(trajs: list, top: int) -> float:
-    """Share of the branches of a rollout that grow from the `top` most-branched global chains of their
-    group (arXiv 2510.14545, the analysis of entropy collapse in rollout: ARPO's branches crowd onto a
-    few trajectories). A branch counts for the global chain it descends from; 0 when nothing branched."""
+    """Share of the branches of a rollout that grow from the `top` most-branched global chains of
+    their group (arXiv 2510.14545, the analysis of entropy collapse in rollout: ARPO's branches
+    crowd onto a few trajectories). A branch counts for the global chain it descends from; 0 when
+    nothing branched."""
     by_id = {t.traj_id: t for t in trajs}
     per_root: dict[tuple[int, int], int] = {}
     for t in trajs:
@@ -78,9 +85,12 @@ def branch_concentration(trajs: list, top: int) -> float:
     return on_top / max(1, sum(per_root.values()))
 
 
-PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM)"), ("entropy", "policy entropy (sampled)"),
-          (("clip_frac_low", "clip_frac_high"), "clip fractions"), (("search_calls", "python_calls"), "tool calls / traj"),
-          ("branches_per_q", "branches / question"), ("consecutive_branch_share", "consecutive branching share"),
+PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM)"),
+          ("entropy", "policy entropy (sampled)"),
+          (("clip_frac_low", "clip_frac_high"), "clip fractions"),
+          (("search_calls", "python_calls"), "tool calls / traj"),
+          ("branches_per_q", "branches / question"),
+          ("consecutive_branch_share", "consecutive branching share"),
           ("response_tokens", "response tokens"), ("rollout_rounds", "rollout rounds (latency)")]
 
 
@@ -124,9 +134,12 @@ def plot_curves(run: Path) -> None:
 
 
 COMPARE_PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM, sampled)"),
-                  ("entropy", "policy entropy (sampled tokens)"), ("clip_frac_high", "clip fraction (ratio > 1 + eps)"),
-                  ("clip_frac_low", "clip fraction (ratio < 1 - eps)"), ("search_calls", "search calls / trajectory"),
-                  ("branches_per_q", "branches / question"), ("branch_top1_share", "branch concentration (top-1 chain)"),
+                  ("entropy", "policy entropy (sampled tokens)"),
+                  ("clip_frac_high", "clip fraction (ratio > 1 + eps)"),
+                  ("clip_frac_low", "clip fraction (ratio < 1 - eps)"),
+                  ("search_calls", "search calls / trajectory"),
+                  ("branches_per_q", "branches / question"),
+                  ("branch_top1_share", "branch concentration (top-1 chain)"),
                   ("consecutive_branch_share", "consecutive branching share")]
 
 
@@ -140,8 +153,8 @@ def group_runs(runs: list[Path]) -> dict[str, list[Path]]:
 
 
 def mean_band(curves: list[list[float]]) -> tuple[list[float], list[float], list[float]]:
-    """Per step: mean, lowest and highest over the runs that reached the step (runs may stop at different
-    steps under --token_budget)."""
+    """Per step: mean, lowest and highest over the runs that reached the step (runs may stop at
+    different steps under --token_budget)."""
     n = max(map(len, curves))
     at = [[c[i] for c in curves if i < len(c)] for i in range(n)]
     return [sum(v) / len(v) for v in at], [min(v) for v in at], [max(v) for v in at]
@@ -166,7 +179,8 @@ def plot_compare(runs: list[Path], out: Path, x: str = "step") -> None:
 
 class Tracker:
     """--report_to: every metrics row also goes, live, to TensorBoard (run/tensorboard; `tensorboard
-    --logdir runs`) or Weights & Biases (project aepo; WANDB_MODE=offline works without a network)."""
+    --logdir runs`) or Weights & Biases (project aepo; WANDB_MODE=offline works without a
+    network)."""
 
     def __init__(self, cfg, run: Path):
         self.kind, self.sink = cfg.report_to, None
@@ -177,7 +191,8 @@ class Tracker:
             import dataclasses
 
             import wandb
-            self.sink = wandb.init(project="aepo", name=Path(run).name, dir=str(run), config=dataclasses.asdict(cfg))
+            self.sink = wandb.init(project="aepo", name=Path(run).name, dir=str(run),
+                                   config=dataclasses.asdict(cfg))
 
     def log(self, metrics: dict) -> None:
         numbers = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step"}
@@ -193,7 +208,8 @@ class Tracker:
             (self.sink.close if self.kind == "tensorboard" else self.sink.finish)()
 
 
-REPORT_ROWS = [("pass1", "Pass@1"), ("mean_reward", "mean reward"), ("search_calls", "search calls / answer"),
+REPORT_ROWS = [("pass1", "Pass@1"), ("mean_reward", "mean reward"),
+               ("search_calls", "search calls / answer"),
                ("python_calls", "python calls / answer"), ("format_fail", "format failures")]
 
 
@@ -212,13 +228,17 @@ def main(argv: list[str]) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Redraw a run's curves, or overlay several runs.")
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders (each with a metrics.jsonl)")
-    parser.add_argument("--out", type=Path, default=Path("compare.png"), help="the overlay's file (several runs)")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run folders (each with a metrics.jsonl)")
+    parser.add_argument("--out", type=Path, default=Path("compare.png"),
+                        help="the overlay's file (several runs)")
     parser.add_argument("--x", choices=("step", "sampled_tokens_total"), default="step")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "metrics.jsonl").exists() or not (r / "config.json").exists()]
+    missing = [str(r) for r in args.runs
+               if not (r / "metrics.jsonl").exists() or not (r / "config.json").exists()]
     if missing:
-        sys.exit(f"error: no metrics.jsonl and config.json (written by train.py) in {', '.join(missing)}")
+        sys.exit(f"error: no metrics.jsonl and config.json (written by train.py) in "
+                 f"{', '.join(missing)}")
     if len(args.runs) == 1:
         plot_curves(args.runs[0])
         print(args.runs[0] / "curves.png")

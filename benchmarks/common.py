@@ -7,13 +7,16 @@ import platform
 def machine() -> str:
     import torch
 
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")),
                platform.processor())
-    return f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, Python {platform.python_version()}"
+    return (f"{os.cpu_count()} CPU cores ({cpu}), torch {torch.__version__}, "
+            f"Python {platform.python_version()}")
 
 
 def busy_seconds(spans: list) -> float:
-    """Length of the union of (start, end) intervals: wall time with at least one tool call running."""
+    """Length of the union of (start, end) intervals: wall time with at least one tool call
+    running."""
     total, end = 0.0, float("-inf")
     for a, b in sorted(spans):
         total += max(0.0, b - max(a, end))

@@ -1,6 +1,6 @@
 """The paper's comparison in miniature: GRPO, ARPO and AEPO (3 seeds each) and AEPO's two ablations
-(1 seed each) on the built-in world, every run `python train.py --preset class` (RL from the cached SFT
-start, the same budget of sampled rollout tokens, then held-out evaluation).
+(1 seed each) on the built-in world, every run `python train.py --preset class` (RL from the cached
+SFT start, the same budget of sampled rollout tokens, then held-out evaluation).
 
     python benchmarks/reproduce.py                   # 11 runs, ~5 min each on 2 CPU cores
     python benchmarks/reproduce.py --seeds 1 --ablation_seeds 0      # a lab-sized version: 3 runs
@@ -9,13 +9,14 @@ start, the same budget of sampled rollout tokens, then held-out evaluation).
 
 A run whose eval-rl/summary.json exists is kept (so a crashed reproduction resumes where it stopped;
 --fresh reruns everything). Writes benchmarks/results/reproduce.md (the table, with the machine) and
-reproduce.png (mean and min-max band over seeds per algorithm; report.plot_compare), and prints the table.
+reproduce.png (mean and min-max band over seeds per algorithm; report.plot_compare), and prints the
+table.
 
 Columns: held-out Pass@1 and Pass@4 (150 questions x 4 runs, T = 1) of the SFT start and after RL;
 tool calls per answer; RL steps the token budget allowed; the paper's rollout analysis over the RL
-steps: policy entropy of sampled tokens (first and last 5 steps), clip fractions, branches per question,
-branch concentration (share of branches on the top-1 and top-3 global chains of a group) and the
-share of branch steps that continue a streak of consecutive branching.
+steps: policy entropy of sampled tokens (first and last 5 steps), clip fractions, branches per
+question, branch concentration (share of branches on the top-1 and top-3 global chains of a group)
+and the share of branch steps that continue a streak of consecutive branching.
 """
 import argparse
 import json
@@ -42,7 +43,8 @@ def plan(args) -> list[tuple[str, int]]:
 
 def run_all(runs: list[tuple[str, int, Path]], args) -> None:
     """train.py for every run not yet finished, `args.parallel` at a time."""
-    todo = [(a, s, r) for a, s, r in runs if args.fresh or not (r / "eval-rl" / "summary.json").exists()]
+    todo = [(a, s, r) for a, s, r in runs
+            if args.fresh or not (r / "eval-rl" / "summary.json").exists()]
     threads = max(1, 2 // args.parallel) if args.parallel > 1 else 0
     active: list[tuple[subprocess.Popen, str]] = []
     for i, (algo, seed, run) in enumerate(todo):
@@ -53,7 +55,8 @@ def run_all(runs: list[tuple[str, int, Path]], args) -> None:
         run.mkdir(parents=True, exist_ok=True)
         log = open(run / "train.log", "w")
         print(f"[{i + 1}/{len(todo)}] {' '.join(cmd[1:])}  (log: {run / 'train.log'})", flush=True)
-        active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), str(run)))
+        active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
+                       str(run)))
     while active:
         active = _reap(active)
 
@@ -78,11 +81,14 @@ def summarize(algo: str, folders: list[Path]) -> dict:
         steps = report.read_metrics(run)
         mean = lambda key, rows=steps: sum(r.get(key, 0.0) for r in rows) / len(rows)
         per_run.append({
-            "pass1_sft": before["pass1"], "pass1": after["pass1"], "passk": after["pass_at_k"][str(after["runs"])],
+            "pass1_sft": before["pass1"], "pass1": after["pass1"],
+            "passk": after["pass_at_k"][str(after["runs"])],
             "tools": after["search_calls"] + after["python_calls"], "steps": len(steps),
             "tokens": steps[-1]["sampled_tokens_total"],
-            "entropy_first": mean("entropy", steps[:5]), "entropy_last": mean("entropy", steps[-5:]),
-            "clip": mean("clip_frac_low") + mean("clip_frac_high"), "branches": mean("branches_per_q"),
+            "entropy_first": mean("entropy", steps[:5]),
+            "entropy_last": mean("entropy", steps[-5:]),
+            "clip": mean("clip_frac_low") + mean("clip_frac_high"),
+            "branches": mean("branches_per_q"),
             "top1": mean("branch_top1_share"), "top3": mean("branch_top3_share"),
             "consecutive": mean("consecutive_branch_share"),
             "minutes": ((run / "eval-rl" / "summary.json").stat().st_mtime
@@ -97,10 +103,12 @@ def summarize(algo: str, folders: list[Path]) -> dict:
 COLUMNS = [("pass1_sft", "Pass@1 SFT start", 100, ".1f"), ("pass1", "Pass@1 after RL", 100, ".1f"),
            ("passk", "Pass@4 after RL", 100, ".1f"), ("tools", "tool calls / answer", 1, ".2f"),
            ("steps", "RL steps", 1, ".1f"), ("tokens", "sampled tokens", 1e-3, ".1f"),
-           ("entropy_first", "entropy, first 5 steps", 1, ".3f"), ("entropy_last", "entropy, last 5 steps", 1, ".3f"),
+           ("entropy_first", "entropy, first 5 steps", 1, ".3f"),
+           ("entropy_last", "entropy, last 5 steps", 1, ".3f"),
            ("clip", "clip fraction", 1, ".4f"), ("branches", "branches / question", 1, ".2f"),
            ("top1", "branches on top-1 chain", 1, ".2f"), ("top3", "on top-3 chains", 1, ".2f"),
-           ("consecutive", "consecutive branching", 1, ".2f"), ("minutes", "wall time (min)", 1, ".1f")]
+           ("consecutive", "consecutive branching", 1, ".2f"),
+           ("minutes", "wall time (min)", 1, ".1f")]
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -111,7 +119,8 @@ def table(rows: list[dict]) -> list[str]:
         cells = []
         for key, _, scale, fmt in COLUMNS:
             mean, std = r[key]
-            cells.append(f"{scale * mean:{fmt}}" + (f" ± {scale * std:{fmt}}" if r["n"] > 1 else ""))
+            cells.append(f"{scale * mean:{fmt}}"
+                         + (f" ± {scale * std:{fmt}}" if r["n"] > 1 else ""))
         lines.append(f"| {r['algo']} ({r['n']}) | " + " | ".join(cells) + " |")
     return lines
 
@@ -123,8 +132,10 @@ def main() -> None:
     parser.add_argument("--algos", nargs="*", default=list(ALGOS), help="the algorithms compared")
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="AEPO's ablations")
     parser.add_argument("--out", default="runs/reproduce", help="parent folder of the runs")
-    parser.add_argument("--results", default="benchmarks/results", help="folder of reproduce.md/.png")
-    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (each gets 2 // N threads)")
+    parser.add_argument("--results", default="benchmarks/results",
+                        help="folder of reproduce.md/.png")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at a time (each gets 2 // N threads)")
     parser.add_argument("--fresh", action="store_true", help="rerun finished runs too")
     parser.add_argument("rest", nargs="*", help="extra train.py flags (after --)")
     args = parser.parse_args()
@@ -141,9 +152,11 @@ def main() -> None:
     flags = " ".join(["--preset class", *args.rest])
     lines = [f"# GRPO vs ARPO vs AEPO on the built-in world (`train.py {flags}`)", "",
              f"Machine: {machine()}; {args.parallel} run(s) at a time.", "",
-             "Mean ± standard deviation over seeds (population); held-out: 150 questions x 4 runs at T = 1.",
+             "Mean ± standard deviation over seeds (population); held-out: 150 questions x 4 runs "
+             "at T = 1.",
              "", *table(rows), "",
-             "Curves: reproduce.png (per RL step) and reproduce-tokens.png (per sampled rollout token)."]
+             "Curves: reproduce.png (per RL step) and reproduce-tokens.png (per sampled rollout "
+             "token)."]
     (results / "reproduce.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -1,27 +1,34 @@
 """Rollout throughput of the tree sampler against two baselines, on the tiny policy after SFT.
 
-    python benchmarks/rollout.py                              # model runs/demo/seed-0/sft, 2 threads
-    python benchmarks/rollout.py --model /path/to/sft --threads 1 --questions 2 --k 2   # a quick look
+    python benchmarks/rollout.py                             # model runs/demo/seed-0/sft, 2 threads
+    python benchmarks/rollout.py --model /path/to/sft --threads 1 --questions 2 --k 2
+                                                             # a quick look
 
-Same work in every mode: the first 8 held-out world questions, k = 8 each, the tiny Config's budgets,
-seed 0, greedy decoding, local tools (BM25 + Python sandbox). Two settings: the GRPO chain (branching
-off: k global trajectories per question) and the AEPO tree (pre-monitoring, entropy-guided branching,
-branch penalty). The policy is the bare SFT'd model, as eval loads it (RL samples through LoRA adapters:
-see benchmarks/step.py). Three modes, each an engine of `rollout(..., engine=...)`:
+Same work in every mode: the first 8 held-out world questions, k = 8 each, the tiny Config's
+budgets, seed 0, greedy decoding, local tools (BM25 + Python sandbox). Two settings: the GRPO chain
+(branching off: k global trajectories per question) and the AEPO tree (pre-monitoring,
+entropy-guided branching, branch penalty). The policy is the bare SFT'd model, as eval loads it (RL
+samples through LoRA adapters: see benchmarks/step.py). Three modes, each an engine of
+`rollout(..., engine=...)`:
   naive    one trajectory at a time; every round re-encodes its whole sequence
   batched  every active trajectory of every question in one generate call; full re-encode each round
   tree     ours: batched, and the KV cache is kept across rounds and copied to branch children and
            (each question's prompt) to every global the question starts
-Each (setting, mode) runs in a fresh subprocess: load, warm up on two other questions, time. Columns:
-  wall s          median wall time of --repeats identical timed rollout calls (their range in brackets)
+Each (setting, mode) runs in a fresh subprocess: load, warm up on two other questions, time.
+Columns:
+  wall s          median wall time of --repeats identical timed rollout calls (their range in
+                  brackets)
   gen tok/s       tokens sampled by the policy / that median wall (tool time included)
   prefill/gen     tokens encoded without being sampled (prompts, tool results, re-encoded history)
-                  per sampled token: the sampler's own `prefill_tokens / generated_tokens` (real tokens)
+                  per sampled token: the sampler's own `prefill_tokens / generated_tokens` (real
+                  tokens)
   positions/gen   every position the model computed (padding, fillers and finished rows still in the
                   batch included; counted by a forward hook) per sampled token
-  tool s          time during which at least one tool call was running (calls run in parallel threads)
-  peak RSS        resident-set high-water mark of the timed rollout alone (kernel VmHWM, reset after the
-                  warm-up via /proc/self/clear_refs; else getrusage's ru_maxrss); growth over its start
+  tool s          time during which at least one tool call was running (calls run in parallel
+                  threads)
+  peak RSS        resident-set high-water mark of the timed rollout alone (kernel VmHWM, reset after
+                  the warm-up via /proc/self/clear_refs; else getrusage's ru_maxrss); growth over
+                  its start
 Greedy outputs (response_ids, loss masks) must equal naive's: OK, or MISMATCH with where the first
 difference is (a sampled token: the model; a tool result: the tools gave another answer). Writes
 benchmarks/results/rollout.md; the last line is `speedup_vs_naive=X` (tree over naive, AEPO tree).
@@ -60,19 +67,22 @@ def where(a: list, b: list) -> str:
 
 
 def code_version() -> str:
-    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True,
+                                    text=True).stdout.split()
     dirty = [f for f in git("status", "--short", "--", "*.py") if f.endswith(".py")]
-    return " ".join(git("rev-parse", "--short", "HEAD")) + (f" + uncommitted {', '.join(dirty)}" if dirty else "")
+    return " ".join(git("rev-parse", "--short", "HEAD")) + (
+        f" + uncommitted {', '.join(dirty)}" if dirty else "")
 
 
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Measuring inside one worker process
 
 
 def timed(tools: dict, spans: list) -> dict:
-    """The same tools, each call's (start, end) appended to `spans` (calls run in parallel threads)."""
+    """The same tools, each call's (start, end) appended to `spans` (calls run in parallel
+    threads)."""
     lock = threading.Lock()
 
     def wrap(fn):
@@ -90,7 +100,8 @@ def timed(tools: dict, spans: list) -> dict:
 
 
 def peak_reset() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not allowed."""
+    """Reset the kernel's RSS high-water mark (VmHWM) to the current RSS; False where not
+    allowed."""
     try:
         Path("/proc/self/clear_refs").write_text("5")
         return True
@@ -99,7 +110,8 @@ def peak_reset() -> bool:
 
 
 def status_mb(key: str) -> float:
-    return int(next(l for l in open("/proc/self/status") if l.startswith(key + ":")).split()[1]) / 1024
+    return int(next(l for l in open("/proc/self/status")
+                    if l.startswith(key + ":")).split()[1]) / 1024
 
 
 def worker(args) -> dict:
@@ -111,18 +123,21 @@ def worker(args) -> dict:
     from rollout import rollout
 
     torch.set_num_threads(args.threads)
-    cfg = dataclasses.replace(resolve(Config(algo=args.setting, output_dir="unused", seed=0)), k=args.k)
+    cfg = dataclasses.replace(resolve(Config(algo=args.setting, output_dir="unused", seed=0)),
+                              k=args.k)
     model, tok = load_policy(args.model, lora_r=0, trainable=False)
     model.eval()
     positions = [0]                  # every position the model computes, padding included
-    count = lambda module, args_, kwargs: positions.__setitem__(0, positions[0] + kwargs["input_ids"].numel())
+    count = lambda module, args_, kwargs: positions.__setitem__(
+        0, positions[0] + kwargs["input_ids"].numel())
     model.register_forward_pre_hook(count, with_kwargs=True)
     heldout = world.load_examples("world:heldout")
     questions = [e.question for e in heldout[:args.questions]]
     warm = [e.question for e in heldout[args.questions:args.questions + 2]]
     spans: list = []
     tools = timed(make_tools(cfg), spans)
-    run = lambda qs: rollout(model, tok, qs, tools, cfg, seed=0, system_prompt=system_prompt_for(cfg),
+    run = lambda qs: rollout(model, tok, qs, tools, cfg, seed=0,
+                             system_prompt=system_prompt_for(cfg),
                              greedy=True, engine=ENGINE[args.worker])
     run(warm)
     spans.clear()
@@ -137,18 +152,22 @@ def worker(args) -> dict:
         res = run(questions)
         walls.append(time.perf_counter() - t0)
     wall = statistics.median(walls)
-    peak = status_mb("VmHWM") if reset_ok else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"wall_s": wall, "walls": walls, "generated": res.generated_tokens, "prefill": res.prefill_tokens,
+    peak = (status_mb("VmHWM") if reset_ok
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"wall_s": wall, "walls": walls, "generated": res.generated_tokens,
+            "prefill": res.prefill_tokens,
             "positions": positions[0], "tool_calls": len(spans), "tool_s": busy_seconds(spans),
-            "peak_mb": peak, "rss_start_mb": rss_start, "peak_method": "VmHWM" if reset_ok else "ru_maxrss",
+            "peak_mb": peak, "rss_start_mb": rss_start,
+            "peak_method": "VmHWM" if reset_ok else "ru_maxrss",
             "branches": sum(s.n_branch for s in res.stats),
             "prompt_prefill": sum(s.n_global * len(res.trajectories[q * cfg.k].prompt_ids)
                                   for q, s in enumerate(res.stats)),
-            "prompt_once": sum(len(res.trajectories[q * cfg.k].prompt_ids) for q in range(len(questions))),
+            "prompt_once": sum(len(res.trajectories[q * cfg.k].prompt_ids)
+                               for q in range(len(questions))),
             "responses": [[t.response_ids, t.loss_mask] for t in res.trajectories]}
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The driver: one fresh process per (setting, mode), then the table
 
 
@@ -158,7 +177,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in each worker")
     p.add_argument("--questions", type=int, default=8, help="held-out world questions")
     p.add_argument("--k", type=int, default=8, help="trajectories per question")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per (setting, mode); median wall")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per (setting, mode); median wall")
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "rollout.md"))
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)   # internal: one measurement
@@ -166,53 +186,63 @@ def main() -> None:
     args = p.parse_args()
     args.model = str(Path(args.model).resolve())
     if not (Path(args.model) / "config.json").exists():
-        sys.exit(f"--model {args.model}: no model there. Run `python train.py --output_dir runs/demo/seed-0 "
-                 "--stage sft` (or `python benchmarks/demo.py`) to write the SFT'd tiny policy, or pass "
-                 "--model FOLDER.")
+        sys.exit(f"--model {args.model}: no model there. Run `python train.py "
+                 "--output_dir runs/demo/seed-0 --stage sft` (or `python benchmarks/demo.py`) "
+                 "to write the SFT'd tiny policy, or pass --model FOLDER.")
     if args.worker:
         return print(json.dumps(worker(args)))
 
     results = {}
     for setting in args.settings:
         for mode in MODES:
-            cmd = [sys.executable, __file__, "--worker", mode, "--setting", setting, "--model", args.model,
-                   "--threads", str(args.threads), "--questions", str(args.questions), "--k", str(args.k),
+            cmd = [sys.executable, __file__, "--worker", mode, "--setting", setting,
+                   "--model", args.model, "--threads", str(args.threads),
+                   "--questions", str(args.questions), "--k", str(args.k),
                    "--repeats", str(args.repeats)]
             env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
             out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
             if out.returncode != 0:
                 sys.exit(f"worker {setting}/{mode} failed:\n{out.stderr[-3000:]}")
             results[setting, mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"{setting}/{mode}: {tps(r):.0f} tok/s in {r['wall_s']:.1f}s", file=sys.stderr, flush=True)
+            print(f"{setting}/{mode}: {tps(r):.0f} tok/s in {r['wall_s']:.1f}s", file=sys.stderr,
+                  flush=True)
 
-    rows = ["| setting | mode | generated | wall s (range) | gen tok/s | vs naive | prefill/gen | positions/gen "
-            "| branches | tool calls | tool s | peak RSS MB (growth) | greedy = naive |", "|---" * 13 + "|"]
+    rows = ["| setting | mode | generated | wall s (range) | gen tok/s | vs naive | prefill/gen "
+            "| positions/gen | branches | tool calls | tool s | peak RSS MB (growth) "
+            "| greedy = naive |", "|---" * 13 + "|"]
     notes = []
     for s in args.settings:
         R = {m: results[s, m] for m in MODES}
         for m, r in R.items():
             diff = [where(a, b) for a, b in zip(r["responses"], R["naive"]["responses"]) if a != b]
             same = ("ref" if m == "naive" else "OK" if not diff else
-                    f"MISMATCH {len(diff)}/{len(r['responses'])} (first: {', '.join(sorted(set(diff)))})")
-            rows.append(f"| {SETTINGS[s]} | {m}{' (ours)' * (m == 'tree')} | {r['generated']} | {r['wall_s']:.2f} "
-                        f"({min(r['walls']):.2f}-{max(r['walls']):.2f}) | {tps(r):.0f} | {tps(r) / tps(R['naive']):.2f}x | {r['prefill'] / r['generated']:.2f} "
-                        f"| {r['positions'] / r['generated']:.2f} | {r['branches']} | {r['tool_calls']} "
-                        f"| {r['tool_s']:.3f} | {r['peak_mb']:.0f} (+{r['peak_mb'] - r['rss_start_mb']:.0f}) "
+                    f"MISMATCH {len(diff)}/{len(r['responses'])} "
+                    f"(first: {', '.join(sorted(set(diff)))})")
+            rows.append(f"| {SETTINGS[s]} | {m}{' (ours)' * (m == 'tree')} | {r['generated']} "
+                        f"| {r['wall_s']:.2f} ({min(r['walls']):.2f}-{max(r['walls']):.2f}) "
+                        f"| {tps(r):.0f} | {tps(r) / tps(R['naive']):.2f}x "
+                        f"| {r['prefill'] / r['generated']:.2f} "
+                        f"| {r['positions'] / r['generated']:.2f} | {r['branches']} "
+                        f"| {r['tool_calls']} | {r['tool_s']:.3f} "
+                        f"| {r['peak_mb']:.0f} (+{r['peak_mb'] - r['rss_start_mb']:.0f}) "
                         f"| {same} |")
         tree = R["tree"]
-        notes.append(f"- {SETTINGS[s]}: tree / naive gen tok/s = {tps(tree) / tps(R['naive']):.2f}x (target >= 3); "
-                     f"batched / tree prefill per generated token = {R['batched']['prefill'] / tree['prefill']:.2f}x "
-                     "(target >= 3). The tree encodes each question's prompt once for all the globals it starts "
-                     "(its last token is fed per global), each tool result once (branch children copy it with the "
-                     "parent's cache), and one re-fed token per "
+        notes.append(f"- {SETTINGS[s]}: tree / naive gen tok/s = "
+                     f"{tps(tree) / tps(R['naive']):.2f}x (target >= 3); "
+                     "batched / tree prefill per generated token = "
+                     f"{R['batched']['prefill'] / tree['prefill']:.2f}x "
+                     "(target >= 3). The tree encodes each question's prompt once for all the "
+                     "globals it starts (its last token is fed per global), each tool result once "
+                     "(branch children copy it with the parent's cache), and one re-fed token per "
                      "segment continued")
     head = "aepo" if "aepo" in args.settings else args.settings[0]
     model = Path(args.model)
     report = [f"# Rollout throughput: naive vs batched vs tree (last line: {SETTINGS[head]})", "",
               f"Machine: {machine()}; torch threads {args.threads}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; code {code_version()}", "",
-              f"Model {model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}; {args.questions} held-out "
-              f"world questions x k={args.k}; seed 0, greedy; tiny Config budgets; median wall of {args.repeats} "
+              f"Model {model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}; "
+              f"{args.questions} held-out world questions x k={args.k}; seed 0, greedy; "
+              f"tiny Config budgets; median wall of {args.repeats} "
               f"timed runs; peak RSS by "
               f"{results[head, 'tree']['peak_method']}.", "", *rows, "", *notes, "",
               f"speedup_vs_naive={tps(results[head, 'tree']) / tps(results[head, 'naive']):.2f}"]

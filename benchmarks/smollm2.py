@@ -1,6 +1,6 @@
-"""A real pretrained LM trained with AEPO on CPU: SmolLM2-135M-Instruct (`--model smollm2-135m`) on the
-built-in world: a short LoRA SFT on the world's demonstrations, a few AEPO steps, and held-out Pass@1
-before and after RL.
+"""A real pretrained LM trained with AEPO on CPU: SmolLM2-135M-Instruct (`--model smollm2-135m`)
+on the built-in world: a short LoRA SFT on the world's demonstrations, a few AEPO steps, and
+held-out Pass@1 before and after RL.
 
     python benchmarks/smollm2.py                       # ~15-20 min on 2 CPU cores
     python benchmarks/smollm2.py -- --steps 4          # extra train.py flags after --
@@ -8,9 +8,9 @@ before and after RL.
 
 Runs `train.py` with RECIPE below, then reads the run folder:
   - tool calls attempted vs executed, in every held-out response (eval-sft/, eval-rl/) and in the RL
-    samples (samples.jsonl): attempted = calls the policy wrote in its own text (an opening tag, then its
-    closing tag), executed = result blocks the harness appended after them. The two differ when a call
-    is dropped, refused at the call limit, or cut by the length budget;
+    samples (samples.jsonl): attempted = calls the policy wrote in its own text (an opening tag,
+    then its closing tag), executed = result blocks the harness appended after them. The two differ
+    when a call is dropped, refused at the call limit, or cut by the length budget;
   - seconds per RL step (metrics.jsonl: step_s, of which rollout_s);
   - held-out Pass@1 of the SFT start and after RL (n questions x runs, temperature 1).
 Writes benchmarks/results/smollm2.md with the machine.
@@ -29,10 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 
-# The short system prompt: the paper's (~270 SmolLM2 tokens) would make prompts 7x longer, and the SFT
-# teaches the format anyway. One search page per call (--top_k 1) keeps the longest demonstrations (two
-# searches + Python) under 384 response tokens. One torch thread: on shared cores two OpenMP threads
-# stall at every op's barrier.
+# The short system prompt: the paper's (~270 SmolLM2 tokens) would make prompts 7x longer, and the
+# SFT teaches the format anyway. One search page per call (--top_k 1) keeps the longest
+# demonstrations (two searches + Python) under 384 response tokens. One torch thread: on shared
+# cores two OpenMP threads stall at every op's barrier.
 RECIPE = ["--model", "smollm2-135m", "--system_prompt", "short", "--threads", "1", "--top_k", "1",
           "--sft_demos", "200", "--sft_steps", "16", "--sft_batch", "4", "--sft_lr", "3e-3",
           "--steps", "4", "--questions_per_step", "4", "--k", "4", "--global_rollouts", "2",
@@ -55,7 +55,8 @@ def tally(texts: list[str]) -> tuple[int, int, int]:
 
 
 def eval_texts(folder: Path) -> list[str]:
-    return [run["text"] for line in open(folder / "examples.jsonl") for run in json.loads(line)["runs"]]
+    return [run["text"] for line in open(folder / "examples.jsonl")
+            for run in json.loads(line)["runs"]]
 
 
 def main() -> None:
@@ -74,7 +75,8 @@ def main() -> None:
     before = json.loads((run / "eval-sft" / "summary.json").read_text())
     after = json.loads((run / "eval-rl" / "summary.json").read_text())
     rl_texts = [json.loads(line)["text"] for line in open(run / "samples.jsonl")]
-    minutes = ((run / "eval-rl" / "summary.json").stat().st_mtime - (run / "config.json").stat().st_mtime) / 60
+    minutes = ((run / "eval-rl" / "summary.json").stat().st_mtime
+               - (run / "config.json").stat().st_mtime) / 60
 
     rows = [("held-out, SFT start", tally(eval_texts(run / "eval-sft"))),
             ("RL rollouts (samples.jsonl)", tally(rl_texts)),
@@ -84,23 +86,29 @@ def main() -> None:
     lines = [f"# SmolLM2-135M-Instruct on the built-in world, CPU: `python benchmarks/smollm2.py "
              f"{' '.join(args.rest)}`".rstrip() + "", "",
              f"Machine: {machine()}", "",
-             f"Recipe: `python train.py {' '.join(RECIPE + args.rest)}` ({config['algo']}; whole run "
-             f"{minutes:.1f} min, SFT loss {sft[0]['loss']:.2f} -> {sft[-1]['loss']:.2f} over {len(sft)} steps)", "",
-             "| responses | n | tool calls attempted | executed | executed / attempted |", "|---|---|---|---|---|"]
+             f"Recipe: `python train.py {' '.join(RECIPE + args.rest)}` ({config['algo']}; "
+             f"whole run {minutes:.1f} min, "
+             f"SFT loss {sft[0]['loss']:.2f} -> {sft[-1]['loss']:.2f} over {len(sft)} steps)", "",
+             "| responses | n | tool calls attempted | executed | executed / attempted |",
+             "|---|---|---|---|---|"]
     for name, (count, attempted, executed) in rows:
         share = f"{executed / attempted:.3f}" if attempted else "-"
         lines.append(f"| {name} | {count} | {attempted} | {executed} | {share} |")
-    lines += ["", "| RL step | seconds | of which rollout | reward | acc | search calls | python calls |",
+    lines += ["", "| RL step | seconds | of which rollout | reward | acc "
+              "| search calls | python calls |",
               "|---|---|---|---|---|---|---|"]
-    lines += [f"| {s['step'] + 1} | {s['step_s']:.1f} | {s['rollout_s']:.1f} | {s['reward']:.3f} | {s['acc']:.3f} | "
-              f"{s['search_calls']:.2f} | {s['python_calls']:.2f} |" for s in steps]
-    lines += ["", f"Seconds per RL step: mean {statistics.mean(step_s):.1f}, median {statistics.median(step_s):.1f} "
+    lines += [f"| {s['step'] + 1} | {s['step_s']:.1f} | {s['rollout_s']:.1f} | {s['reward']:.3f} "
+              f"| {s['acc']:.3f} | {s['search_calls']:.2f} | {s['python_calls']:.2f} |"
+              for s in steps]
+    lines += ["", f"Seconds per RL step: mean {statistics.mean(step_s):.1f}, "
+              f"median {statistics.median(step_s):.1f} "
               f"({config['questions_per_step']} questions x k = {config['k']}).", "",
-              f"| held-out (n = {n} questions x {runs} runs, temperature {config['eval_temperature']}) | Pass@1 | "
+              f"| held-out (n = {n} questions x {runs} runs, "
+              f"temperature {config['eval_temperature']}) | Pass@1 | "
               f"format failures | search calls | python calls |", "|---|---|---|---|---|"]
     for name, m in (("SFT start", before), ("after RL", after)):
-        lines.append(f"| {name} | {m['pass1']:.3f} | {m['format_fail']:.3f} | {m['search_calls']:.2f} | "
-                     f"{m['python_calls']:.2f} |")
+        lines.append(f"| {name} | {m['pass1']:.3f} | {m['format_fail']:.3f} "
+                     f"| {m['search_calls']:.2f} | {m['python_calls']:.2f} |")
     lines += ["", f"pass1_before={before['pass1']:.3f} pass1_after={after['pass1']:.3f}"]
     out = ROOT / "benchmarks" / "results" / "smollm2.md"
     out.write_text("\n".join(lines) + "\n")

@@ -1,13 +1,15 @@
 """Follow one question through one AEPO rollout and one loss computation, printing every number the
-walkthrough (docs/walkthrough.md) talks about: the probe, H_root and H_tool, the budget m, each branch
-decision with its Delta H and streak l, the rewards, the group and entropy-aware advantages, and the
-per-token gradient weight of the AEPO surrogate (from loss.py with autograd).
+walkthrough (docs/walkthrough.md) talks about: the probe, H_root and H_tool, the budget m, each
+branch decision with its Delta H and streak l, the rewards, the group and entropy-aware advantages,
+and the per-token gradient weight of the AEPO surrogate (from loss.py with autograd).
 
-    python docs/walkthrough.py                       # the SFT'd demo policy if runs/demo/seed-0/sft exists, else tiny
+    python docs/walkthrough.py                       # the SFT'd demo policy if runs/demo/seed-0/sft
+                                                       exists, else tiny
     python docs/walkthrough.py --model tiny --question 3 --seed 1
 
-The sampler is not changed: its pure rules (rollout.budget_from_probe, rollout.n_children) are wrapped
-for the duration of the call, so we see their inputs and outputs exactly as the sampler used them.
+The sampler is not changed: its pure rules (rollout.budget_from_probe, rollout.n_children) are
+wrapped for the duration of the call, so we see their inputs and outputs exactly as the sampler used
+them.
 """
 from __future__ import annotations
 
@@ -38,7 +40,8 @@ def watch(trace: list[dict]):
 
     def budget_from_probe(seg_entropies, k, beta):
         m, h_root, h_tool = budget(seg_entropies, k, beta)
-        trace.append(dict(rule="pre-monitoring", seg=list(seg_entropies), h_root=h_root, h_tool=h_tool, m=m))
+        trace.append(dict(rule="pre-monitoring", seg=list(seg_entropies), h_root=h_root,
+                          h_tool=h_tool, m=m))
         return m, h_root, h_tool
 
     def n_children(delta_h, l, room, cfg, rng):
@@ -54,12 +57,14 @@ def watch(trace: list[dict]):
     return undo
 
 
-def gradient_weights(old_logp: torch.Tensor, adv: torch.Tensor, ratios: list[float], clip_mode: str) -> list[float]:
-    """F_t in d L = -(1/N) sum_t A_t F_t d log pi_t, by autograd through loss.policy_loss, for tokens whose
-    ratio r = pi_theta / pi_old is set to `ratios`. old_logp, adv (N,)."""
+def gradient_weights(old_logp: torch.Tensor, adv: torch.Tensor, ratios: list[float],
+                     clip_mode: str) -> list[float]:
+    """F_t in d L = -(1/N) sum_t A_t F_t d log pi_t, by autograd through loss.policy_loss, for
+    tokens whose ratio r = pi_theta / pi_old is set to `ratios`. old_logp, adv (N,)."""
     r = torch.tensor(ratios)                                            # (N,)
     logp = (old_logp + r.log()).requires_grad_()                        # (N,)
-    loss, _ = L.policy_loss(logp[None], old_logp[None], adv[None], torch.ones(1, len(ratios)), clip_mode=clip_mode)
+    loss, _ = L.policy_loss(logp[None], old_logp[None], adv[None], torch.ones(1, len(ratios)),
+                            clip_mode=clip_mode)
     loss.backward()
     return [w + 0.0 for w in (-logp.grad * len(ratios) / adv).tolist()]  # (N,) + 0.0: no -0.00
 
@@ -67,7 +72,8 @@ def gradient_weights(old_logp: torch.Tensor, adv: torch.Tensor, ratios: list[flo
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(DEMO_SFT) if DEMO_SFT.is_dir() else "tiny",
-                   help="a model folder or 'tiny' (default: the demo SFT policy if present, else the untrained tiny)")
+                   help="a model folder or 'tiny' (default: the demo SFT policy if present, "
+                        "else the untrained tiny)")
     p.add_argument("--question", type=int, default=0, help="index into world:train")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8, help="[k] group size")
@@ -75,13 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
-    cfg = dataclasses.replace(aepo.resolve(aepo.Config(algo="aepo", model=args.model, output_dir="-")), k=args.k)
+    cfg = dataclasses.replace(
+        aepo.resolve(aepo.Config(algo="aepo", model=args.model, output_dir="-")), k=args.k)
     model, tok = load_policy(args.model, lora_r=0, device=torch.device("cpu"), trainable=False)
     model.eval()
     example = world.load_examples("world:train")[args.question]
     print(f"model: {args.model}\nquestion: {example.question}\ngold: {example.golds[0]}")
-    print(f"preset aepo: k={cfg.k} Z={cfg.branch_z} tau={cfg.tau} gamma={cfg.gamma} beta={cfg.beta} "
-          f"penalty={cfg.penalty} w={cfg.entropy_window} alpha={cfg.entropy_adv_alpha} clip_mode={cfg.clip_mode}")
+    print(f"preset aepo: k={cfg.k} Z={cfg.branch_z} tau={cfg.tau} gamma={cfg.gamma} "
+          f"beta={cfg.beta} penalty={cfg.penalty} w={cfg.entropy_window} "
+          f"alpha={cfg.entropy_adv_alpha} clip_mode={cfg.clip_mode}")
 
     # ---- 1. the rollout: pre-monitoring, then branching with the consecutive-branch penalty
     trace: list[dict] = []
@@ -97,17 +105,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"probe: {len(probe.tool_calls)} tool calls, finish={probe.finish}, segment entropies "
           f"{[round(h, 4) for h in probe.seg_entropy]}")
     for e in (e for e in trace if e["rule"] == "pre-monitoring"):
-        print(f"H_root = {e['h_root']:.4f}  H_tool = {e['h_tool']:.4f}  ->  m = floor(k * sigmoid(beta * "
-              f"(H_root - H_tool))) + 1 = {e['m']}")
-    print("\n== 2. Entropy-Balanced Adaptive Rollout: one line per branch decision (a row that got a tool result)")
+        print(f"H_root = {e['h_root']:.4f}  H_tool = {e['h_tool']:.4f}  ->  "
+              f"m = floor(k * sigmoid(beta * (H_root - H_tool))) + 1 = {e['m']}")
+    print("\n== 2. Entropy-Balanced Adaptive Rollout: one line per branch decision "
+          "(a row that got a tool result)")
     decisions = [e for e in trace if e["rule"] == "branching"]
     for e in decisions:
-        print(f"Delta H = {e['delta_h']:+.4f}  l = {e['l']}  room = {e['room']}  P(branch) = {e['p']:.3f}  "
-              f"children = {e['n']}")
+        print(f"Delta H = {e['delta_h']:+.4f}  l = {e['l']}  room = {e['room']}  "
+              f"P(branch) = {e['p']:.3f}  children = {e['n']}")
     if not decisions:
         print("(no row reached a tool result after the budget was known: nothing to branch)")
     s = res.stats[0]
-    print(f"globals {s.n_global}, branches {s.n_branch}, restarts {s.n_restart}, duplicates {s.n_duplicate}")
+    print(f"globals {s.n_global}, branches {s.n_branch}, restarts {s.n_restart}, "
+          f"duplicates {s.n_duplicate}")
 
     # ---- 2. rewards and group advantages
     rewards = torch.tensor([data.reward(t.text, example.golds) for t in trajs])              # (G,)
@@ -116,36 +126,46 @@ def main(argv: list[str] | None = None) -> None:
     print("id  parent  kind    calls  finish      reward   A")
     for t, r, a in zip(trajs, rewards, adv):
         kind = "dup" if t.is_duplicate else "global" if t.is_global else "branch"
-        print(f"{t.traj_id:2d}  {str(t.parent_id):6s}  {kind:6s}  {len(t.tool_calls):5d}  {t.finish:10s}  "
-              f"{r.item():+.3f}  {a.item():+.3f}")
+        print(f"{t.traj_id:2d}  {str(t.parent_id):6s}  {kind:6s}  {len(t.tool_calls):5d}  "
+              f"{t.finish:10s}  {r.item():+.3f}  {a.item():+.3f}")
 
     # ---- 3. entropy-aware advantages, from the update's own forward pass
     tensors = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
     with torch.no_grad():
-        logp, entropy = L.token_logprobs(model, tensors["ids"], tensors["attn"], with_entropy=True)   # (G, T)
-    adv_t = L.entropy_aware_advantages(adv, entropy, tensors["loss_mask"], cfg.entropy_adv_alpha)   # (G, T)
+        logp, entropy = L.token_logprobs(model, tensors["ids"], tensors["attn"],
+                                         with_entropy=True)  # (G, T)
+    adv_t = L.entropy_aware_advantages(adv, entropy, tensors["loss_mask"],
+                                       cfg.entropy_adv_alpha)  # (G, T)
     b = int(adv.abs().argmax())
     sampled = tensors["loss_mask"][b].nonzero().squeeze(1)                                    # (n,)
     h = entropy[tensors["loss_mask"] > 0]
-    print(f"\n== 4. Entropy-aware advantage: A~_t = A (1 + alpha z_t), z over the batch's {h.numel()} sampled "
-          f"tokens (mean H {h.mean():.3f}, std {h.std():.3f}); trajectory {trajs[b].traj_id}, A = {adv[b]:+.3f}")
+    print(f"\n== 4. Entropy-aware advantage: A~_t = A (1 + alpha z_t), z over the batch's "
+          f"{h.numel()} sampled tokens (mean H {h.mean():.3f}, std {h.std():.3f}); "
+          f"trajectory {trajs[b].traj_id}, A = {adv[b]:+.3f}")
     print("t    token              H_t     z_t     A~_t")
-    picks = sampled[entropy[b, sampled].argsort(descending=True)[:3]].tolist() + sampled[:3].tolist()
+    picks = (sampled[entropy[b, sampled].argsort(descending=True)[:3]].tolist()
+             + sampled[:3].tolist())
     for t in sorted(set(picks)):
         z = (entropy[b, t] - h.mean()) / h.std()
-        print(f"{t:<4d} {tok.decode([int(tensors['ids'][b, t])])!r:18.18s} {entropy[b, t]:.3f}  {z:+.3f}  "
-              f"{adv_t[b, t]:+.3f}")
+        print(f"{t:<4d} {tok.decode([int(tensors['ids'][b, t])])!r:18.18s} "
+              f"{entropy[b, t]:.3f}  {z:+.3f}  {adv_t[b, t]:+.3f}")
     gap = (logp - tensors["old_logp"])[tensors["loss_mask"] > 0].abs().max()
-    print(f"recomputed log pi vs the rollout's: max |difference| {gap:.2e} (r = 1 at the first update)")
+    print(f"recomputed log pi vs the rollout's: max |difference| {gap:.2e} "
+          "(r = 1 at the first update)")
 
     # ---- 4. the per-token gradient weight of the clipped surrogates
-    print("\n== 5. Entropy-Balanced Policy Optimization: gradient weight F_t (dL = -A_t F_t d log pi_t / N)")
-    print("   ratios r set by hand on tokens of this batch (at the first update every r = 1, so F = 1)")
-    old = tensors["old_logp"][b, picks[:1] * 4]                     # (4,) log pi_old of one real token
-    cases = [(1.0, 1.0), (1.1, 1.0), (1.5, 1.0), (0.5, -1.0)]          # (r, A): inside, inside, above, below
+    print("\n== 5. Entropy-Balanced Policy Optimization: gradient weight F_t "
+          "(dL = -A_t F_t d log pi_t / N)")
+    print("   ratios r set by hand on tokens of this batch "
+          "(at the first update every r = 1, so F = 1)")
+    old = tensors["old_logp"][b, picks[:1] * 4]  # (4,) log pi_old of one real token
+    # (r, A): inside, inside, above, below
+    cases = [(1.0, 1.0), (1.1, 1.0), (1.5, 1.0), (0.5, -1.0)]
     for mode in ("ppo", "aepo"):
-        weights = gradient_weights(old, torch.tensor([a for _, a in cases]), [r for r, _ in cases], mode)
-        print(f"{mode:5s} " + "  ".join(f"(r={r}, A={a:+.0f}) F={w:.2f}" for (r, a), w in zip(cases, weights)))
+        weights = gradient_weights(old, torch.tensor([a for _, a in cases]), [r for r, _ in cases],
+                                   mode)
+        print(f"{mode:5s} " + "  ".join(f"(r={r}, A={a:+.0f}) F={w:.2f}"
+                                        for (r, a), w in zip(cases, weights)))
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,5 @@
-"""Shared test setup: offline hub, the repository root on sys.path, and the paper's data (if present)."""
+"""Shared test setup: offline hub, the repository root on sys.path, and the paper's data (if
+present)."""
 import os
 import sys
 from pathlib import Path
@@ -11,12 +12,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# The paper's released data sits beside the checkout in CI (../shared/data/arpo); a user's clone lacks it.
+# The paper's released data sits beside the checkout in CI (../shared/data/arpo); a user's clone
+# lacks it.
 SHARED_DATA = Path(os.environ.get("AEPO_SHARED_DATA", ROOT.parent / "shared" / "data" / "arpo"))
 
 
 @pytest.fixture
 def arpo_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"the paper's released data is not at {SHARED_DATA} (set AEPO_SHARED_DATA to its folder)")
+        pytest.skip(f"the paper's released data is not at {SHARED_DATA} "
+                    "(set AEPO_SHARED_DATA to its folder)")
     return SHARED_DATA

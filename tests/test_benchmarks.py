@@ -1,5 +1,5 @@
-"""benchmarks/gpu.py runs where no GPU is lent to check it: its offline Qwen tokenizer must give the hub
-tokenizer's ids, and its whole pipeline must run on CPU at toy size (`--small`)."""
+"""benchmarks/gpu.py runs where no GPU is lent to check it: its offline Qwen tokenizer must give the
+hub tokenizer's ids, and its whole pipeline must run on CPU at toy size (`--small`)."""
 import os
 import subprocess
 import sys
@@ -14,22 +14,28 @@ import gpu  # noqa: E402
 def test_offline_qwen_tokenizer_gives_the_hub_ids():
     tok = gpu.qwen_tokenizer()
     assert len(tok) == 151669
-    assert tok.encode("Hello, how are you?") == [9707, 11, 1246, 525, 498, 30]   # the hub tokenizer's ids
-    assert [tok.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>",
-                                                   "</think>")] == [151643, 151644, 151645, 151667, 151668]
+    # the hub tokenizer's ids
+    assert tok.encode("Hello, how are you?") == [9707, 11, 1246, 525, 498, 30]
+    assert [tok.convert_tokens_to_ids(t)
+            for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+            ] == [151643, 151644, 151645, 151667, 151668]
     assert (tok.eos_token_id, tok.pad_token_id) == (151645, 151643)
     assert tok.encode("12") == [16, 17]                  # Qwen splits digits one by one
-    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True)
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--small", "--folder", str(tmp_path / "model"),
-                          "--out", str(tmp_path / "gpu.md")], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--small",
+                          "--folder", str(tmp_path / "model"), "--out", str(tmp_path / "gpu.md")],
+                         cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
+                         timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "gpu.md").read_text()
-    assert "| rollout generated tokens | 128 |" in report     # 2 questions x k=2 x the 32-token budget
+    # 2 questions x k=2 x the 32-token budget
+    assert "| rollout generated tokens | 128 |" in report
     assert "RL step (train.rl_step)" in report and report.strip().endswith("peak_gib=0.00")
 
 
@@ -42,9 +48,11 @@ def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float])
     (folder / "config.json").write_text(json.dumps({"algo": algo}))
     for name, p in (("eval-sft", 0.25), ("eval-rl", pass1)):
         (folder / name / "summary.json").write_text(json.dumps(
-            {"pass1": p, "runs": 4, "pass_at_k": {"4": p + 0.3}, "search_calls": 1.0, "python_calls": 0.5}))
-    rows = [{"step": i, "entropy": h, "clip_frac_low": 0.0, "clip_frac_high": 0.02, "branches_per_q": 2.0,
-             "branch_top1_share": 0.6, "branch_top3_share": 1.0, "consecutive_branch_share": 0.1,
+            {"pass1": p, "runs": 4, "pass_at_k": {"4": p + 0.3}, "search_calls": 1.0,
+             "python_calls": 0.5}))
+    rows = [{"step": i, "entropy": h, "clip_frac_low": 0.0, "clip_frac_high": 0.02,
+             "branches_per_q": 2.0, "branch_top1_share": 0.6, "branch_top3_share": 1.0,
+             "consecutive_branch_share": 0.1,
              "reward": 0.3, "acc": 0.3, "search_calls": 1.0, "sampled_tokens_total": 1000 * (i + 1)}
             for i, h in enumerate(entropies)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -55,15 +63,18 @@ def test_reproduce_summarises_finished_runs_without_training_again(tmp_path):
     _finished_run(runs / "grpo-seed0", "grpo", 0.30, [0.2] * 6)
     _finished_run(runs / "grpo-seed1", "grpo", 0.50, [0.4] * 6)
     _finished_run(runs / "aepo-seed0", "aepo", 0.45, [1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
-    out = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--seeds", "2", "--algos", "grpo",
-                          "--ablations", "aepo", "--ablation_seeds", "1", "--out", str(runs),
-                          "--results", str(results)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+    out = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--seeds", "2",
+                          "--algos", "grpo", "--ablations", "aepo", "--ablation_seeds", "1",
+                          "--out", str(runs), "--results", str(results)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert "train.py" not in out.stdout.split("# GRPO")[0]           # nothing was trained
     table = (results / "reproduce.md").read_text()
     # grpo: Pass@1 after RL 30 and 50 -> 40.0 ± 10.0; Pass@4 70.0 ± 10.0; 6 steps, 6k tokens
-    assert "| grpo (2) | 25.0 ± 0.0 | 40.0 ± 10.0 | 70.0 ± 10.0 | 1.50 ± 0.00 | 6.0 ± 0.0 | 6.0 ± 0.0 |" in table
+    assert ("| grpo (2) | 25.0 ± 0.0 | 40.0 ± 10.0 | 70.0 ± 10.0 | 1.50 ± 0.00 | 6.0 ± 0.0 "
+            "| 6.0 ± 0.0 |") in table
     # aepo, one seed: entropy of the first 5 steps 1.0, of the last 5 steps 0.8
     assert "| aepo (1) | 25.0 | 45.0 | 75.0 | 1.50 | 6.0 | 6.0 | 1.000 | 0.800 | 0.0200 |" in table
-    assert (results / "reproduce.png").stat().st_size > 0 and (results / "reproduce-tokens.png").exists()
+    assert ((results / "reproduce.png").stat().st_size > 0
+            and (results / "reproduce-tokens.png").exists())

@@ -38,7 +38,7 @@ def test_stub_keeps_markers_and_indentation_and_names_the_function():
     assert blanked == ["A1 m.py:f", "A2 m.py:g"]
     assert "y = x + 1" not in out and "return 2" not in out
     assert f'    {OPEN} A1\n    raise NotImplementedError("A1: implement f' in out
-    assert f'            raise NotImplementedError("A2: implement the marked block of g' in out
+    assert '            raise NotImplementedError("A2: implement the marked block of g' in out
     namespace = {}
     exec(out, namespace)                                   # still valid Python
     with pytest.raises(NotImplementedError, match="A1: implement f"):

@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _tree(question: int, edges: dict[int, int | None], duplicates=()) -> list[Trajectory]:
     """Trajectories of one group: traj_id -> parent_id (None: a global chain)."""
-    return [Trajectory(question_idx=question, prompt_ids=[], traj_id=i, parent_id=p, is_global=p is None,
-                       is_duplicate=i in duplicates) for i, p in edges.items()]
+    return [Trajectory(question_idx=question, prompt_ids=[], traj_id=i, parent_id=p,
+                       is_global=p is None, is_duplicate=i in duplicates)
+            for i, p in edges.items()]
 
 
 def test_branch_concentration_counts_branches_by_their_global_chain():
@@ -31,7 +32,8 @@ def test_branch_concentration_counts_branches_by_their_global_chain():
     # top-3 takes every chain here
     assert report.branch_concentration(trajs, 3) == pytest.approx(7 / 7)
     assert report.branch_concentration(group1, 1) == pytest.approx(2 / 3)
-    assert report.branch_concentration(_tree(0, {0: None, 1: None}), 1) == 0.0     # nothing branched
+    # nothing branched
+    assert report.branch_concentration(_tree(0, {0: None, 1: None}), 1) == 0.0
 
 
 def test_mean_band_over_runs_of_different_lengths():
@@ -42,23 +44,25 @@ def test_mean_band_over_runs_of_different_lengths():
 def _fake_run(folder: Path, algo: str, rewards: list[float]) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"algo": algo}))
-    rows = [{"step": i, "reward": r, "acc": r, "entropy": 0.5, "clip_frac_low": 0.0, "clip_frac_high": 0.01,
-             "search_calls": 1.0, "branches_per_q": 2.0, "branch_top1_share": 0.5,
-             "consecutive_branch_share": 0.1, "sampled_tokens_total": 100 * (i + 1)} for i, r in enumerate(rewards)]
+    rows = [{"step": i, "reward": r, "acc": r, "entropy": 0.5, "clip_frac_low": 0.0,
+             "clip_frac_high": 0.01, "search_calls": 1.0, "branches_per_q": 2.0,
+             "branch_top1_share": 0.5, "consecutive_branch_share": 0.1,
+             "sampled_tokens_total": 100 * (i + 1)} for i, r in enumerate(rewards)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return folder
 
 
 def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path):
-    runs = [_fake_run(tmp_path / "g0", "grpo", [0.1, 0.2]), _fake_run(tmp_path / "a0", "aepo", [0.2, 0.4]),
+    runs = [_fake_run(tmp_path / "g0", "grpo", [0.1, 0.2]),
+            _fake_run(tmp_path / "a0", "aepo", [0.2, 0.4]),
             _fake_run(tmp_path / "g1", "grpo", [0.3, 0.2, 0.5])]
     assert report.group_runs(runs) == {"grpo": [runs[0], runs[2]], "aepo": [runs[1]]}
     out = tmp_path / "cmp.png"
     cli = subprocess.run([sys.executable, "report.py", *map(str, runs), "--out", str(out), "--x",
-                          "sampled_tokens_total"], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+                          "sampled_tokens_total"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    bad = subprocess.run([sys.executable, "report.py", str(runs[0]), str(tmp_path / "nothing")], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "report.py", str(runs[0]), str(tmp_path / "nothing")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "nothing" in bad.stderr and "metrics.jsonl" in bad.stderr

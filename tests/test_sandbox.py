@@ -11,7 +11,6 @@ and quiet.
 import ast
 import ctypes
 import doctest
-import hashlib
 import json
 import os
 import pwd

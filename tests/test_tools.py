@@ -9,7 +9,6 @@ import multiprocessing
 import shutil
 import threading
 import time
-from pathlib import Path
 
 import ddgs
 import pytest

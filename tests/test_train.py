@@ -39,8 +39,8 @@ def sft_start(tmp_path_factory) -> Path:
 def test_smoke_run_writes_everything(tmp_path, algo):
     run = tmp_path / "run"
     out = subprocess.run([sys.executable, "train.py", "--preset", "smoke", "--algo", algo,
-                          "--output_dir", str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=600)
+                          "--output_dir", str(run)], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 2/2 | reward" in out.stdout and "after RL" in out.stdout
     for name in ("config.json", "metrics.jsonl", "curves.png", "samples.jsonl", "report.md",
@@ -53,9 +53,10 @@ def test_smoke_run_writes_everything(tmp_path, algo):
     assert all(math.isfinite(v) for r in rows for v in r.values())
     if algo == "grpo":
         assert all(r["branches_per_q"] == 0 for r in rows)
-    (run / "curves.png").unlink()                                 # report.py redraws it from the log
-    out = subprocess.run([sys.executable, "report.py", str(run)], cwd=ROOT, env=ENV, capture_output=True,
-                         text=True, timeout=120)
+    # report.py redraws it from the log
+    (run / "curves.png").unlink()
+    out = subprocess.run([sys.executable, "report.py", str(run)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and (run / "curves.png").stat().st_size > 0, out.stderr[-2000:]
 
 
@@ -64,7 +65,8 @@ def _adapter(run: Path, step: int) -> dict:
 
 
 def test_resume_ends_with_the_same_adapter(tmp_path, sft_start):
-    common = ["--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start), "--save_every", "1"]
+    common = ["--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start),
+              "--save_every", "1"]
     a, b = tmp_path / "a", tmp_path / "b"
     train.main(common + ["--steps", "4", "--output_dir", str(a)])
     train.main(common + ["--steps", "2", "--output_dir", str(b)])                 # "interrupted"
@@ -80,8 +82,8 @@ def test_resume_ends_with_the_same_adapter(tmp_path, sft_start):
 
 
 def test_sigkill_during_save_leaves_only_loadable_checkpoints(tmp_path):
-    """Kill a process in the middle of writing checkpoint-1: checkpoint-0 stays complete and loadable,
-    the half-written one is invisible, and the next save succeeds."""
+    """Kill a process in the middle of writing checkpoint-1: checkpoint-0 stays complete and
+    loadable, the half-written one is invisible, and the next save succeeds."""
     run, marker = tmp_path / "run", tmp_path / "marker"
     script = textwrap.dedent(f"""
         import time, torch
@@ -117,9 +119,11 @@ def test_sigkill_during_save_leaves_only_loadable_checkpoints(tmp_path):
 
 def test_killed_run_resumes_without_losing_or_repeating_steps(tmp_path, sft_start):
     run = tmp_path / "run"
-    args = [sys.executable, "train.py", "--preset", "smoke", "--stage", "rl", "--init_from", str(sft_start),
-            "--steps", "6", "--save_every", "1", "--output_dir", str(run)]
-    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = [sys.executable, "train.py", "--preset", "smoke", "--stage", "rl",
+            "--init_from", str(sft_start), "--steps", "6", "--save_every", "1",
+            "--output_dir", str(run)]
+    proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not train.checkpoints(run) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
@@ -127,15 +131,16 @@ def test_killed_run_resumes_without_losing_or_repeating_steps(tmp_path, sft_star
     proc.wait()
     done = train.checkpoints(run)
     assert done, "no checkpoint before the kill"
-    out = subprocess.run(args + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(args + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [json.loads(l)["step"] for l in open(run / "metrics.jsonl")]
     assert steps == list(range(6))
 
 
 def test_every_lora_parameter_gets_a_correct_gradient_after_a_rollout():
-    """A rollout runs the model in eval mode under no_grad; afterwards every LoRA parameter must get a
-    finite, non-zero gradient equal to that of a copy that never ran a rollout."""
+    """A rollout runs the model in eval mode under no_grad; afterwards every LoRA parameter must get
+    a finite, non-zero gradient equal to that of a copy that never ran a rollout."""
     torch.manual_seed(0)
     model, tok = load_policy("tiny", lora_r=4)
     with torch.no_grad():                       # fresh LoRA has B = 0, which zeroes A's gradient
@@ -145,7 +150,8 @@ def test_every_lora_parameter_gets_a_correct_gradient_after_a_rollout():
     twin = copy.deepcopy(model)
     cfg = Config(k=2, branching=False, pre_monitor=False, max_response_tokens=48)
     model.eval()
-    res = rollout(model, tok, ["Where was Abrin Quell born?", "Which company does Mirel Brask work for?"],
+    res = rollout(model, tok,
+                  ["Where was Abrin Quell born?", "Which company does Mirel Brask work for?"],
                   make_tools(cfg), cfg, seed=0, system_prompt=data.SHORT_SYSTEM_PROMPT)
     t = train.trajectory_tensors(res.trajectories, tok.pad_token_id, torch.device("cpu"))
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None] * t["loss_mask"]
@@ -167,7 +173,8 @@ def test_demo_tensors_mask_tool_results():
     tok = load_policy("tiny", lora_r=0)[1]
     response = ("<think> x </think> <search> Abrin Quell </search>" + result_block("Page 1: hi")
                 + " <think> y </think> <answer> The final answer is \\boxed{ Vantor} </answer>")
-    demo = world.Demo(question="Q?", response=response, golds=("Vantor",), kind="1hop", quality="good")
+    demo = world.Demo(question="Q?", response=response, golds=("Vantor",), kind="1hop",
+                      quality="good")
     ids, mask = train.demo_tensors(tok, demo, "sys")
     assert len(ids) == len(mask) and ids[-1] == tok.eos_token_id and mask[-1] == 1
     decoded_masked = tok.decode([i for i, m in zip(ids, mask) if m == 0], skip_special_tokens=False)
@@ -176,16 +183,18 @@ def test_demo_tensors_mask_tool_results():
 
 
 def test_accelerate_two_cpu_processes(tmp_path, sft_start):
-    """Data parallel under `accelerate launch`: each process rolls out half the questions, DDP averages
-    the gradients, the main process writes the logs and checkpoints. (In accelerate 1.15,
-    `launch --cpu --num_processes 2` starts a single process; `--multi_gpu` starts two through torchrun,
-    and on a machine without CUDA the script's Accelerator runs them on the CPU with gloo.)"""
+    """Data parallel under `accelerate launch`: each process rolls out half the questions, DDP
+    averages the gradients, the main process writes the logs and checkpoints. (In accelerate 1.15,
+    `launch --cpu --num_processes 2` starts a single process; `--multi_gpu` starts two through
+    torchrun, and on a machine without CUDA the script's Accelerator runs them on the CPU with
+    gloo.)"""
     run = tmp_path / "run"
-    out = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                          "--mixed_precision", "no", "--dynamo_backend", "no", "train.py", "--preset", "smoke",
-                          "--stage", "rl", "--init_from", str(sft_start), "--questions_per_step", "4",
-                          "--output_dir", str(run)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no",
+                          "--dynamo_backend", "no", "train.py", "--preset", "smoke",
+                          "--stage", "rl", "--init_from", str(sft_start),
+                          "--questions_per_step", "4", "--output_dir", str(run)],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1] and all(r["processes"] == 2 for r in rows)
@@ -201,9 +210,10 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     real = L.policy_loss
-    monkeypatch.setattr(L, "policy_loss", lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
-    metrics, _ = train.rl_step(model, tok, opt, world.load_examples("world:train")[:8], make_tools(cfg), cfg, 0,
-                               Accelerator(cpu=True))
+    monkeypatch.setattr(L, "policy_loss",
+                        lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    metrics, _ = train.rl_step(model, tok, opt, world.load_examples("world:train")[:8],
+                               make_tools(cfg), cfg, 0, Accelerator(cpu=True))
     assert metrics["skipped"] == cfg.mini_batches
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -211,7 +221,8 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
 
 
 def test_trimmed_micro_batches_give_the_same_loss_and_gradient():
-    """micro_batches cuts each micro-batch to its longest row; with right padding that changes nothing."""
+    """micro_batches cuts each micro-batch to its longest row; with right padding that changes
+    nothing."""
     torch.manual_seed(0)
     model, tok = load_policy("tiny", lora_r=4)
     with torch.no_grad():
@@ -221,17 +232,21 @@ def test_trimmed_micro_batches_give_the_same_loss_and_gradient():
     seqs = [[5 + i % 50 for i in range(n)] for n in (30, 9, 12, 7)]
     trajs = [_trajectory(s) for s in seqs]
     t = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
-    # grpo: AEPO's entropy z-scores would magnify float rounding (this random model's entropies hardly vary)
-    cfg, adv = resolve(Config(algo="grpo", output_dir="unused")), torch.tensor([1.0, -0.5, 0.3, -1.0])
+    # grpo: AEPO's entropy z-scores would magnify float rounding (this random model's entropies
+    # hardly vary)
+    cfg, adv = (resolve(Config(algo="grpo", output_dir="unused")),
+                torch.tensor([1.0, -0.5, 0.3, -1.0]))
     micro, short = next(train.micro_batches(t, torch.tensor([1, 2, 3, 0]), 2))
     assert micro.tolist() == [1, 2]
-    assert short["ids"].shape == (2, 12 + 2)               # rows 1 and 2: prompt 2 + their responses
+    # rows 1 and 2: prompt 2 + their responses
+    assert short["ids"].shape == (2, 12 + 2)
     results = []
     for tensors in (short, {k: v[[1, 2]] for k, v in t.items()}):       # trimmed vs full width 32
         model.zero_grad()
         loss, _ = train.micro_batch_loss(model, tensors, adv[[1, 2]], cfg, _NoAccelerator())
         loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                        if p.grad is not None}))
     torch.testing.assert_close(results[0][0], results[1][0])
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name, g in results[0][1].items():
@@ -253,8 +268,8 @@ class _NoAccelerator:
 
 
 def test_token_budget_stops_rl_and_tensorboard_gets_every_row(tmp_path, sft_start):
-    """--token_budget ends RL after the step that spends it (with a checkpoint), a resume past it adds no
-    step, and --report_to tensorboard holds the same rows as metrics.jsonl."""
+    """--token_budget ends RL after the step that spends it (with a checkpoint), a resume past it
+    adds no step, and --report_to tensorboard holds the same rows as metrics.jsonl."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
@@ -265,7 +280,8 @@ def test_token_budget_stops_rl_and_tensorboard_gets_every_row(tmp_path, sft_star
                 "--output_dir", str(probe)])
     first = json.loads(open(probe / "metrics.jsonl").readline())["sampled_tokens"]
     assert first > 0
-    train.main(common + ["--token_budget", str(first + 1)])      # step 1 leaves 1 token: one more step
+    # step 1 leaves 1 token: one more step
+    train.main(common + ["--token_budget", str(first + 1)])
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1]
     assert rows[0]["sampled_tokens_total"] == first
@@ -294,13 +310,15 @@ def test_cached_sft_is_built_once_and_renewed_when_its_code_changes(tmp_path, mo
     first = train.cached_sft(cfg)
     assert train.rl_start(cfg, tmp_path / "run") == str(first) and len(built) == 1
     assert first.parent.name.startswith("sft-") and first.parent.parent == tmp_path
-    monkeypatch.setattr(train, "Config", lambda: Config(sft_steps=7))    # another recipe: another folder
+    # another recipe: another folder
+    monkeypatch.setattr(train, "Config", lambda: Config(sft_steps=7))
     assert train.cached_sft(cfg) != first and len(built) == 2
 
 
 def test_code_hash_ignores_layout_but_not_code():
     code = "def f(x):\n    # the rule\n    return x + 1\n"
-    assert world.code_hash(code) == world.code_hash("def f(x):  # reflowed\n    return (x\n            + 1)\n")
+    assert world.code_hash(code) == world.code_hash(
+        "def f(x):  # reflowed\n    return (x\n            + 1)\n")
     assert world.code_hash(code) != world.code_hash(code.replace("+ 1", "- 1"))
     assert len(world.code_hash(code)) == 12
 
@@ -316,7 +334,9 @@ def test_report_to_a_missing_package_stops_in_one_line(monkeypatch, capsys):
 
     import cli
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    with pytest.raises(SystemExit, match=r"--report_to wandb: the wandb package is not installed \(pip install "
-                                         r"wandb\); --report_to tensorboard works offline"):
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"--report_to wandb: the wandb package is not installed "
+                                         r"\(pip install wandb\); --report_to tensorboard works "
+                                         r"offline"):
         cli.train_config(["--report_to", "wandb", "--output_dir", "x"])
