@@ -1,16 +1,17 @@
-"""Questions, answers and the one grader: `Example`, `Demo`, the system prompts, reward. Reading them
-from files and the hub is loaders.py.
+"""Questions, answers and the one grader: `Example`, `Demo`, the system prompts, reward. Reading
+them from files and the hub is loaders.py.
 
 In and out:
-- `reward(response, golds)` grades a decoded trajectory (arXiv 2510.14545, section 3): -1 on a format
-  failure, else token F1 of the last `\\boxed{}` in the answer, +0.1 when F1 > 0 and both tools were used.
-  Training and evaluation call this same function, so reward and metric cannot drift.
+- `reward(response, golds)` grades a decoded trajectory (arXiv 2510.14545, section 3): -1 on a
+  format failure, else token F1 of the last `\\boxed{}` in the answer, +0.1 when F1 > 0 and both
+  tools were used. Training and evaluation call this same function, so reward and metric cannot
+  drift.
 
 Decisions worth knowing:
-1. Tool-result blocks (`" <result>\\n...\\n</result>"` right after `</search>` / `</python>`) are cut out
-   before the format check, so only the policy's own words are graded. A block ends at the first
-   `"\\n</result>"`: sound, as tools.result_block escapes agent tags in tool output, so no program or
-   page can close its block and write an answer. One left-to-right scan: linear time.
+1. Tool-result blocks (`" <result>\\n...\\n</result>"` right after `</search>` / `</python>`) are
+   cut out before the format check, so only the policy's own words are graded. A block ends at the
+   first `"\\n</result>"`: sound, as tools.result_block escapes agent tags in tool output, so no
+   program or page can close its block and write an answer. One left-to-right scan: linear time.
 2. `golds` must be a string or a list/tuple of strings: anything else (None, 98) is a caller's bug.
 3. This module imports nothing of the project.
 """
@@ -70,7 +71,8 @@ _BOXED, _BRACE = "\\boxed{", re.compile(r"[{}]")
 
 
 def normalize_answer(s: str) -> str:
-    """SQuAD normalisation: lower-case, drop punctuation, drop articles a/an/the, collapse whitespace."""
+    """SQuAD normalisation: lower-case, drop punctuation, drop articles a/an/the, collapse
+    whitespace."""
     s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
 
@@ -111,8 +113,9 @@ def f1_score(pred: str, golds) -> float:
 
 
 def result_spans(response: str) -> list[tuple[int, int]]:
-    """(start, end) of each tool-result block: `" <result>\\n...\\n</result>"` right after `</search>` or
-    `</python>`, ending at the first `"\\n</result>"`. One left-to-right scan: linear time."""
+    """(start, end) of each tool-result block: `" <result>\\n...\\n</result>"` right after
+    `</search>` or `</python>`, ending at the first `"\\n</result>"`. One left-to-right scan: linear
+    time."""
     spans, pos = [], 0
     while (start := response.find(_RESULT_OPEN, pos)) >= 0:
         if not response.endswith(_TOOL_CLOSES, 0, start):  # a <result> the policy wrote itself
@@ -127,7 +130,8 @@ def result_spans(response: str) -> list[tuple[int, int]]:
 
 
 def split_response(response: str) -> list[tuple[str, bool]]:
-    """Cut a response into model text (False) and the tool-result blocks the harness appended (True)."""
+    """Cut a response into model text (False) and the tool-result blocks the harness appended
+    (True)."""
     pieces, start = [], 0
     for block_start, block_end in result_spans(response):
         if block_start > start:
@@ -140,8 +144,8 @@ def split_response(response: str) -> list[tuple[str, bool]]:
 
 
 def _model_text(response: str) -> str:
-    """The policy's structure: each tool result emptied, and the content of each call that got a result
-    blanked too (code may print or mention tags: it is an argument, not structure)."""
+    """The policy's structure: each tool result emptied, and the content of each call that got a
+    result blanked too (code may print or mention tags: it is an argument, not structure)."""
     pieces = []
     for piece, is_result in split_response(response):
         if is_result:  # the piece before ends with </search> or </python> (result_spans)
@@ -156,7 +160,8 @@ def _model_text(response: str) -> str:
 
 
 def extract_answer(response: str) -> str | None:
-    """The content (stripped) of the last brace-balanced `\\boxed{...}` inside the last `<answer>...</answer>`."""
+    """The content (stripped) of the last brace-balanced `\\boxed{...}` inside the last
+    `<answer>...</answer>`."""
     text = _model_text(response)
     start = text.rfind("<answer>")
     end = text.find("</answer>", start)
@@ -211,8 +216,8 @@ def tool_counts(response: str) -> tuple[int, int]:
 
 
 def reward(response: str, golds) -> float:
-    """arXiv 2510.14545, section 3: -1 on format failure; else F1, plus 0.1 when F1 > 0 and both tools
-    were used. golds: a string or a list/tuple of strings (anything else raises TypeError)."""
+    """arXiv 2510.14545, section 3: -1 on format failure; else F1, plus 0.1 when F1 > 0 and both
+    tools were used. golds: a string or a list/tuple of strings (anything else raises TypeError)."""
     golds = _as_golds(golds)
     if format_error(response) is not None:
         return -1.0

@@ -51,9 +51,9 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
 
     device = device or pick_device()
     if name == "tiny":
-        import world  # the tiny policy belongs to the built-in world
+        import tiny  # built on the built-in world's text
 
-        path = str(world.build_tiny())
+        path = str(tiny.build_tiny())
     elif name in PACKAGED:
         path = str(packaged_model(name))
     else:
@@ -93,7 +93,7 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     import importlib.metadata
     import importlib.util
 
-    import world
+    import tiny  # its cache folder and its folder writer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     module, gguf_file, install = PACKAGED[name]
@@ -102,7 +102,7 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
         raise SystemExit(f"--model {name} needs the {module.replace('_', '-')} and gguf packages: "
                          f"{install}")
     version = importlib.metadata.version(module.replace("_", "-"))
-    folder = Path(folder or world.CACHE_DIR / f"{name}-{version}")
+    folder = Path(folder or tiny.CACHE_DIR / f"{name}-{version}")
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
     source = Path(next(iter(spec.submodule_search_locations)))
@@ -112,7 +112,7 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     model.hf_quantizer = None  # the weights are plain fp32 now; save them as such
     del model.config.quantization_config
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return world.save_model_folder(folder, model, tokenizer)
+    return tiny.save_model_folder(folder, model, tokenizer)
 
 
 def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):

@@ -2,14 +2,17 @@
 
     python train.py                                   # the offline CPU demo on the built-in world
     python train.py --algo grpo --output_dir runs/g   # a baseline, same everything else
-    python train.py --preset qwen3-1.7b               # one CUDA GPU: Qwen3-1.7B, 4-bit + LoRA, web search
+    python train.py --preset qwen3-1.7b               # one CUDA GPU: Qwen3-1.7B,
+                                                      # 4-bit + LoRA, web search
     python train.py --output_dir runs/x --resume      # continue a run from its last checkpoint
+    python train.py --preset class --algo arpo        # a lab: RL from the cached SFT start, ~6 min
 
 Data flows one way: questions -> rollout.py (tree sampler with tools) -> data.reward -> loss.py
 advantages -> old log-probs -> one epoch of mini-batch updates -> logs and plots (report.py),
-checkpoints -> eval.py.
-Everything a run writes goes into its folder (`--output_dir`): config.json, metrics.jsonl, curves.png,
-samples.jsonl, checkpoint-<step>/ (LoRA adapter + optimizer + RNG), sft/, eval-*/ and report.md.
+checkpoints (checkpoint.py: a kill never leaves a broken one) -> eval.py.
+Everything a run writes goes into its folder (`--output_dir`): config.json, metrics.jsonl,
+curves.png, samples.jsonl, checkpoint-<step>/ (LoRA adapter + optimizer + RNG), sft/, eval-*/ and
+report.md.
 """
 from __future__ import annotations
 
@@ -17,14 +20,13 @@ import sys
 
 import cli
 
-if __name__ == "__main__":    # flags, paths and data are checked first, before the slow imports below
+# flags, paths and data are checked first, before the slow imports below
+if __name__ == "__main__":
     CHECKED = cli.train_config(sys.argv[1:])     # a bad input stops here: one line, nothing written
 
 import json
 import math
-import os
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -35,19 +37,21 @@ import data
 import loaders
 import loss as L
 import report
+import tiny
 import world
 from aepo import Config, save_config
+from checkpoint import atomic_save, checkpoints, load_checkpoint, save_checkpoint, truncate_logs
 from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import BM25Search, describe_isolation, take_search_stats
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Cold-start SFT on demonstration trajectories (tool results masked out, as in RL)
 
 
 def demo_tensors(tokenizer, demo, system_prompt: str) -> tuple[list[int], list[int]]:
-    """(ids, loss_mask) of one demonstration: prompt 0, model text 1, tool results 0, EOS 1. Each piece
-    is tokenised on its own, exactly as the rollout appends tool results."""
+    """(ids, loss_mask) of one demonstration: prompt 0, model text 1, tool results 0, EOS 1. Each
+    piece is tokenised on its own, exactly as the rollout appends tool results."""
     ids = prompt_ids(tokenizer, demo.question, system_prompt)
     mask = [0] * len(ids)
     for text, is_result in data.split_response(demo.response):
@@ -70,8 +74,8 @@ def sft(cfg: Config, run: Path) -> Path:
                              load_in_4bit=cfg.load_in_4bit)
     if cfg.sft_dataset == "world":
         search = lambda docs: BM25Search(docs, snippet_chars=cfg.snippet_chars).search
-        demos = world.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search, top_k=cfg.top_k,
-                                     bad_fraction=cfg.sft_bad_fraction)
+        demos = world.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search,
+                                     top_k=cfg.top_k, bad_fraction=cfg.sft_bad_fraction)
     else:
         demos = loaders.load_demos(cfg.sft_dataset)
     rows = [demo_tensors(tok, d, system_prompt_for(cfg)) for d in demos]
@@ -98,38 +102,39 @@ def sft(cfg: Config, run: Path) -> Path:
             bar.set_postfix(loss=f"{nll.item():.3f}")
             log.write(json.dumps({"step": step, "loss": nll.item()}) + "\n")
     out = run / "sft"
-    _atomic_save(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
+    atomic_save(out, lambda tmp: (model.save_pretrained(tmp), tok.save_pretrained(tmp)))
     return out
 
 
 def cached_sft(cfg: Config) -> Path:
-    """--init_from cached-sft: the tiny policy after the default cold-start SFT (seed 0), trained once
-    per machine into the cache folder, like the tiny model itself, and shared by every run that starts
-    from it (the `class` preset). Its name hashes the code and settings it came from; a lock lets two
-    runs started together build it once."""
+    """--init_from cached-sft: the tiny policy after the default cold-start SFT (seed 0), trained
+    once per machine into the cache folder, like the tiny model itself, and shared by every run
+    that starts from it (the `class` preset). Its name hashes the code and settings it came from; a
+    lock lets two runs started together build it once."""
     import fcntl
     import inspect
 
     base = Config()
-    recipe = {f: getattr(base, f) for f in ("model", "sft_steps", "sft_batch", "sft_lr", "sft_demos",
-                                            "sft_bad_fraction", "seed", "top_k", "snippet_chars",
-                                            "system_prompt", "weight_decay", "grad_clip")}
-    key = world.code_hash(*(Path(m.__file__).read_text() for m in (world, data)), inspect.getsource(sft),
-                          inspect.getsource(demo_tensors), f"recipe = {recipe!r}")
-    folder = world.CACHE_DIR / f"sft-{key}"
+    recipe = {f: getattr(base, f) for f in (
+        "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
+        "top_k", "snippet_chars", "system_prompt", "weight_decay", "grad_clip")}
+    key = tiny.code_hash(*(Path(m.__file__).read_text() for m in (world, data)),
+                         inspect.getsource(sft), inspect.getsource(demo_tensors),
+                         f"recipe = {recipe!r}")
+    folder = tiny.CACHE_DIR / f"sft-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "sft" / "config.json").exists():
-            print(f"building the cached SFT start in {folder} (once per machine: {base.sft_steps} steps, "
-                  "about 5-10 min on 2 CPU cores)")
+            print(f"building the cached SFT start in {folder} (once per machine: "
+                  f"{base.sft_steps} steps, about 5-10 min on 2 CPU cores)")
             sft(base, folder)
     return folder / "sft"
 
 
 def length_grouped_batches(rows: list, batch: int, rng: random.Random, pool: int = 8):
-    """Endless random batches of similar lengths (padding is wasted compute): draw pool x batch rows,
-    sort them by length, cut into batches, and serve those in random order."""
+    """Endless random batches of similar lengths (padding is wasted compute): draw pool x batch
+    rows, sort them by length, cut into batches, and serve those in random order."""
     while True:
         drawn = sorted(rng.sample(rows, min(len(rows), pool * batch)), key=lambda r: len(r[0]))
         chunks = [drawn[i:i + batch] for i in range(0, len(drawn), batch)]
@@ -137,7 +142,7 @@ def length_grouped_batches(rows: list, batch: int, rng: random.Random, pool: int
         yield from chunks
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One RL step: rollout -> rewards -> advantages -> one epoch of mini-batch updates
 
 
@@ -149,7 +154,8 @@ def trajectory_tensors(trajs, pad: int, device) -> dict[str, torch.Tensor]:
     old = [[0.0] * len(t.prompt_ids) + t.logp for t in trajs]
     ids = pad_right(seqs, pad)
     attn = pad_right([[1] * len(s) for s in seqs], 0)
-    return {"ids": ids.to(device), "attn": attn.to(device), "loss_mask": pad_right(masks, 0).to(device),
+    return {"ids": ids.to(device), "attn": attn.to(device),
+            "loss_mask": pad_right(masks, 0).to(device),
             "old_logp": pad_right(old, 0.0).float().to(device)}
 
 
@@ -163,28 +169,34 @@ def micro_batches(tensors: dict, rows: torch.Tensor, n: int):
 
 @torch.no_grad()
 def recompute_old_logp(model, tensors: dict, n: int) -> torch.Tensor:
-    """log pi_old of every sampled token by a forward pass (as the paper's code does), in n micro-batches
-    of rows sorted by length: never more rows in flight than one update micro-batch. Returns (B, T)."""
+    """log pi_old of every sampled token by a forward pass (as the paper's code does), in n
+    micro-batches of rows sorted by length: never more rows in flight than one update micro-batch.
+    Returns (B, T)."""
     old_logp = torch.zeros_like(tensors["old_logp"])                                      # (B, T)
     by_length = tensors["attn"].sum(1).argsort()                                          # (B,)
     for micro, t in micro_batches(tensors, by_length, n):
-        first = int(t["loss_mask"].any(0).int().argmax())    # the first sampled column: no logits before
-        old_logp[micro, :t["ids"].shape[1]] = L.token_logprobs(model, t["ids"], t["attn"], first=first)
+        # the first sampled column: no logits before
+        first = int(t["loss_mask"].any(0).int().argmax())
+        old_logp[micro, :t["ids"].shape[1]] = L.token_logprobs(model, t["ids"], t["attn"],
+                                                               first=first)
     return old_logp
 
 
 def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config,
                      accelerator) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch (entropy-aware advantage and surrogate; token mean over its sampled tokens) and its stats.
+    """The loss of one micro-batch (entropy-aware advantage and surrogate; token mean over its
+    sampled tokens) and its stats.
     t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
-    first = int(t["loss_mask"].any(0).int().argmax())        # the first sampled column: no logits before
-    logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True, first=first)   # (b, T)
+    # the first sampled column: no logits before
+    first = int(t["loss_mask"].any(0).int().argmax())
+    logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True,
+                                     first=first)                                        # (b, T)
     tok_adv = adv[:, None] * t["loss_mask"]                                              # (b, T)
     if cfg.entropy_adv_alpha > 0:
         tok_adv = L.entropy_aware_advantages(adv, entropy, t["loss_mask"], cfg.entropy_adv_alpha)
-    loss, stats = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"], clip_mode=cfg.clip_mode,
-                                eps_low=cfg.eps_low, eps_high=cfg.eps_high, dual_clip=cfg.dual_clip,
-                                entropy=entropy)
+    loss, stats = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"],
+                                clip_mode=cfg.clip_mode, eps_low=cfg.eps_low,
+                                eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, entropy=entropy)
     if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
         with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
             ref = L.token_logprobs(model, t["ids"], t["attn"], first=first)
@@ -192,7 +204,8 @@ def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config,
     return loss, stats
 
 
-def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, accelerator) -> tuple[dict, list]:
+def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
+            accelerator) -> tuple[dict, list]:
     """`accelerator` is the accelerate.Accelerator: with N processes each rolls out its share of the
     questions and DDP averages the gradients; with one process it changes nothing."""
     device = accelerator.device
@@ -217,7 +230,8 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, accelerato
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    order = torch.randperm(len(trajs), generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    order = torch.randperm(len(trajs),
+                           generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
     stats, skipped = [], 0
     for mb in order.chunk(cfg.mini_batches):
         n_tokens = tensors["loss_mask"][mb].sum().clamp(min=1)
@@ -233,63 +247,24 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int, accelerato
             skipped += 1
         opt.zero_grad(set_to_none=True)
 
-    metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res, rewards.tolist(), stats),
+    metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,
+                                                   rewards.tolist(), stats),
                **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
                "grad_norm": float(grad_norm), "skipped": skipped, "rollout_s": t_rollout,
                "step_s": time.time() - t0, "processes": accelerator.num_processes}
-    if accelerator.num_processes > 1:   # the mean over processes (per-kind rates: the main process's own)
+    # the mean over processes (per-kind rates: the main process's own)
+    if accelerator.num_processes > 1:
         shared = [k for k in metrics if not k.startswith("search_rate_")]
-        values = accelerator.reduce(torch.tensor([metrics[k] for k in shared], device=device, dtype=torch.float64), "mean")
+        values = accelerator.reduce(torch.tensor([metrics[k] for k in shared], device=device,
+                                                 dtype=torch.float64), "mean")
         metrics |= dict(zip(shared, values.tolist())) | {"step": step}
-    samples = [{"step": step, "question": batch[trajs[i].question_idx].question, "golds": list(golds[i]),
-                "reward": rewards[i].item(), "text": trajs[i].text} for i in range(0, len(trajs), cfg.k)][:4]
+    samples = [{"step": step, "question": batch[trajs[i].question_idx].question,
+                "golds": list(golds[i]), "reward": rewards[i].item(), "text": trajs[i].text}
+               for i in range(0, len(trajs), cfg.k)][:4]
     return metrics, samples
 
 
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, then renamed, so a kill never leaves a broken one
-
-
-def _atomic_save(folder: Path, write) -> None:
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def save_checkpoint(run: Path, step: int, model, opt, keep: int = 2) -> None:
-    def write(tmp: Path):
-        model.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()},
-                   tmp / "state.pt")
-    _atomic_save(run / f"checkpoint-{step}", write)
-    for old in checkpoints(run)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoints(run: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder only gets its final name once fully written)."""
-    done = [p for p in run.glob("checkpoint-*") if (p / "state.pt").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-
-def load_checkpoint(ckpt: Path, model, opt) -> int:
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
-    state = torch.load(ckpt / "state.pt", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["torch_rng"])
-    return state["step"] + 1
-
-
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The RL stage and the whole job
 
 
@@ -304,10 +279,11 @@ def rl_start(cfg: Config, run: Path) -> str:
 
 def load_rl_policy(cfg: Config, run: Path, device=None):
     start = rl_start(cfg, run)
-    if (Path(start) / "adapter_config.json").exists():          # LoRA SFT: keep training that adapter
+    # LoRA SFT: keep training that adapter
+    if (Path(start) / "adapter_config.json").exists():
         return load_policy(cfg.model, adapter=start, load_in_4bit=cfg.load_in_4bit, device=device)
-    return load_policy(start, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, load_in_4bit=cfg.load_in_4bit,
-                       device=device)
+    return load_policy(start, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                       load_in_4bit=cfg.load_in_4bit, device=device)
 
 
 def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
@@ -322,14 +298,14 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
         ckpt = checkpoints(run)[-1]
         start = load_checkpoint(ckpt, model, opt)
         if accelerator.is_main_process:
-            _truncate_metrics(run, start)
+            truncate_logs(run, start)
         print(f"resumed from {ckpt} (next step {start + 1})")
     ddp_model, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
     sampled = sum(r.get("sampled_tokens", 0) for r in report.read_metrics(run)) if start else 0
     tracker = report.Tracker(cfg, run) if main else None
-    bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start, total=cfg.steps,
-               disable=not main)
+    bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start,
+               total=cfg.steps, disable=not main)
     done = start
     for step in bar:
         if 0 < cfg.token_budget <= sampled:                 # resumed after the budget was spent
@@ -356,17 +332,9 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
             break
     if main:
         if cfg.token_budget:
-            print(f"RL: {sampled} sampled tokens in {done} steps (--token_budget {cfg.token_budget})")
+            print(f"RL: {sampled} sampled tokens in {done} steps "
+                  f"(--token_budget {cfg.token_budget})")
         tracker.close()
-
-
-def _truncate_metrics(run: Path, next_step: int) -> None:
-    """Drop log lines of steps after the checkpoint: they are about to be redone."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = run / name
-        if path.exists():
-            keep = [line for line in open(path) if json.loads(line)["step"] < next_step]
-            path.write_text("".join(keep))
 
 
 def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
@@ -375,7 +343,8 @@ def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
     examples = world.load_examples(cfg.eval_dataset, limit=cfg.eval_limit or None)
     return evaluate(model, tok, examples, make_tools(cfg), cfg, runs=cfg.eval_runs,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
-                    system_prompt=system_prompt_for(cfg), out_dir=run / f"eval-{name}", desc=f"eval {name}")
+                    system_prompt=system_prompt_for(cfg), out_dir=run / f"eval-{name}",
+                    desc=f"eval {name}")
 
 
 def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
@@ -393,7 +362,8 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
         save_config(cfg, run / "config.json")
         print(json.dumps(vars(cfg), indent=1))
         print(describe_isolation(cfg.unsafe_python))
-        if cfg.stage in ("sft", "all") and cfg.sft_dataset and not (cfg.resume and (run / "sft").exists()):
+        if (cfg.stage in ("sft", "all") and cfg.sft_dataset
+                and not (cfg.resume and (run / "sft").exists())):
             sft(cfg, run)
     accelerator.wait_for_everyone()
     if cfg.stage in ("rl", "all"):

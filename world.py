@@ -1,63 +1,60 @@
-"""The built-in world: a fictional encyclopedia, its questions, cold-start SFT demonstrations, and the
-tiny policy built for it.
+"""The built-in world: a fictional encyclopedia, its questions, and cold-start SFT demonstrations
+(the tiny policy trained on its text is tiny.py).
 
 In and out:
-- `build_world(seed)` makes a fictional encyclopedia (200 people, 40 cities, 10 countries, 40 companies, one
-  short document each) whose questions cannot be answered without searching. `world_splits` splits its
-  questions (`data.Example`s) by subject; `world_corpus` gives the documents to search.
-- `demonstrations(n, seed, make_search)` writes cold-start SFT trajectories (`data.Demo`s) in the exact AEPO
-  format, each in a fresh random world; `tokenizer_corpus()` yields text for training a tiny BPE tokenizer.
-- `load_examples(spec)` is the dataset entry point of train.py, eval.py and the benchmarks: it answers
-  "world" (= "world:train") and "world:heldout" itself and passes every other name (a file, a hub id)
-  to `loaders.load_examples`, which knows no particular world.
-- `build_tiny()` builds (once, cached under .cache/) the tiny policy: a 1.9M-parameter Qwen3 with a BPE
-  tokenizer trained on `tokenizer_corpus()`; `policy.load_policy("tiny")` loads it.
+- `build_world(seed)` makes a fictional encyclopedia (200 people, 40 cities, 10 countries, 40
+  companies, one short document each) whose questions cannot be answered without searching.
+  `world_splits` splits its questions (`data.Example`s) by subject; `world_corpus` gives the
+  documents to search.
+- `demonstrations(n, seed, make_search)` writes cold-start SFT trajectories (`data.Demo`s) in the
+  exact AEPO format, each in a fresh random world; `tokenizer_corpus()` yields text for training a
+  tiny BPE tokenizer.
+- `load_examples(spec)` is the dataset entry point of train.py, eval.py and the benchmarks: it
+  answers "world" (= "world:train") and "world:heldout" itself and passes every other name
+  (a file, a hub id) to `loaders.load_examples`, which knows no particular world.
 
 Example:
     python world.py   # split sizes, a few questions, three demonstrations
 
 Decisions worth knowing:
-1. Content spans start with a space (`<search> Mirel Quell </search>`, `\\boxed{ Vantor}`), so a name has the
-   same token ids in question, query, document and answer.
-2. World questions: three 1-hop kinds, two 2-hop kinds (the founder's country and, beyond the spec, the
-   headquarters' country, so held-out sets have enough 2-hop questions) and one arithmetic kind.
+1. Content spans start with a space (`<search> Mirel Quell </search>`, `\\boxed{ Vantor}`), so a
+   name has the same token ids in question, query, document and answer.
+2. World questions: three 1-hop kinds, two 2-hop kinds (the founder's country and, beyond the spec,
+   the headquarters' country, so held-out sets have enough 2-hop questions) and one arithmetic kind.
 """
-import ast
-import hashlib
-import os
 import random
 import re
-import textwrap
 from collections import Counter
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Iterator
 
-import data
 import loaders
-from data import AGENT_TAGS, SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Demo, Example
+from data import SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Demo, Example
 
 # ----------------------------------------------------------------------------------- built-in world
 # Invented one-word names, distinct across lexicons. Every world recombines the same words, so a
 # model cannot memorise who is who and must copy names from the question and the search results.
-FIRST_NAMES = """Abrin Belio Corva Davek Elvra Fenno Galim Hessa Idrin Jorun Kavel Lumra Mirel Nadro Ossia
-Pelio Quila Ravon Selka Tovan Ulvin Vessa Wenlo Xamir Yorra Zelin Aldun Brisel Cavio Dorla Emrin Faelo Gidra
-Halvo Isvar Jelvo Kirso Lunka Morva Nilsa Orlek Pavra Quoro Rilda Soveg Tamsi Ursel Velko Wimra Yasko Zurev
-Adeno Bovik Celva Dunra Ezmel Farok Gelsi Hovra Ilsem""".split()
-LAST_NAMES = """Quell Brask Dorvik Falst Grenn Hulvek Jarsk Kestor Lomvik Marrek Nurst Pelloc Quarn Ruskel
-Stavik Tolbek Ulmark Wexdal Yarrik Zolsk Arvek Corbek Dunmal Eskrid Fornak Gulbek Harnst Iskold Jorvek Kolbek
-Lestum Morvik Nolbra Prask Ridolt Sarnek Tullen Vaskel Welmot Zandt Abbrel Belnik Crusk Drennt Elbask Fjorn
-Gastel Holmek Irnvik Jostel Klaven Lurnst Mersk Nostek Orbek Plensk Rask Sturl Trevik Vorrel""".split()
-CITIES = """Vantor Belmut Carvis Dunmor Eskvar Falrun Gorvan Halmun Istrad Jorlin Kelvar Lorvek Mardun Nessor
-Orvath Pelmor Quidra Rastun Solvey Tarnis Umbrek Velmar Wisrun Yarvos Zandor Almuth Brevon Cresk Delvos Ermath
-Fenvor Glimor Harvik Ilmon Jastor Kervis Lunmar Morvat Nardis Olvin Presun Quenar Rovath Sulmor Tavrek Undris
-Vessar Wendol Yskar Zorvan Ambrel Berrun Culdor Dravis Estmar Fornis Gavrun Hestor Irvath Jundar""".split()
-COUNTRIES = """Delvar Aurvia Bostia Caldia Eskria Fenria Galdia Hesvia Ilvria Jorria Kestia Lumria Morvia Norvia
-Ostvia Parnia""".split()
-COMPANIES = """Ostrel Axiron Bexel Corvex Dynaro Elvix Fyntel Galdex Hexor Ivrel Jextra Kynox Lumex Mynto Nexil
-Obrix Pyxor Qantel Rexon Syntal Tyvon Ultrix Vexal Wyntel Xerel Yvex Zentix Alvex Brotel Cyrel Daxel Emtrix
-Folex Gyntro Halvex Intrel Jorvex Kaltix Lyvon Moxel Nytrex Ovix Plexar Qorvel Rynex Strevo Torvex Umbrix
-Valtix Wexon Xylar Yantel Zorvex Arktel Bryvon Calnex Dexil Exonar Fyxel Grinel""".split()
+FIRST_NAMES = """Abrin Belio Corva Davek Elvra Fenno Galim Hessa Idrin Jorun Kavel Lumra Mirel Nadro
+Ossia Pelio Quila Ravon Selka Tovan Ulvin Vessa Wenlo Xamir Yorra Zelin Aldun Brisel Cavio Dorla
+Emrin Faelo Gidra Halvo Isvar Jelvo Kirso Lunka Morva Nilsa Orlek Pavra Quoro Rilda Soveg Tamsi
+Ursel Velko Wimra Yasko Zurev Adeno Bovik Celva Dunra Ezmel Farok Gelsi Hovra Ilsem""".split()
+LAST_NAMES = """Quell Brask Dorvik Falst Grenn Hulvek Jarsk Kestor Lomvik Marrek Nurst Pelloc Quarn
+Ruskel Stavik Tolbek Ulmark Wexdal Yarrik Zolsk Arvek Corbek Dunmal Eskrid Fornak Gulbek Harnst
+Iskold Jorvek Kolbek Lestum Morvik Nolbra Prask Ridolt Sarnek Tullen Vaskel Welmot Zandt Abbrel
+Belnik Crusk Drennt Elbask Fjorn Gastel Holmek Irnvik Jostel Klaven Lurnst Mersk Nostek Orbek Plensk
+Rask Sturl Trevik Vorrel""".split()
+CITIES = """Vantor Belmut Carvis Dunmor Eskvar Falrun Gorvan Halmun Istrad Jorlin Kelvar Lorvek
+Mardun Nessor Orvath Pelmor Quidra Rastun Solvey Tarnis Umbrek Velmar Wisrun Yarvos Zandor Almuth
+Brevon Cresk Delvos Ermath Fenvor Glimor Harvik Ilmon Jastor Kervis Lunmar Morvat Nardis Olvin
+Presun Quenar Rovath Sulmor Tavrek Undris Vessar Wendol Yskar Zorvan Ambrel Berrun Culdor Dravis
+Estmar Fornis Gavrun Hestor Irvath Jundar""".split()
+COUNTRIES = """Delvar Aurvia Bostia Caldia Eskria Fenria Galdia Hesvia Ilvria Jorria Kestia Lumria
+Morvia Norvia Ostvia Parnia""".split()
+COMPANIES = """Ostrel Axiron Bexel Corvex Dynaro Elvix Fyntel Galdex Hexor Ivrel Jextra Kynox Lumex
+Mynto Nexil Obrix Pyxor Qantel Rexon Syntal Tyvon Ultrix Vexal Wyntel Xerel Yvex Zentix Alvex Brotel
+Cyrel Daxel Emtrix Folex Gyntro Halvex Intrel Jorvex Kaltix Lyvon Moxel Nytrex Ovix Plexar Qorvel
+Rynex Strevo Torvex Umbrix Valtix Wexon Xylar Yantel Zorvex Arktel Bryvon Calnex Dexil Exonar Fyxel
+Grinel""".split()
 
 
 @dataclass(frozen=True)
@@ -141,7 +138,8 @@ YEARS_OLDER = "How many years older is {x} than {z}?"
 
 
 def _world_items(world: World) -> list[tuple[Example, int]]:
-    """Every question with its unit: the pair of people it is about (a company belongs to its founder's)."""
+    """Every question with its unit: the pair of people it is about (a company belongs to its
+    founder's)."""
     unit = {p.name: i // 2 for i, p in enumerate(world.people)}
     birth = {p.name: p for p in world.people}
     items = [(Example(q.format(x=p.name), (str(getattr(p, attr)),), "world", "1hop"), unit[p.name])
@@ -167,7 +165,8 @@ def world_questions(world: World) -> list[Example]:
 
 
 def world_splits(seed: int = 0, n_heldout: int = 150) -> tuple[list[Example], list[Example]]:
-    """(train, heldout) questions of world `seed`; no held-out subject is the subject of a train question."""
+    """(train, heldout) questions of world `seed`; no held-out subject is the subject of a train
+    question."""
     items = _world_items(build_world(seed))
     rng = random.Random(f"{seed}:split")
     units = sorted({u for _, u in items})
@@ -200,8 +199,8 @@ WORLD_SPECS = ("world", "world:train", "world:heldout")  # "world" is world:trai
 
 
 def load_examples(spec: str, limit: int | None = None) -> list[Example]:
-    """Questions of a dataset name: world, world:train or world:heldout (world 0) here; a .parquet or
-    .jsonl file or a hub id through loaders.load_examples."""
+    """Questions of a dataset name: world, world:train or world:heldout (world 0) here; a .parquet
+    or .jsonl file or a hub id through loaders.load_examples."""
     spec = str(spec)
     if spec != "world" and not spec.startswith("world:"):
         return loaders.load_examples(spec, limit)
@@ -269,7 +268,8 @@ def _plan(world: World, kind: str, rng: random.Random) -> _Plan:
 
 def _write(plan: _Plan, quality: str, search: Callable[[str], str], world: World,
            rng: random.Random) -> str:
-    """Render a plan as an AEPO trajectory; `quality` says which mistake, if any, the agent makes."""
+    """Render a plan as an AEPO trajectory; `quality` says which mistake, if any, the agent
+    makes."""
     think = lambda s: f"<think> {s} </think>"
     call = lambda tag, content, result: f"<{tag}> {content} </{tag}> <result>\n{result}\n</result>"
     steps, answer = [think(plan.need)], plan.gold
@@ -304,11 +304,13 @@ def _seed(*parts) -> int:
 def demonstrations(n: int, seed: int,
                    make_search: Callable[[list[dict]], Callable[[str, int], str]],
                    top_k: int = 2, bad_fraction: float = 0.4) -> list[Demo]:
-    """n SFT trajectories, each in its own random world; round(n * bad_fraction) of them are imperfect.
+    """n SFT trajectories, each in its own random world; round(n * bad_fraction) of them are
+    imperfect.
 
-    make_search(docs) must return search(query, top_k) -> "Page 1: ...\\nPage 2: ..." (the real search tool).
-    Imperfect ones answer without searching (a guess), waste a search on an unrelated page first, or (math)
-    guess the difference instead of calling Python: realistic habits that RL can improve on.
+    make_search(docs) must return search(query, top_k) -> "Page 1: ...\\nPage 2: ..."
+    (the real search tool). Imperfect ones answer without searching (a guess), waste a search on an
+    unrelated page first, or (math) guess the difference instead of calling Python: realistic habits
+    that RL can improve on.
     """
     rng = random.Random(_seed(seed, "demo-quality"))
     bad = set(rng.sample(range(n), round(n * bad_fraction)))
@@ -330,7 +332,8 @@ def demonstrations(n: int, seed: int,
 
 
 def _title_search(docs: list[dict]) -> Callable[[str, int], str]:
-    """A tiny stand-in for BM25: documents titled in the query first, then those sharing the most words."""
+    """A tiny stand-in for BM25: documents titled in the query first, then those sharing the most
+    words."""
     words = [set(re.findall(r"\w+", d["text"])) for d in docs]
 
     def search(query: str, top_k: int) -> str:
@@ -344,7 +347,8 @@ def _title_search(docs: list[dict]) -> Callable[[str, int], str]:
 
 
 def tokenizer_corpus(seed: int = 0, n_demos: int = 2000) -> Iterator[str]:
-    """Texts for training the tiny BPE tokenizer: every name, number and year many times, docs, demos."""
+    """Texts for training the tiny BPE tokenizer: every name, number and year many times, docs,
+    demos."""
     rng = random.Random(_seed(seed, "tokenizer"))
     words = FIRST_NAMES + LAST_NAMES + CITIES + COUNTRIES + COMPANIES
     for _ in range(20):
@@ -361,71 +365,6 @@ def tokenizer_corpus(seed: int = 0, n_demos: int = 2000) -> Iterator[str]:
     for demo in demonstrations(n_demos, seed, _title_search):
         yield demo.question
         yield demo.response
-
-
-# ---------------------------------------------------------------------------------- the tiny policy
-# A Qwen3 architecture and a BPE tokenizer trained on this world: the offline demo's model.
-
-CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
-TINY_VOCAB = 3072
-TINY_CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def code_hash(*sources: str) -> str:
-    """12 hex digits naming what the sources compute: their syntax trees are hashed, so re-wrapping
-    lines or editing comments keeps a cached artefact, while any change to the code renews it."""
-    trees = "".join(ast.dump(ast.parse(textwrap.dedent(source))) for source in sources)
-    return hashlib.sha256(trees.encode()).hexdigest()[:12]
-
-
-def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
-    """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world tokenizer.
-    The cached folder is named after a hash of the code that makes it (this file and data.py, whose
-    prompts are in the tokenizer's corpus), so an edited world never meets a stale tokenizer."""
-    recipe = code_hash(Path(__file__).read_text(), Path(data.__file__).read_text())
-    folder = Path(folder or CACHE_DIR / f"tiny-{recipe}-seed{seed}")
-    if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
-        return folder
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + AGENT_TAGS
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB, special_tokens=specials, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    bpe.train_from_iterator(tokenizer_corpus(seed=seed), trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", bos_token=None)
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-
-    torch.manual_seed(seed)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=192, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
-                         head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=None)
-    return save_model_folder(folder, Qwen3ForCausalLM(config), tokenizer)
-
-
-def save_model_folder(folder: Path, model, tokenizer) -> Path:
-    """Save a model and its tokenizer to a temporary folder, then rename it: a folder under its final
-    name is always complete, whichever of several processes building the same one finishes first."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)
-    except OSError:                          # another process finished the same build first
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, Pre
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from data import AGENT_TAGS
-from world import TINY_CHAT_TEMPLATE
+from tiny import TINY_CHAT_TEMPLATE
 
 _CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.",
            "The final answer is \\boxed{ x }", "Page 1: some text about a city. Page 2: nothing",

@@ -8,7 +8,7 @@ import torch
 
 import aepo
 import policy
-import world
+import tiny
 from aepo import Config, parse_config
 from engine import Sampling
 from policy import load_policy, prompt_ids
@@ -43,7 +43,7 @@ def test_save_config_round_trips(tmp_path):
 def test_tiny_policy_reloads_and_tags_are_single_tokens():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = world.build_tiny()
+    folder = tiny.build_tiny()
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert model.config.vocab_size == len(tok)
@@ -87,7 +87,7 @@ def test_4bit_lora_gradients_survive_an_eval_forward():
         torch.manual_seed(0)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.float32)
-        base = AutoModelForCausalLM.from_pretrained(world.build_tiny(), quantization_config=q,
+        base = AutoModelForCausalLM.from_pretrained(tiny.build_tiny(), quantization_config=q,
                                                     device_map={"": "cpu"})
         model = policy._add_lora(base, "", r=4, alpha=8, trainable=True, kbit=True)
         with torch.no_grad():

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 import data
 import loss as L
 import train
+import tiny
 import world
-from aepo import Config, resolve
+from aepo import Config, parse_config, resolve
 from policy import load_policy, make_tools
 from rollout import rollout
 
@@ -205,7 +206,7 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
     """A NaN loss must not reach the adapter: the update is skipped and counted."""
     from accelerate import Accelerator
 
-    cfg = train.parse_config(["--preset", "smoke", "--output_dir", "unused"])
+    cfg = parse_config(["--preset", "smoke", "--output_dir", "unused"])
     model, tok = load_policy(str(sft_start), lora_r=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
@@ -304,7 +305,7 @@ def test_cached_sft_is_built_once_and_renewed_when_its_code_changes(tmp_path, mo
         (run / "sft" / "config.json").write_text("{}")
         return run / "sft"
 
-    monkeypatch.setattr(world, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(train, "sft", fake_sft)
     cfg = Config(init_from="cached-sft")
     first = train.cached_sft(cfg)
@@ -317,10 +318,10 @@ def test_cached_sft_is_built_once_and_renewed_when_its_code_changes(tmp_path, mo
 
 def test_code_hash_ignores_layout_but_not_code():
     code = "def f(x):\n    # the rule\n    return x + 1\n"
-    assert world.code_hash(code) == world.code_hash(
+    assert tiny.code_hash(code) == tiny.code_hash(
         "def f(x):  # reflowed\n    return (x\n            + 1)\n")
-    assert world.code_hash(code) != world.code_hash(code.replace("+ 1", "- 1"))
-    assert len(world.code_hash(code)) == 12
+    assert tiny.code_hash(code) != tiny.code_hash(code.replace("+ 1", "- 1"))
+    assert len(tiny.code_hash(code)) == 12
 
 
 def test_class_preset_is_rl_from_the_cached_sft_with_a_token_budget():
