@@ -109,7 +109,7 @@ def _figure(panels):
     for ax, (keys, title) in zip(axes.flat, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
-    return plt, fig, axes.flat
+    return plt, fig, list(axes.flat)     # a list: every algorithm draws on the same panels
 
 
 def _save(plt, fig, path: Path) -> None:

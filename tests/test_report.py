@@ -52,7 +52,7 @@ def _fake_run(folder: Path, algo: str, rewards: list[float]) -> Path:
     return folder
 
 
-def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path):
+def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path, monkeypatch):
     runs = [_fake_run(tmp_path / "g0", "grpo", [0.1, 0.2]),
             _fake_run(tmp_path / "a0", "aepo", [0.2, 0.4]),
             _fake_run(tmp_path / "g1", "grpo", [0.3, 0.2, 0.5])]
@@ -63,6 +63,14 @@ def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path):
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn = []
+    monkeypatch.setattr(report, "_save", lambda plt, fig, path: drawn.append(fig))
+    report.plot_compare(runs, out)
+    panels = drawn[0].axes[:len(report.COMPARE_PANELS)]
+    assert all([line.get_label() for line in ax.lines] == ["grpo (2)", "aepo (1)"] for ax in panels)
+    # grpo's reward: the means of 0.1|0.3, 0.2|0.2 and 0.5
+    reward = panels[0].lines[0].get_ydata().tolist()
+    assert reward == pytest.approx([0.2, 0.2, 0.5])
     bad = subprocess.run([sys.executable, "report.py", str(runs[0]), str(tmp_path / "nothing")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "nothing" in bad.stderr and "metrics.jsonl" in bad.stderr
