@@ -6,7 +6,8 @@
 train.py and eval.py call `train_config(argv)` / `eval_config(argv)` before they import torch
 (seconds of start-up), so a bad flag, a missing path or a malformed dataset stops in about a second
 with one line on stderr, exit status 1, no traceback, and nothing written. What is checked:
-- every flag and value: unknown flags, types, choices, ranges, finite numbers (aepo.parse_config);
+- every flag and value: unknown flags, types, choices, ranges, finite numbers (parse_config);
+- the recipe (resolve): --preset, else the model family's; then --algo; explicit flags win;
 - paths: --output_dir is not a file; --resume finds something to continue; --model, --init_from,
   --adapter, --judge_model and --search_corpus exist when they name local paths;
 - data: every dataset the run will read is loaded once here, so a bad row stops the run before SFT.
@@ -14,6 +15,7 @@ Not checked here: a hub model id, which policy.load_policy checks (fast, offline
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import sys
@@ -23,7 +25,139 @@ from pathlib import Path
 import data
 import loaders
 import world
-from aepo import Config, _explicit_fields, one_line_errors, parse_config, resolve
+from aepo import ALGOS, PRESETS, Config
+
+# --------------------------------------------------------------------------------------------------
+# Config's flags: parse, check every value, pick the recipe
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """CLI -> Config. Precedence: dataclass defaults < --preset < --algo < flags given explicitly.
+    A bad flag or value stops with one line on stderr (no usage block, no traceback)."""
+    from transformers import HfArgumentParser
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = one_line_errors(HfArgumentParser(Config, allow_abbrev=False))
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise SystemExit(f"error: unknown arguments {' '.join(unknown)} "
+                         f"(python {parser.prog} --help lists the flags)")
+    return resolve(cfg, explicit=explicit_flags(argv))
+
+
+def one_line_errors(parser):
+    """argparse answers a bad flag with a usage block and exit status 2; make it one line naming
+    the fix."""
+    def error(message: str):
+        raise SystemExit(f"error: {message} (python {parser.prog} --help lists the flags)")
+    parser.error = error
+    return parser
+
+
+def explicit_flags(argv: list[str] | None) -> set[str]:
+    """The fields a command line names (--k 4 and --k=4 both give k, and --no_branching names
+    branching); resolve leaves them alone."""
+    argv = sys.argv[1:] if argv is None else argv
+    names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    fields = set(Config.__dataclass_fields__)
+    return {n[3:] if n.startswith("no_") and n not in fields and n[3:] in fields else n for n in names}
+
+
+# What a field may hold; checked in resolve, so a bad value stops before any work. Every number must
+# also be finite; a field named nowhere here may hold any finite value.
+CHOICES = {"stage": ("sft", "rl", "all"), "report_to": ("none", "tensorboard", "wandb"),
+           "search": ("bm25", "web"), "system_prompt": ("short", "paper"),
+           "adv_estimator": ("grpo", "reinforce_pp"), "clip_mode": ("ppo", "gppo", "cispo", "aepo")}
+AT_LEAST = {name: 1 for name in (
+    "k", "global_rollouts", "branch_z", "entropy_window", "max_prompt_tokens",
+    "max_response_tokens", "segment_tokens", "max_rounds", "steps", "questions_per_step",
+    "mini_batches", "grad_accum", "sft_steps", "sft_batch", "sft_demos", "save_every",
+    "sample_every", "eval_runs", "top_k", "snippet_chars", "lora_alpha")}
+AT_LEAST |= {name: 0 for name in (
+    "threads", "token_budget", "lora_r", "call_limit", "eval_limit", "weight_decay", "kl_coef",
+    "entropy_adv_alpha", "penalty", "eps_low", "eps_high", "tau", "sft_bad_fraction")}
+AT_LEAST["dual_clip"] = 1
+AT_MOST = {"tau": 1, "eps_low": 1, "sft_bad_fraction": 1, "eval_top_p": 1}
+POSITIVE = ("lr", "sft_lr", "temperature", "eval_temperature", "eval_top_p", "grad_clip",
+            "python_timeout_s")
+
+
+def config_errors(cfg: Config) -> list[str]:
+    """What is wrong with a configuration's values, one short line per field (empty: nothing)."""
+    errors = []
+    for f in dataclasses.fields(cfg):
+        name, value = f.name, getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problem = "must be a finite number"
+        elif name in CHOICES and value not in CHOICES[name]:
+            problem = f"must be one of {' | '.join(CHOICES[name])}"
+        elif name in AT_LEAST and value < AT_LEAST[name]:
+            problem = f"must be at least {AT_LEAST[name]}"
+        elif name in AT_MOST and value > AT_MOST[name]:
+            problem = f"must be at most {AT_MOST[name]}"
+        elif name in POSITIVE and value <= 0:
+            problem = "must be above 0"
+        else:
+            continue
+        meaning = "" if name in CHOICES else f" ({f.metadata.get('help', '').rstrip('.')})"
+        errors.append(f"--{name} {value}: {problem}{meaning}")
+    return errors
+
+
+# The recipe a model gets when no --preset is given: model name prefix (lower case, hub owner
+# dropped) -> preset. Everything else keeps the default, the tiny CPU recipe.
+MODEL_PRESETS: dict[str, str] = {"qwen3-": "qwen3-1.7b"}
+
+
+def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
+    """(preset, why): the explicit --preset, else the recipe of the model's family, else
+    cfg.preset."""
+    if "preset" in explicit or cfg.preset != Config.preset:
+        return cfg.preset, "--preset given"
+    name = cfg.model.split("/")[-1].lower()
+    for prefix, preset in MODEL_PRESETS.items():
+        if name.startswith(prefix):
+            family = cfg.model.split("/")[-1][:len(prefix) - 1]
+            return preset, f"--model {cfg.model} is a {family} model and no --preset was given"
+    return cfg.preset, (f"the default for --model {cfg.model}; Qwen3 models get qwen3-1.7b "
+                        "(one CUDA GPU)")
+
+
+def resolve(cfg: Config, explicit: set[str] = frozenset(), device_check: bool = True) -> Config:
+    """Pick the recipe (pick_preset; one line says which and why), then apply the preset and the
+    algorithm's switches, leaving explicitly given fields alone. A 4-bit recipe without CUDA stops
+    (device_check=False: for tools that only read the config, like memory.py)."""
+    preset, why = pick_preset(cfg, explicit)
+    if preset not in PRESETS:
+        raise SystemExit(f"--preset {preset!r} is unknown; choose one of {sorted(PRESETS)}")
+    if cfg.algo not in ALGOS:
+        raise SystemExit(f"--algo {cfg.algo!r} is unknown; choose one of {sorted(ALGOS)}")
+    overrides = {**PRESETS[preset], **ALGOS[cfg.algo]}
+    cfg = dataclasses.replace(cfg, preset=preset,
+                              **{k: v for k, v in overrides.items() if k not in explicit})
+    if errors := config_errors(cfg):
+        raise SystemExit(f"error: {'; '.join(errors)}")
+    print(f"recipe: {preset} ({why})")
+    if device_check and cfg.load_in_4bit and not _cuda():
+        raise SystemExit(f"recipe {preset} needs a CUDA GPU (it loads {cfg.model} in 4-bit; "
+                         f"memory: python memory.py --preset {preset}) and this machine has none: "
+                         "on CPU run python train.py --preset tiny (the built-in world) or "
+                         "--model smollm2-135m (a real 135M LM)")
+    if not cfg.output_dir:
+        import time
+
+        cfg.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algo}"
+    return cfg
+
+
+def _cuda() -> bool:
+    import torch  # here, not at the top: a bad flag must stop before torch's seconds of start-up
+
+    return torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths and data
 
 
 def fail(message) -> None:
@@ -136,7 +270,7 @@ def parse_eval_args(argv: list[str] | None = None) -> tuple[EvalArgs, Config]:
                         "(a .jsonl or .parquet file, world:heldout, or a hub id)")
     if problems:
         fail("; ".join(problems))
-    explicit = _explicit_fields(rest)
+    explicit = explicit_flags(rest)
     return args, resolve(cfg, explicit)      # the recipe, prompt included, train.py would pick
 
 

@@ -207,7 +207,8 @@ def table(s: Shape, cfg, gpus: list[float], **kw) -> str:
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
-    from aepo import Config, resolve
+    from aepo import Config
+    from cli import explicit_flags, resolve
 
     argv = sys.argv[1:] if argv is None else argv
     gpus = [24.0, 16.0, 12.0]
@@ -219,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if not any(a.startswith("--model") for a in argv):
         argv = ["--model", "Qwen3-1.7B", *argv]
     (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
-    explicit = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    explicit = explicit_flags(argv)
     cfg = resolve(dataclasses.replace(cfg, output_dir="unused"), explicit, device_check=False)
     print(table(model_shape(cfg.model), cfg, gpus))
 

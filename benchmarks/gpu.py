@@ -121,7 +121,7 @@ def main() -> None:
     import world
     import train
     from accelerate import Accelerator
-    from aepo import parse_config
+    from cli import parse_config
     from policy import load_policy, make_tools, system_prompt_for
     from common import machine
     from rollout import rollout

@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 def gap(model_name: str, dtype: str, seed: int = 0) -> dict:
     import world
     import train
-    from aepo import Config, resolve
+    from aepo import Config
+    from cli import resolve
     from policy import load_policy, make_tools, system_prompt_for
     from rollout import rollout
 

@@ -204,8 +204,8 @@ def measure(sizes: list[int], bf16: bool) -> dict:
 
 
 def report(runs: dict) -> str:
-    from aepo import Config, resolve
-    from common import machine
+    from aepo import Config
+    from cli import resolve
 
     lines = ["| size | phase (seconds) | measured MB | estimated MB | ratio "
              "| above state: measured / estimated MB | ratio |", "|---|---|---|---|---|---|---|"]

@@ -39,7 +39,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -118,7 +117,8 @@ def worker(args) -> dict:
     import torch
 
     import world
-    from aepo import Config, resolve
+    from aepo import Config
+    from cli import resolve
     from policy import load_policy, make_tools, system_prompt_for
     from rollout import rollout
 

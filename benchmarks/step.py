@@ -31,10 +31,8 @@ import argparse
 import cProfile
 import io
 import os
-import platform
 import pstats
 import random
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -52,7 +50,8 @@ import kvcache  # noqa: E402
 import loss as L  # noqa: E402
 import train  # noqa: E402
 import world  # noqa: E402
-from aepo import Config, resolve  # noqa: E402
+from aepo import Config  # noqa: E402
+from cli import resolve  # noqa: E402
 from policy import make_tools, system_prompt_for  # noqa: E402
 from rollout import rollout  # noqa: E402
 from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)

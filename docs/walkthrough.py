@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import aepo  # noqa: E402
+import cli  # noqa: E402
 import data  # noqa: E402
 import loss as L  # noqa: E402
 import rollout as R  # noqa: E402
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
 
     cfg = dataclasses.replace(
-        aepo.resolve(aepo.Config(algo="aepo", model=args.model, output_dir="-")), k=args.k)
+        cli.resolve(aepo.Config(algo="aepo", model=args.model, output_dir="-")), k=args.k)
     model, tok = load_policy(args.model, lora_r=0, device=torch.device("cpu"), trainable=False)
     model.eval()
     example = world.load_examples("world:train")[args.question]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-import aepo
 import cli
-from aepo import ALGOS, PRESETS, Config, config_errors
+from aepo import ALGOS, PRESETS, Config
+from cli import config_errors
 
 ROOT = Path(cli.__file__).resolve().parent
 ROW = json.dumps({"question": "q", "answer": "a"}) + "\n"
@@ -179,7 +179,7 @@ def test_a_good_command_line_passes_the_checks(tmp_path, monkeypatch):
 
 def test_every_preset_and_algorithm_is_a_valid_config():
     names = {f.name for f in dataclasses.fields(Config)}
-    assert set(aepo.CHOICES) | set(aepo.AT_LEAST) | set(aepo.AT_MOST) | set(aepo.POSITIVE) <= names
+    assert set(cli.CHOICES) | set(cli.AT_LEAST) | set(cli.AT_MOST) | set(cli.POSITIVE) <= names
     assert config_errors(Config()) == []
     for preset in PRESETS:
         for algo in ALGOS:

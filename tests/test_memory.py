@@ -13,7 +13,8 @@ from torch.testing import assert_close
 import loss as L
 import memory
 import train
-from aepo import Config, Trajectory, parse_config, resolve
+from aepo import Config, Trajectory
+from cli import parse_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9

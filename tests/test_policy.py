@@ -1,5 +1,5 @@
-"""aepo.py: the config and its presets, the tiny policy, hub-model errors, and the 4-bit LoRA
-trap."""
+"""aepo.py and cli.py: the config and its presets, the tiny policy, hub-model errors, and the
+4-bit LoRA trap."""
 import json
 import time
 
@@ -9,7 +9,8 @@ import torch
 import aepo
 import policy
 import tiny
-from aepo import Config, parse_config
+from aepo import Config
+from cli import parse_config
 from engine import Sampling
 from policy import load_policy, prompt_ids
 from data import AGENT_TAGS
@@ -23,6 +24,10 @@ def test_presets_algos_and_explicit_flags():
     cfg = parse_config(["--algo", "aepo", "--output_dir", "x"])
     assert ((cfg.pre_monitor, cfg.branch_penalty, cfg.entropy_adv_alpha, cfg.clip_mode)
             == (True, True, 0.2, "aepo"))
+    # a switched-off boolean is explicit too: the algorithm preset does not switch it back on
+    cfg = parse_config(["--algo", "aepo", "--no_branching", "--output_dir", "x"])
+    assert (cfg.branching, cfg.pre_monitor) == (False, True)
+    assert parse_config(["--algo", "grpo", "--branching", "true", "--output_dir", "x"]).branching
     assert parse_config([]).output_dir.startswith("runs/")
     with pytest.raises(SystemExit, match="--algo 'ppo2' is unknown"):
         parse_config(["--algo", "ppo2"])

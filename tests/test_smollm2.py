@@ -23,7 +23,7 @@ import eval as eval_cli
 import policy
 import train
 import world
-from aepo import parse_config
+from cli import parse_config
 from tools import BM25Search
 
 needs_package = pytest.mark.skipif(

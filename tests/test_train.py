@@ -20,7 +20,8 @@ import loss as L
 import train
 import tiny
 import world
-from aepo import Config, parse_config, resolve
+from aepo import Config
+from cli import parse_config, resolve
 from policy import load_policy, make_tools
 from rollout import rollout
 
