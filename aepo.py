@@ -172,7 +172,7 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     "tiny": {},
-    # A lab session: RL only, from the cached SFT start, about 5 minutes on 2 CPU cores (README: the
+    # A lab session: RL only, from the cached SFT start, about 6 minutes on 2 CPU cores (README: the
     # class)
     "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000,
                   save_every=40, sample_every=5),

@@ -60,7 +60,8 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
     argv = sys.argv[1:] if argv is None else argv
     names = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
     fields = set(Config.__dataclass_fields__)
-    return {n[3:] if n.startswith("no_") and n not in fields and n[3:] in fields else n for n in names}
+    return {n[3:] if n.startswith("no_") and n not in fields and n[3:] in fields else n
+            for n in names}
 
 
 # What a field may hold; checked in resolve, so a bad value stops before any work. Every number must
@@ -192,6 +193,10 @@ def check_run_folder(folder: str, resume: bool) -> None:
     if resume and not done:
         fail(f"--resume: {folder} holds no checkpoint-<step>/ or sft/ to continue from; drop "
              "--resume to start a new run")
+    # a new run would mix its log with this one
+    if not resume and (run / "metrics.jsonl").exists():
+        fail(f"--output_dir {folder} already holds an RL run (metrics.jsonl); pass --resume to "
+             "continue it, or give a new --output_dir")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -204,6 +209,9 @@ def train_config(argv: list[str] | None = None) -> Config:
     check_run_folder(cfg.output_dir, cfg.resume)
     check_model(cfg.model, "--model")
     check_model(cfg.init_from, "--init_from")
+    if cfg.init_from == "cached-sft" and cfg.model != "tiny":
+        fail(f"--init_from cached-sft is the tiny policy's SFT start; --model {cfg.model} needs "
+             "its own SFT (drop --init_from) or a folder of it (--init_from runs/x/sft)")
     if cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:
         fail(f"--report_to {cfg.report_to}: the {cfg.report_to} package is not installed "
              f"(pip install {cfg.report_to})"

@@ -32,10 +32,10 @@ def code_hash(*sources: str) -> str:
 
 def build_tiny(folder: str | Path | None = None, seed: int = 0) -> Path:
     """Build (once) and return the folder of the tiny policy: random Qwen3 weights + world
-    tokenizer. The cached folder is named after a hash of the code that makes it (this file and
-    data.py, whose prompts are in the tokenizer's corpus), so an edited world never meets a stale
-    tokenizer."""
-    recipe = code_hash(Path(__file__).read_text(), Path(data.__file__).read_text())
+    tokenizer. The cached folder is named after a hash of the code that makes it (this file,
+    world.py and data.py, whose texts are the tokenizer's corpus), so an edited world never meets a
+    stale tokenizer."""
+    recipe = code_hash(*(Path(f).read_text() for f in (__file__, world.__file__, data.__file__)))
     folder = Path(folder or CACHE_DIR / f"tiny-{recipe}-seed{seed}")
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder

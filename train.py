@@ -118,8 +118,12 @@ def cached_sft(cfg: Config) -> Path:
     recipe = {f: getattr(base, f) for f in (
         "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
         "top_k", "snippet_chars", "system_prompt", "weight_decay", "grad_clip")}
-    key = tiny.code_hash(*(Path(m.__file__).read_text() for m in (world, data)),
-                         inspect.getsource(sft), inspect.getsource(demo_tensors),
+    import policy
+    import tools
+
+    # the code that makes the demos, the base model, the prompts and the loss
+    sources = [Path(m.__file__).read_text() for m in (world, data, tiny, policy, tools, L)]
+    key = tiny.code_hash(*sources, inspect.getsource(sft), inspect.getsource(demo_tensors),
                          f"recipe = {recipe!r}")
     folder = tiny.CACHE_DIR / f"sft-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,7 @@ def cached_sft(cfg: Config) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (folder / "sft" / "config.json").exists():
             print(f"building the cached SFT start in {folder} (once per machine: "
-                  f"{base.sft_steps} steps, about 5-10 min on 2 CPU cores)")
+                  f"{base.sft_steps} steps, about 10-20 min on 2 CPU cores)")
             sft(base, folder)
     return folder / "sft"
 
@@ -302,7 +306,8 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
         print(f"resumed from {ckpt} (next step {start + 1})")
     ddp_model, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
-    sampled = sum(r.get("sampled_tokens", 0) for r in report.read_metrics(run)) if start else 0
+    done_rows = report.read_metrics(run) if start else []
+    sampled = done_rows[-1].get("sampled_tokens_total", 0) if done_rows else 0
     tracker = report.Tracker(cfg, run) if main else None
     bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start,
                total=cfg.steps, disable=not main)

@@ -2,13 +2,14 @@
 (1 seed each) on the built-in world, every run `python train.py --preset class` (RL from the cached
 SFT start, the same budget of sampled rollout tokens, then held-out evaluation).
 
-    python benchmarks/reproduce.py                   # 11 runs, ~5 min each on 2 CPU cores
+    python benchmarks/reproduce.py                   # 11 runs, ~6 min each on 2 CPU cores
     python benchmarks/reproduce.py --seeds 1 --ablation_seeds 0      # a lab-sized version: 3 runs
     python benchmarks/reproduce.py --parallel 2      # two runs at a time, one torch thread each
     python benchmarks/reproduce.py -- --token_budget 30000          # flags after -- go to train.py
 
 A run whose eval-rl/summary.json exists is kept (so a crashed reproduction resumes where it stopped;
---fresh reruns everything). Writes benchmarks/results/reproduce.md (the table, with the machine) and
+--fresh reruns everything); an unfinished run's folder is emptied and the run starts over.
+Writes benchmarks/results/reproduce.md (the table, with the machine) and
 reproduce.png (mean and min-max band over seeds per algorithm; report.plot_compare), and prints the
 table.
 
@@ -20,6 +21,8 @@ and the share of branch steps that continue a streak of consecutive branching.
 """
 import argparse
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -45,14 +48,15 @@ def run_all(runs: list[tuple[str, int, Path]], args) -> None:
     """train.py for every run not yet finished, `args.parallel` at a time."""
     todo = [(a, s, r) for a, s, r in runs
             if args.fresh or not (r / "eval-rl" / "summary.json").exists()]
-    threads = max(1, 2 // args.parallel) if args.parallel > 1 else 0
+    threads = max(1, (os.cpu_count() or 2) // args.parallel) if args.parallel > 1 else 0
     active: list[tuple[subprocess.Popen, str]] = []
     for i, (algo, seed, run) in enumerate(todo):
         while len(active) >= args.parallel:
             active = _reap(active)
         cmd = [sys.executable, "train.py", "--preset", "class", "--algo", algo, "--seed", str(seed),
                "--output_dir", str(run), "--threads", str(threads), *args.rest]
-        run.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run, ignore_errors=True)     # an unfinished or --fresh run starts over
+        run.mkdir(parents=True)
         log = open(run / "train.log", "w")
         print(f"[{i + 1}/{len(todo)}] {' '.join(cmd[1:])}  (log: {run / 'train.log'})", flush=True)
         active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
@@ -83,7 +87,9 @@ def summarize(algo: str, folders: list[Path]) -> dict:
         per_run.append({
             "pass1_sft": before["pass1"], "pass1": after["pass1"],
             "passk": after["pass_at_k"][str(after["runs"])],
+            "tools_sft": before["search_calls"] + before["python_calls"],
             "tools": after["search_calls"] + after["python_calls"], "steps": len(steps),
+            "globals": mean("globals_per_q"),
             "tokens": steps[-1]["sampled_tokens_total"],
             "entropy_first": mean("entropy", steps[:5]),
             "entropy_last": mean("entropy", steps[-5:]),
@@ -101,14 +107,20 @@ def summarize(algo: str, folders: list[Path]) -> dict:
 
 
 COLUMNS = [("pass1_sft", "Pass@1 SFT start", 100, ".1f"), ("pass1", "Pass@1 after RL", 100, ".1f"),
-           ("passk", "Pass@4 after RL", 100, ".1f"), ("tools", "tool calls / answer", 1, ".2f"),
+           ("passk", "Pass@4 after RL", 100, ".1f"),
+           ("tools_sft", "tool calls / answer, SFT start", 1, ".2f"),
+           ("tools", "after RL", 1, ".2f"),
            ("steps", "RL steps", 1, ".1f"), ("tokens", "sampled tokens", 1e-3, ".1f"),
            ("entropy_first", "entropy, first 5 steps", 1, ".3f"),
            ("entropy_last", "entropy, last 5 steps", 1, ".3f"),
-           ("clip", "clip fraction", 1, ".4f"), ("branches", "branches / question", 1, ".2f"),
+           ("clip", "clip fraction", 1, ".4f"), ("globals", "global chains / question", 1, ".2f"),
+           ("branches", "branches / question", 1, ".2f"),
            ("top1", "branches on top-1 chain", 1, ".2f"), ("top3", "on top-3 chains", 1, ".2f"),
            ("consecutive", "consecutive branching", 1, ".2f"),
            ("minutes", "wall time (min)", 1, ".1f")]
+
+
+BRANCH_COLUMNS = ("top1", "top3", "consecutive")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -119,6 +131,9 @@ def table(rows: list[dict]) -> list[str]:
         cells = []
         for key, _, scale, fmt in COLUMNS:
             mean, std = r[key]
+            if key in BRANCH_COLUMNS and r["branches"][0] == 0:       # nothing branched: no share
+                cells.append("-")
+                continue
             cells.append(f"{scale * mean:{fmt}}"
                          + (f" ± {scale * std:{fmt}}" if r["n"] > 1 else ""))
         lines.append(f"| {r['algo']} ({r['n']}) | " + " | ".join(cells) + " |")
@@ -135,7 +150,7 @@ def main() -> None:
     parser.add_argument("--results", default="benchmarks/results",
                         help="folder of reproduce.md/.png")
     parser.add_argument("--parallel", type=int, default=1,
-                        help="runs at a time (each gets 2 // N threads)")
+                        help="runs at a time (each gets cores // N threads)")
     parser.add_argument("--fresh", action="store_true", help="rerun finished runs too")
     parser.add_argument("rest", nargs="*", help="extra train.py flags (after --)")
     args = parser.parse_args()

@@ -39,7 +39,8 @@ def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
     assert "RL step (train.rl_step)" in report and report.strip().endswith("peak_gib=0.00")
 
 
-def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float]) -> None:
+def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float],
+                  branches: float = 2.0) -> None:
     """A run folder as train.py --preset class leaves it (only the files reproduce.py reads)."""
     import json
 
@@ -51,8 +52,8 @@ def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float])
             {"pass1": p, "runs": 4, "pass_at_k": {"4": p + 0.3}, "search_calls": 1.0,
              "python_calls": 0.5}))
     rows = [{"step": i, "entropy": h, "clip_frac_low": 0.0, "clip_frac_high": 0.02,
-             "branches_per_q": 2.0, "branch_top1_share": 0.6, "branch_top3_share": 1.0,
-             "consecutive_branch_share": 0.1,
+             "branches_per_q": branches, "globals_per_q": 8.0 - branches,
+             "branch_top1_share": 0.6, "branch_top3_share": 1.0, "consecutive_branch_share": 0.1,
              "reward": 0.3, "acc": 0.3, "search_calls": 1.0, "sampled_tokens_total": 1000 * (i + 1)}
             for i, h in enumerate(entropies)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -60,8 +61,8 @@ def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float])
 
 def test_reproduce_summarises_finished_runs_without_training_again(tmp_path):
     runs, results = tmp_path / "runs", tmp_path / "results"
-    _finished_run(runs / "grpo-seed0", "grpo", 0.30, [0.2] * 6)
-    _finished_run(runs / "grpo-seed1", "grpo", 0.50, [0.4] * 6)
+    _finished_run(runs / "grpo-seed0", "grpo", 0.30, [0.2] * 6, branches=0.0)
+    _finished_run(runs / "grpo-seed1", "grpo", 0.50, [0.4] * 6, branches=0.0)
     _finished_run(runs / "aepo-seed0", "aepo", 0.45, [1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     out = subprocess.run([sys.executable, "benchmarks/reproduce.py", "--seeds", "2",
                           "--algos", "grpo", "--ablations", "aepo", "--ablation_seeds", "1",
@@ -72,9 +73,12 @@ def test_reproduce_summarises_finished_runs_without_training_again(tmp_path):
     assert "train.py" not in out.stdout.split("# GRPO")[0]           # nothing was trained
     table = (results / "reproduce.md").read_text()
     # grpo: Pass@1 after RL 30 and 50 -> 40.0 ± 10.0; Pass@4 70.0 ± 10.0; 6 steps, 6k tokens
-    assert ("| grpo (2) | 25.0 ± 0.0 | 40.0 ± 10.0 | 70.0 ± 10.0 | 1.50 ± 0.00 | 6.0 ± 0.0 "
-            "| 6.0 ± 0.0 |") in table
+    # entropy 0.2 and 0.4 -> 0.300 ± 0.100; nothing branched, so no branch shares ("-")
+    assert ("| grpo (2) | 25.0 ± 0.0 | 40.0 ± 10.0 | 70.0 ± 10.0 | 1.50 ± 0.00 | 1.50 ± 0.00 "
+            "| 6.0 ± 0.0 | 6.0 ± 0.0 | 0.300 ± 0.100 | 0.300 ± 0.100 | 0.0200 ± 0.0000 "
+            "| 8.00 ± 0.00 | 0.00 ± 0.00 | - | - | - |") in table
     # aepo, one seed: entropy of the first 5 steps 1.0, of the last 5 steps 0.8
-    assert "| aepo (1) | 25.0 | 45.0 | 75.0 | 1.50 | 6.0 | 6.0 | 1.000 | 0.800 | 0.0200 |" in table
+    assert ("| aepo (1) | 25.0 | 45.0 | 75.0 | 1.50 | 1.50 | 6.0 | 6.0 | 1.000 | 0.800 | 0.0200 "
+            "| 6.00 | 2.00 | 0.60 | 1.00 | 0.10 |") in table
     assert ((results / "reproduce.png").stat().st_size > 0
             and (results / "reproduce-tokens.png").exists())

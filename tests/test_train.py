@@ -342,3 +342,26 @@ def test_report_to_a_missing_package_stops_in_one_line(monkeypatch, capsys):
                                          r"\(pip install wandb\); --report_to tensorboard works "
                                          r"offline"):
         cli.train_config(["--report_to", "wandb", "--output_dir", "x"])
+
+
+def test_cached_sft_is_renewed_when_the_world_it_was_trained_on_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
+                        (run / "sft" / "config.json").write_text("{}"))
+    first = train.cached_sft(Config())
+    edited = tmp_path / "world.py"                     # a world whose code differs by one number
+    edited.write_text(Path(world.__file__).read_text().replace("n_people: int = 200",
+                                                              "n_people: int = 201"))
+    monkeypatch.setattr(world, "__file__", str(edited))
+    assert train.cached_sft(Config()) != first
+
+
+def test_a_new_run_does_not_write_into_an_old_runs_log(tmp_path):
+    import cli
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+    with pytest.raises(SystemExit, match="already holds an RL run .* pass --resume to continue it"):
+        cli.train_config(["--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--init_from cached-sft is the tiny policy's SFT start"):
+        cli.train_config(["--preset", "class", "--model", "smollm2-135m", "--output_dir",
+                          str(tmp_path / "new")])
