@@ -121,10 +121,12 @@ def cached_sft(cfg: Config) -> Path:
     import policy
     import tools
 
-    # the code that makes the demos, the base model, the prompts and the loss
-    sources = [Path(m.__file__).read_text() for m in (world, data, tiny, policy, tools, L)]
-    key = tiny.code_hash(*sources, inspect.getsource(sft), inspect.getsource(demo_tensors),
-                         f"recipe = {recipe!r}")
+    # the code that makes the demos, the base model and the prompts, and the SFT loss's functions
+    # (not all of loss.py: a student editing the RL losses keeps the cache)
+    sources = [Path(m.__file__).read_text() for m in (world, data, tiny, policy, tools)]
+    sources += [inspect.getsource(f) for f in (sft, demo_tensors, L.token_logprobs, L._chunk_logp,
+                                               L._head_logp, L._final_states, L.entropy_of_logp)]
+    key = tiny.code_hash(*sources, f"recipe = {recipe!r}")
     folder = tiny.CACHE_DIR / f"sft-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:

@@ -365,3 +365,16 @@ def test_a_new_run_does_not_write_into_an_old_runs_log(tmp_path):
     with pytest.raises(SystemExit, match="--init_from cached-sft is the tiny policy's SFT start"):
         cli.train_config(["--preset", "class", "--model", "smollm2-135m", "--output_dir",
                           str(tmp_path / "new")])
+
+
+def test_cached_sft_survives_edits_to_the_rl_losses(tmp_path, monkeypatch):
+    """Students implement advantages and surrogates in loss.py: that must not rebuild the SFT start."""
+    monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
+                        (run / "sft" / "config.json").write_text("{}"))
+    first = train.cached_sft(Config())
+    edited = tmp_path / "loss.py"                      # loss.py with an RL loss rewritten
+    edited.write_text(Path(L.__file__).read_text().replace("return centred / (std + eps)",
+                                                           "return centred"))
+    monkeypatch.setattr(L, "__file__", str(edited))
+    assert train.cached_sft(Config()) == first
