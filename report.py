@@ -180,13 +180,14 @@ def plot_compare(runs: list[Path], out: Path, x: str = "step") -> None:
 class Tracker:
     """--report_to: every metrics row also goes, live, to TensorBoard (run/tensorboard; `tensorboard
     --logdir runs`) or Weights & Biases (project aepo; WANDB_MODE=offline works without a
-    network)."""
+    network). `start`: the first step this process logs; on a resume TensorBoard drops what it holds
+    from that step on (those steps are redone), and W&B starts a new run."""
 
-    def __init__(self, cfg, run: Path):
+    def __init__(self, cfg, run: Path, start: int = 0):
         self.kind, self.sink = cfg.report_to, None
         if self.kind == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self.sink = SummaryWriter(str(Path(run) / "tensorboard"))
+            self.sink = SummaryWriter(str(Path(run) / "tensorboard"), purge_step=start or None)
         elif self.kind == "wandb":
             import dataclasses
 
@@ -234,11 +235,10 @@ def main(argv: list[str]) -> None:
                         help="the overlay's file (several runs)")
     parser.add_argument("--x", choices=("step", "sampled_tokens_total"), default="step")
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs
-               if not (r / "metrics.jsonl").exists() or not (r / "config.json").exists()]
+    needed = ("metrics.jsonl",) if len(args.runs) == 1 else ("metrics.jsonl", "config.json")
+    missing = [str(r) for r in args.runs if not all((r / name).exists() for name in needed)]
     if missing:
-        sys.exit(f"error: no metrics.jsonl and config.json (written by train.py) in "
-                 f"{', '.join(missing)}")
+        sys.exit(f"error: no {' and '.join(needed)} (written by train.py) in {', '.join(missing)}")
     if len(args.runs) == 1:
         plot_curves(args.runs[0])
         print(args.runs[0] / "curves.png")

@@ -310,7 +310,7 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
     main = accelerator.is_main_process
     done_rows = report.read_metrics(run) if start else []
     sampled = done_rows[-1].get("sampled_tokens_total", 0) if done_rows else 0
-    tracker = report.Tracker(cfg, run) if main else None
+    tracker = report.Tracker(cfg, run, start) if main else None
     bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start,
                total=cfg.steps, disable=not main)
     done = start
