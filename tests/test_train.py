@@ -368,7 +368,8 @@ def test_a_new_run_does_not_write_into_an_old_runs_log(tmp_path):
 
 
 def test_cached_sft_survives_edits_to_the_rl_losses(tmp_path, monkeypatch):
-    """Students implement advantages and surrogates in loss.py: that must not rebuild the SFT start."""
+    """Students implement advantages and surrogates in loss.py: that must not rebuild the SFT
+    start."""
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
                         (run / "sft" / "config.json").write_text("{}"))
