@@ -8,10 +8,12 @@ up cache rows, padding or branch copies, the script would visibly derail.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -120,3 +122,19 @@ class ScriptedPolicy(PreTrainedModel, GenerationMixin):
 
 def ids(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
+
+
+def assert_same_rollouts(cached, reference):
+    """Two rollout results (the cached engine's and the re-encoding reference's) agree: tokens,
+    masks, tool calls, finishes and ids exactly; log-probs and entropies to 1e-5; every question's
+    statistics."""
+    for t, ref in zip(cached.trajectories, reference.trajectories, strict=True):
+        got, want = dataclasses.asdict(t), dataclasses.asdict(ref)
+        for key in ("logp", "entropy", "seg_entropy"):
+            assert got.pop(key) == pytest.approx(want.pop(key), abs=1e-5), (t.traj_id, key)
+        assert got == want, f"trajectory {t.traj_id}: the cached engine differs from the reference"
+    for s, r in zip(cached.stats, reference.stats, strict=True):
+        assert (s.h_root, s.h_tool) == pytest.approx((r.h_root, r.h_tool), abs=1e-5)
+        assert dataclasses.replace(s, h_root=r.h_root, h_tool=r.h_tool) == r
+    assert cached.rounds == reference.rounds
+    assert cached.generated_tokens == reference.generated_tokens

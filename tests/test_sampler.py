@@ -11,7 +11,7 @@ import random
 import pytest
 
 from aepo import Config, global_budget
-from fakes import ScriptedPolicy, ids, qwen3_tokenizer, toy_tokenizer
+from fakes import ScriptedPolicy, assert_same_rollouts, ids, qwen3_tokenizer, toy_tokenizer
 from rollout import (Question, QuestionStats, _Sampler, budget_from_probe, n_children, next_streak,
                      rollout, wants_restart)
 
@@ -59,20 +59,6 @@ def checked_rollout(tok, request):
         return cached
     return run
 
-
-def assert_same_rollouts(cached, reference):
-    """Tokens, masks, tool calls, finishes and ids exactly; log-probs and entropies to 1e-5; every
-    question's statistics."""
-    for t, ref in zip(cached.trajectories, reference.trajectories, strict=True):
-        got, want = dataclasses.asdict(t), dataclasses.asdict(ref)
-        for key in ("logp", "entropy", "seg_entropy"):
-            assert got.pop(key) == pytest.approx(want.pop(key), abs=1e-5), (t.traj_id, key)
-        assert got == want, f"trajectory {t.traj_id}: the cached engine differs from the reference"
-    for s, r in zip(cached.stats, reference.stats, strict=True):
-        assert (s.h_root, s.h_tool) == pytest.approx((r.h_root, r.h_tool), abs=1e-5)
-        assert dataclasses.replace(s, h_root=r.h_root, h_tool=r.h_tool) == r
-    assert cached.rounds == reference.rounds
-    assert cached.generated_tokens == reference.generated_tokens
 
 
 # --------------------------------------------------------------------------------------------------
