@@ -1,7 +1,9 @@
-"""Helpers shared by the benchmark scripts: the machine line every result file carries, and the wall
-time during which at least one (parallel) tool call was running."""
+"""Helpers shared by the benchmark scripts: the machine line every result file carries, the wall
+time during which at least one (parallel) tool call was running, and the run folders of train.py."""
 import os
 import platform
+import shutil
+from pathlib import Path
 
 
 def machine() -> str:
@@ -22,3 +24,16 @@ def busy_seconds(spans: list) -> float:
         total += max(0.0, b - max(a, end))
         end = max(end, b)
     return total
+
+
+def fresh_run(run: Path) -> Path:
+    """An empty run folder: train.py refuses to log a new run into an old run's folder."""
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    return run
+
+
+def run_minutes(run: Path) -> float:
+    """Wall time of a finished train.py run: from its config.json to its eval-rl/summary.json."""
+    return ((run / "eval-rl" / "summary.json").stat().st_mtime
+            - (run / "config.json").stat().st_mtime) / 60

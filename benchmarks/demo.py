@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from common import machine  # noqa: E402  (benchmarks/common.py)
+from common import fresh_run, machine, run_minutes  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,11 @@ def main() -> None:
         run = ROOT / args.out / f"seed-{seed}"
         done = run / "eval-rl" / "summary.json"
         if not (args.reuse and done.exists()):
+            fresh_run(run)
             cmd = [sys.executable, "train.py", "--seed", str(seed), "--output_dir", str(run),
                    *args.rest]
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-        # the run's own span
-        minutes = (done.stat().st_mtime - (run / "config.json").stat().st_mtime) / 60
+        minutes = run_minutes(run)
         before = json.loads((run / "eval-sft" / "summary.json").read_text())
         after = json.loads(done.read_text())
         steps = [json.loads(line) for line in open(run / "metrics.jsonl")]

@@ -22,14 +22,13 @@ and the share of branch steps that continue a streak of consecutive branching.
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import machine  # noqa: E402  (benchmarks/common.py)
+from common import fresh_run, machine, run_minutes  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,8 +54,7 @@ def run_all(runs: list[tuple[str, int, Path]], args) -> None:
             active = _reap(active)
         cmd = [sys.executable, "train.py", "--preset", "class", "--algo", algo, "--seed", str(seed),
                "--output_dir", str(run), "--threads", str(threads), *args.rest]
-        shutil.rmtree(run, ignore_errors=True)     # an unfinished or --fresh run starts over
-        run.mkdir(parents=True)
+        fresh_run(run)                             # an unfinished or --fresh run starts over
         log = open(run / "train.log", "w")
         print(f"[{i + 1}/{len(todo)}] {' '.join(cmd[1:])}  (log: {run / 'train.log'})", flush=True)
         active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
@@ -97,8 +95,7 @@ def summarize(algo: str, folders: list[Path]) -> dict:
             "branches": mean("branches_per_q"),
             "top1": mean("branch_top1_share"), "top3": mean("branch_top3_share"),
             "consecutive": mean("consecutive_branch_share"),
-            "minutes": ((run / "eval-rl" / "summary.json").stat().st_mtime
-                        - (run / "config.json").stat().st_mtime) / 60})
+            "minutes": run_minutes(run)})
     out = {"algo": algo, "n": len(per_run)}
     for key in per_run[0]:
         values = [r[key] for r in per_run]

@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import machine  # noqa: E402  (benchmarks/common.py)
+from common import fresh_run, machine, run_minutes  # noqa: E402  (benchmarks/common.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,6 +67,7 @@ def main() -> None:
     args = parser.parse_args()
     run = ROOT / args.out
     if not args.reuse:
+        fresh_run(run)
         cmd = [sys.executable, "train.py", *RECIPE, "--output_dir", str(run), *args.rest]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     config = json.loads((run / "config.json").read_text())
@@ -75,8 +76,7 @@ def main() -> None:
     before = json.loads((run / "eval-sft" / "summary.json").read_text())
     after = json.loads((run / "eval-rl" / "summary.json").read_text())
     rl_texts = [json.loads(line)["text"] for line in open(run / "samples.jsonl")]
-    minutes = ((run / "eval-rl" / "summary.json").stat().st_mtime
-               - (run / "config.json").stat().st_mtime) / 60
+    minutes = run_minutes(run)
 
     rows = [("held-out, SFT start", tally(eval_texts(run / "eval-sft"))),
             ("RL rollouts (samples.jsonl)", tally(rl_texts)),
