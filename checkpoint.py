@@ -1,6 +1,7 @@
 """Checkpoints that a kill cannot break: every folder is written under a temporary name and renamed
 once complete, so `--resume` always finds whole checkpoints, and the log lines of steps after the
-newest checkpoint are dropped before those steps are redone.
+newest checkpoint are dropped before those steps are redone. Torch is imported only to save and
+load, so cli.py can look for checkpoints before anything slow is imported.
 
     save_checkpoint(run, step, model, opt)      # run/checkpoint-<step>/: adapter, optimizer, RNG
     step = load_checkpoint(checkpoints(run)[-1], model, opt)
@@ -11,8 +12,6 @@ import json
 import os
 import shutil
 from pathlib import Path
-
-import torch
 
 
 def atomic_save(folder: Path, write) -> None:
@@ -32,6 +31,8 @@ def atomic_save(folder: Path, write) -> None:
 def save_checkpoint(run: Path, step: int, model, opt, keep: int = 2) -> None:
     """run/checkpoint-<step>: the adapter (or model), the optimizer and the torch RNG; keeps the
     newest `keep` checkpoints."""
+    import torch
+
     def write(tmp: Path):
         model.save_pretrained(tmp)
         state = {"step": step, "optimizer": opt.state_dict(), "torch_rng": torch.get_rng_state()}
@@ -43,13 +44,14 @@ def save_checkpoint(run: Path, step: int, model, opt, keep: int = 2) -> None:
 
 def checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a folder only gets its final name once fully written)."""
-    done = [p for p in run.glob("checkpoint-*") if (p / "state.pt").exists()]
+    done = [p for p in Path(run).glob("checkpoint-*") if (p / "state.pt").is_file()]
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
 def load_checkpoint(ckpt: Path, model, opt) -> int:
     """Restore a save_checkpoint folder into the model's adapter and the optimizer; returns the next
     step."""
+    import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 

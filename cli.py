@@ -25,6 +25,7 @@ from pathlib import Path
 import data
 import loaders
 import world
+from checkpoint import checkpoints
 from aepo import ALGOS, PRESETS, Config
 
 # --------------------------------------------------------------------------------------------------
@@ -188,8 +189,7 @@ def check_run_folder(folder: str, resume: bool) -> None:
     if run.exists() and not run.is_dir():
         fail(f"--output_dir {folder} is a file; "
              "give a folder name (the run writes its files there)")
-    done = (any((c / "state.pt").is_file() for c in run.glob("checkpoint-*"))
-            or (run / "sft").is_dir())
+    done = bool(checkpoints(run)) or (run / "sft").is_dir()
     if resume and not done:
         fail(f"--resume: {folder} holds no checkpoint-<step>/ or sft/ to continue from; drop "
              "--resume to start a new run")
