@@ -124,6 +124,19 @@ def ids(tok, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False)
 
 
+def checked_rollout(model, tok, questions, tools, cfg, seed, system_prompt, compare=True, **kw):
+    """rollout() with the cached engine; with `compare`, the reference engine, which re-encodes
+    every row every round, must give the same result (assert_same_rollouts)."""
+    from rollout import rollout
+
+    cached = rollout(model, tok, questions, tools, cfg, seed, system_prompt, **kw)
+    if compare:
+        reference = rollout(model, tok, questions, tools, cfg, seed, system_prompt,
+                            engine="reencode", **kw)
+        assert_same_rollouts(cached, reference)
+    return cached
+
+
 def assert_same_rollouts(cached, reference):
     """Two rollout results (the cached engine's and the re-encoding reference's) agree: tokens,
     masks, tool calls, finishes and ids exactly; log-probs and entropies to 1e-5; every question's

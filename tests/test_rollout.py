@@ -8,8 +8,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from aepo import Config
 from policy import prompt_ids
-from fakes import ScriptedPolicy, assert_same_rollouts, ids, toy_tokenizer
-from rollout import rollout as _rollout
+from fakes import ScriptedPolicy, checked_rollout, ids, toy_tokenizer
 from tools import result_block
 
 TOOLS = {"search": lambda q: f"Page 1: {q} was born in Vantor.", "python": lambda c: "25"}
@@ -22,14 +21,10 @@ def tok():
 
 
 def rollout(model, tok, questions, tools, cfg, seed, system_prompt, **kw):
-    """rollout() with the cached engine; a scripted scenario must give the same result under the
-    reference engine, which re-encodes every row every round."""
-    res = _rollout(model, tok, questions, tools, cfg, seed, system_prompt, **kw)
-    if "engine" not in kw and isinstance(model, ScriptedPolicy):
-        reference = _rollout(model, tok, questions, tools, cfg, seed, system_prompt,
-                             engine="reencode", **kw)
-        assert_same_rollouts(res, reference)
-    return res
+    """rollout() with the cached engine; every scripted scenario is also checked against the
+    re-encoding engine."""
+    compare = "engine" not in kw and isinstance(model, ScriptedPolicy)
+    return checked_rollout(model, tok, questions, tools, cfg, seed, system_prompt, compare, **kw)
 
 
 def cfg_with(**kw):

@@ -10,8 +10,9 @@ import random
 
 import pytest
 
+import fakes
 from aepo import Config, global_budget
-from fakes import ScriptedPolicy, assert_same_rollouts, ids, qwen3_tokenizer, toy_tokenizer
+from fakes import ScriptedPolicy, ids, qwen3_tokenizer, toy_tokenizer
 from rollout import (Question, QuestionStats, _Sampler, budget_from_probe, n_children, next_streak,
                      rollout, wants_restart)
 
@@ -49,15 +50,8 @@ def checked_rollout(tok, request):
     round, must give the same result first. Not under Qwen3's: the engines see only token ids, and
     the scripted policy, which decodes every history, is slow with that vocabulary."""
     compare = request.node.callspec.params["tok"] != "qwen3"
-
-    def run(model, questions, cfg):
-        cached = rollout(model, tok, questions, TOOLS, cfg, seed=0, system_prompt="sys")
-        if compare:
-            reference = rollout(model, tok, questions, TOOLS, cfg, seed=0, system_prompt="sys",
-                                engine="reencode")
-            assert_same_rollouts(cached, reference)
-        return cached
-    return run
+    return lambda model, questions, cfg: fakes.checked_rollout(
+        model, tok, questions, TOOLS, cfg, seed=0, system_prompt="sys", compare=compare)
 
 
 
