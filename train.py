@@ -106,7 +106,7 @@ def sft(cfg: Config, run: Path) -> Path:
     return out
 
 
-def cached_sft(cfg: Config) -> Path:
+def cached_sft() -> Path:
     """--init_from cached-sft: the tiny policy after the default cold-start SFT (seed 0), trained
     once per machine into the cache folder, like the tiny model itself, and shared by every run
     that starts from it (the `class` preset). Its name hashes the code and settings it came from; a
@@ -114,13 +114,13 @@ def cached_sft(cfg: Config) -> Path:
     import fcntl
     import inspect
 
+    import policy
+    import tools
+
     base = Config()
     recipe = {f: getattr(base, f) for f in (
         "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
         "top_k", "snippet_chars", "system_prompt", "weight_decay", "grad_clip")}
-    import policy
-    import tools
-
     # the code that makes the demos, the base model and the prompts, and the SFT loss's functions
     # (not all of loss.py: a student editing the RL losses keeps the cache)
     sources = [Path(m.__file__).read_text() for m in (world, data, tiny, policy, tools)]
@@ -277,7 +277,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
 def rl_start(cfg: Config, run: Path) -> str:
     """Where RL starts: --init_from, else this run's SFT output, else the base model."""
     if cfg.init_from == "cached-sft":
-        return str(cached_sft(cfg))
+        return str(cached_sft())
     if cfg.init_from:
         return cfg.init_from
     return str(run / "sft") if (run / "sft").exists() else cfg.model
@@ -308,17 +308,17 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
         print(f"resumed from {ckpt} (next step {start + 1})")
     ddp_model, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
-    done_rows = report.read_metrics(run) if start else []
-    sampled = done_rows[-1].get("sampled_tokens_total", 0) if done_rows else 0
+    logged = report.read_metrics(run) if start else []     # the steps kept by truncate_logs
+    sampled = logged[-1].get("sampled_tokens_total", 0) if logged else 0
     tracker = report.Tracker(cfg, run, start) if main else None
     bar = tqdm(range(start, cfg.steps), desc="rl", dynamic_ncols=True, initial=start,
                total=cfg.steps, disable=not main)
-    done = start
+    steps_run = start
     for step in bar:
         if 0 < cfg.token_budget <= sampled:                 # resumed after the budget was spent
             break
         metrics, samples = rl_step(ddp_model, tok, opt, examples, tools, cfg, step, accelerator)
-        done = step + 1
+        steps_run = step + 1
         sampled += metrics["sampled_tokens"] * accelerator.num_processes
         metrics["sampled_tokens_total"] = sampled
         last = step == cfg.steps - 1 or 0 < cfg.token_budget <= sampled      # --token_budget spent
@@ -339,7 +339,7 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
             break
     if main:
         if cfg.token_budget:
-            print(f"RL: {sampled} sampled tokens in {done} steps "
+            print(f"RL: {sampled} sampled tokens in {steps_run} steps "
                   f"(--token_budget {cfg.token_budget})")
         tracker.close()
 

@@ -309,12 +309,12 @@ def test_cached_sft_is_built_once_and_renewed_when_its_code_changes(tmp_path, mo
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(train, "sft", fake_sft)
     cfg = Config(init_from="cached-sft")
-    first = train.cached_sft(cfg)
+    first = train.cached_sft()
     assert train.rl_start(cfg, tmp_path / "run") == str(first) and len(built) == 1
     assert first.parent.name.startswith("sft-") and first.parent.parent == tmp_path
     # another recipe: another folder
     monkeypatch.setattr(train, "Config", lambda: Config(sft_steps=7))
-    assert train.cached_sft(cfg) != first and len(built) == 2
+    assert train.cached_sft() != first and len(built) == 2
 
 
 def test_code_hash_ignores_layout_but_not_code():
@@ -348,12 +348,12 @@ def test_cached_sft_is_renewed_when_the_world_it_was_trained_on_changes(tmp_path
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
                         (run / "sft" / "config.json").write_text("{}"))
-    first = train.cached_sft(Config())
+    first = train.cached_sft()
     edited = tmp_path / "world.py"                     # a world whose code differs by one number
     edited.write_text(Path(world.__file__).read_text().replace("n_people: int = 200",
                                                               "n_people: int = 201"))
     monkeypatch.setattr(world, "__file__", str(edited))
-    assert train.cached_sft(Config()) != first
+    assert train.cached_sft() != first
 
 
 def test_a_new_run_does_not_write_into_an_old_runs_log(tmp_path):
@@ -373,9 +373,9 @@ def test_cached_sft_survives_edits_to_the_rl_losses(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
                         (run / "sft" / "config.json").write_text("{}"))
-    first = train.cached_sft(Config())
+    first = train.cached_sft()
     edited = tmp_path / "loss.py"                      # loss.py with an RL loss rewritten
     edited.write_text(Path(L.__file__).read_text().replace("return centred / (std + eps)",
                                                            "return centred"))
     monkeypatch.setattr(L, "__file__", str(edited))
-    assert train.cached_sft(Config()) == first
+    assert train.cached_sft() == first
