@@ -1,12 +1,13 @@
 """The tree sampler's generate engine in its simplest form: every round, re-encode every row.
 
-The sampler (rollout.py) drives an engine through five verbs. It holds one row per active
+The sampler (rollout.py) drives an engine through six verbs. It holds one row per active
 trajectory, in the sampler's order, and never sees a tensor:
 
     engine.add(prompts)             new rows, each starting from its prompt's token ids
     engine.generate(n, tails)       sample up to n tokens for every row -> one Segment per row
     engine.append(b, tokens)        tokens the policy did not sample (a tool result, a forced EOS)
     engine.select(index)            keep rows `index`, in that order; a repeated index copies a row
+    engine.rewind(b, n)             forget row b's last n tokens (a branch child restarts at a node)
     engine.release(prompt)          no later row will start from this prompt
 
 `ReencodeEngine` below is the reference: about forty lines, no cache kept between rounds. It is what
@@ -187,6 +188,10 @@ class ReencodeEngine:
 
     def select(self, index: list[int]) -> None:
         self.seqs = [list(self.seqs[i]) for i in index]
+
+    def rewind(self, b: int, n: int) -> None:
+        if n:
+            del self.seqs[b][-n:]
 
     def release(self, prompt: list[int]) -> None:
         pass                                                 # nothing is kept between rounds

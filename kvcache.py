@@ -1,4 +1,4 @@
-"""The cached engine: the five verbs of engine.py (add, generate, append, select, release) with one
+"""The cached engine: the verbs of engine.py (add, generate, append, select, rewind, release) with one
 KV cache kept across rounds, so that each token is encoded once.
 
     engine = CachedEngine(model, Sampling.make(tokenizer))   # a drop-in for engine.ReencodeEngine
@@ -78,6 +78,15 @@ class CachedEngine:
         self.unfed = [list(self.unfed[i]) for i in index]
         used = self.mask[:, :-1].any(0).nonzero()        # drop leading columns no row attends to
         self._drop_leading(int(used[0]) if len(used) else self.ids.shape[1] - 1)
+
+    def rewind(self, b: int, n: int) -> None:
+        """Forget row b's last n tokens: unfed ones are dropped, encoded ones masked out where they
+        sit (they become filler; the positions of later tokens follow the mask's cumsum)."""
+        unfed = min(n, len(self.unfed[b]))
+        del self.unfed[b][len(self.unfed[b]) - unfed:]
+        if n > unfed:
+            cols = self.mask[b].nonzero()[-(n - unfed):, 0]                      # (n - unfed,)
+            self.mask[b, cols] = 0
 
     def release(self, prompt: list[int]) -> None:
         self.prompt_kv.pop(tuple(prompt), None)
