@@ -104,6 +104,11 @@ class Config:
         "help": "AEPO (b): consecutive-branch penalty."})
     branch_z: int = field(default=2, metadata={
         "help": "[Z] paths per branch point (Z-1 children)."})
+    step_entropy: str = field(default="after_result", metadata={
+        "help": "Where the step entropy H_t of a branch decision is taken: after_result (the "
+                "paper, ARPO sec. 3.1: the first w tokens sampled after tool result t; children "
+                "sample again from right after it) | before_result (the released code: the "
+                "segment that made the call, so Delta H is 0 at every first call)."})
     tau: float = field(default=0.5, metadata={"help": "[tau] branch threshold."})
     gamma: float = field(default=0.2, metadata={"help": "[gamma] weight of the entropy change."})
     beta: float = field(default=0.5, metadata={"help": "[beta] pre-monitoring sigmoid slope."})
@@ -259,9 +264,12 @@ def segment_entropy(token_entropies, w: int, vocab_size: int) -> float:
 
 
 def arpo_branch_probability(delta_h: float, tau: float, gamma: float) -> float:
-    """ARPO's entropy-based branching (arXiv 2507.19849):
-    P(branch) = clip(tau + gamma * delta_h, 0, 1)."""
+    """ARPO's entropy-based branching (arXiv 2507.19849, sec. 3.1): the probability that one draw
+    of `arpo_should_branch` branches, P = clip(tau + gamma * delta_h, 0, 1) for 0 <= tau < 1 (the
+    clip inside the rule makes it 0 for tau < 0 and 1 for tau >= 1)."""
     # >>> solution A1
+    if tau < 0 or tau >= 1:
+        return float(tau >= 1)
     return min(1.0, max(0.0, tau + gamma * delta_h))
     # <<< solution
 
@@ -275,22 +283,27 @@ def arpo_should_branch(u: float, delta_h: float, tau: float, gamma: float) -> bo
 
 def aepo_branch_probability(delta_h: float, tau: float, gamma: float, l: int,
                             penalty: float = 0.05) -> float:
-    """AEPO's consecutive-branch penalty (arXiv 2510.14545, Entropy-Balanced Adaptive Rollout): with
-    c = max(0, 1 - penalty * l), P = clip(1 + gamma * delta_h - tau / c, 0, 1)."""
+    """AEPO's consecutive-branch penalty (arXiv 2510.14545, Entropy-Balanced Adaptive Rollout): the
+    probability that one draw of `aepo_should_branch` branches. With c = max(0, 1 - penalty * l):
+    P = clip(1 + gamma * delta_h - tau / c, 0, 1) for 0 < tau <= 1; 1 for tau <= 0; 0 for
+    tau > 1; and 0 when c = 0 (after 1 / penalty consecutive branch steps, none)."""
     # >>> solution A1
     c = max(0.0, 1.0 - penalty * l)
-    if c == 0.0:
+    if c == 0.0 or tau > 1:
         return 0.0
+    if tau <= 0:
+        return 1.0
     return min(1.0, max(0.0, 1.0 + gamma * delta_h - tau / c))
     # <<< solution
 
 
 def aepo_should_branch(u: float, delta_h: float, tau: float, gamma: float, l: int,
                        penalty: float = 0.05) -> bool:
-    """One draw of the AEPO rule: branch iff clip((u + gamma * delta_h) * c, 0, 1) >= tau."""
+    """One draw of the AEPO rule: branch iff clip((u + gamma * delta_h) * c, 0, 1) >= tau, and never
+    when the penalty has taken c to 0."""
     # >>> solution A1
     c = max(0.0, 1.0 - penalty * l)
-    return min(1.0, max(0.0, (u + gamma * delta_h) * c)) >= tau
+    return c > 0 and min(1.0, max(0.0, (u + gamma * delta_h) * c)) >= tau
     # <<< solution
 
 

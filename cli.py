@@ -68,7 +68,7 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
 # What a field may hold; checked in resolve, so a bad value stops before any work. Every number must
 # also be finite; a field named nowhere here may hold any finite value.
 CHOICES = {"stage": ("sft", "rl", "all"), "report_to": ("none", "tensorboard", "wandb"),
-           "search": ("bm25", "web"), "system_prompt": ("short", "paper"),
+           "step_entropy": ("after_result", "before_result"), "search": ("bm25", "web"), "system_prompt": ("short", "paper"),
            "adv_estimator": ("grpo", "reinforce_pp"), "clip_mode": ("ppo", "gppo", "cispo", "aepo")}
 AT_LEAST = {name: 1 for name in (
     "k", "global_rollouts", "branch_z", "entropy_window", "max_prompt_tokens",

@@ -15,6 +15,9 @@ How this deviates from the textbook (and from the released verl code):
 4. REINFORCE++ normalises by the std over the rows of the batch; verl whitens over tokens.
 5. Entropies from `token_logprobs` are exact (full vocabulary) and carry no gradient (no entropy
    bonus, as released).
+6. The entropy-aware advantage's z_t is standardised over the whole step's sampled tokens, from the
+   rollout's entropies (pi_old), once before the update; the released code standardises the current
+   policy's entropies within each micro-batch, so its update changes with the memory setting.
 
 Example: python -m pytest tests/test_loss.py -q
 """
@@ -75,8 +78,9 @@ def entropy_aware_advantages(adv: Tensor, entropy: Tensor, loss_mask: Tensor,
                              alpha: float = 0.2) -> Tensor:
     """AEPO: A~_t = A * (1 + alpha * sg(z_t)), z_t = (H_t - mean H) / std H (arXiv 2510.14545).
 
-    adv (B,) or (B, T); entropy (B, T), the current policy's token entropy; loss_mask (B, T).
-    Mean and unbiased std run over the mask-1 tokens of the batch; std 0 (or one token) -> z = 0.
+    adv (B,) or (B, T); entropy (B, T), token entropies; loss_mask (B, T). Mean and unbiased std
+    run over the mask-1 tokens of all B rows; std 0 (or one token) -> z = 0. (train.py passes the
+    step's whole batch with the rollout's entropies, so no mini- or micro-batch split changes z.)
     Returns A~ (B, T), 0 at masked positions. No gradient reaches `entropy`."""
     # >>> solution A2
     valid = loss_mask > 0  # (B, T)

@@ -55,9 +55,19 @@ class Question:
     m: int | None                 # global budget; None until the probe has ended (AEPO)
     started: int = 0              # trajectories started: globals and branches
     globals_due: int = 0          # globals to start next round
-    l: int = 0                    # consecutive rounds that created a trajectory (branch penalty)
+    opened: int = 0               # the round in which its budget m became known
     active: int = 0               # rows in flight
     finished: list[Trajectory] = field(default_factory=list)
+
+
+@dataclass
+class Node:
+    """A point right after a tool result, where a branch decision is due: the trajectory's lengths
+    there, so that a child can start from it whatever its parent did since."""
+    at: int                       # response tokens up to the end of the result
+    calls: int                    # tool calls made (this node follows call number `calls`)
+    segments: int                 # segment entropies recorded
+    rounds: int
 
 
 @dataclass
@@ -65,9 +75,12 @@ class Row:
     """One trajectory in flight."""
     traj: Trajectory
     seg_start: int = 0            # response index of the current segment's first sampled token
-    h_init: float | None = None   # entropy of this trajectory's first (post-branch) segment
+    h_init: float | None = None   # entropy of the trajectory's first segment
     call: tuple[str, str] | None = None   # (tool, input) waiting to run
     done: bool = False
+    node: Node | None = None      # the last tool result, while its branch decision is pending
+    in_engine: int = 0            # response tokens the engine's row holds
+    l: int = 0                    # consecutive tool steps of its path that branched (penalty)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,7 +113,7 @@ def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Rando
     # >>> solution A4
     n = 0
     for _ in range(cfg.branch_z - 1):
-        if n == room:
+        if n >= room:
             break
         u = rng.random()
         n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.penalty)
@@ -110,7 +123,8 @@ def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Rando
 
 
 def next_streak(l: int, created: bool) -> int:
-    """[branch penalty] l counts consecutive rounds in which the question created a trajectory."""
+    """[branch penalty] l counts the consecutive tool steps of a path (its branch decisions, its
+    ancestors' included) that created a branch; a decision without one resets it."""
     # >>> solution A4
     return l + 1 if created else 0
     # <<< solution
@@ -118,10 +132,11 @@ def next_streak(l: int, created: bool) -> int:
 
 def wants_restart(q: Question, k: int, round_: int, max_rounds: int) -> bool:
     """Restart rule: an idle question with a known budget and fewer than k trajectories starts one
-    more global in the call's first max_rounds rounds (later, duplicates pad what is short)."""
+    more global, during the max_rounds rounds after its budget became known (later, duplicates pad
+    what is short); so AEPO, whose budget waits for its probe, gets as many as GRPO."""
     # >>> solution A4
     return (q.m is not None and q.active == 0 and q.globals_due == 0 and q.started < k
-            and round_ < max_rounds)
+            and round_ - q.opened < max_rounds)
     # <<< solution
 
 
@@ -158,12 +173,13 @@ class _Sampler:
                  vocab: int):
         self.engine, self.tok, self.tools, self.cfg = engine, tokenizer, tools, cfg
         self.rng, self.vocab, self.next_id = rng, vocab, 0
+        self.after_result = cfg.step_entropy == "after_result"
         self.res = RolloutResult([], [])
 
     def run(self, prompts: list[list[int]]) -> RolloutResult:
         cfg, res = self.cfg, self.res
         m, n_start = initial_globals(cfg)
-        self.qs = [Question(prompt, m) for prompt in prompts]
+        self.questions = [Question(prompt, m) for prompt in prompts]
         res.stats = [QuestionStats(m=m or 0) for _ in prompts]
         rows = self._start([q for q in range(len(prompts)) for _ in range(n_start)])
         while rows:
@@ -176,31 +192,48 @@ class _Sampler:
             res.generate_s += time.perf_counter() - t0
             # 2. record the tokens; finish the row or queue its tool call
             for row, segment in zip(rows, segments):
+                row.in_engine += len(segment.tokens)
                 self._record(row, segment)
-            # 3. run the tools in parallel; each result joins the row with loss mask 0
-            called = [(b, row) for b, row in enumerate(rows) if row.call]
-            for (b, row), tokens in zip(called, self._run_tools([row for _, row in called])):
-                self.engine.append(b, tokens)
+            # 3. [branching] a row whose first w tokens after its last tool result are in decides
+            #    there (paper); its children start again from right after that result
+            children = ({b: self._branch(row) for b, row in enumerate(rows) if self._ready(row)}
+                        if self.after_result else {})
+            # 4. run the tools in parallel; each result joins its trajectory with loss mask 0
+            self._run_tools([row for row in rows if row.call])
+            if not self.after_result:          # released order: decide as the result arrives
+                children = {b: self._branch(row) for b, row in enumerate(rows)
+                            if row.node and not row.done}
             for row in rows:
                 if not row.done and row.traj.rounds >= cfg.max_rounds:
                     self._finish(row, "rounds")                 # the per-trajectory round budget
-            # 4. [pre-monitoring] a question whose probe has ended gets its global budget m
-            for q, question in enumerate(self.qs):
+            #    [pre-monitoring] a question whose probe has ended gets its global budget m
+            for q, question in enumerate(self.questions):
                 if question.m is None and question.finished:
                     self._pre_monitor(q)
-            #    [branching] + [branch penalty] rows that just received a tool result may branch
-            children = {b: self._branch(row) for b, row in called if not row.done}
-            # 5. keep the live rows, each followed by its children; start new globals; update l
-            kept = [(b, [row, *children.get(b, [])]) for b, row in enumerate(rows) if not row.done]
-            index = [b for b, family in kept for _ in family]
-            rows = [r for _, family in kept for r in family]
-            self.engine.select(index)
-            created = {kids[0].traj.question_idx for kids in children.values() if kids}
-            rows += self._start(self._new_globals(created))
+            # 5. keep the live rows, each followed by its children; start new globals
+            rows = self._keep(rows, children)
+            rows += self._start(self._new_globals())
         res.trajectories = self._pad_groups()
         res.prefill_tokens = self.engine.prefill_tokens
         res.generated_tokens = self.engine.generated_tokens
         return res
+
+    def _keep(self, rows: list[Row], children: dict[int, list[Row]]) -> list[Row]:
+        """The engine keeps the live rows, each followed by its children (copies of its engine
+        row); then each engine row is brought to its trajectory: a tool result is appended, a child
+        forgets what its parent sampled after the node."""
+        for b, row in enumerate(rows):      # results first, so that copies share their encoding
+            if not row.done and len(row.traj.response_ids) > row.in_engine:
+                self.engine.append(b, row.traj.response_ids[row.in_engine:])
+                row.in_engine = len(row.traj.response_ids)
+        kept = [(b, r) for b, row in enumerate(rows)
+                for r in ([] if row.done else [row]) + children.get(b, [])]
+        self.engine.select([b for b, _ in kept])
+        for i, (b, row) in enumerate(kept):
+            if row is not rows[b]:         # a child holds its parent's row: rewind it to the node
+                self.engine.rewind(i, rows[b].in_engine - len(row.traj.response_ids))
+                row.in_engine = len(row.traj.response_ids)
+        return [row for _, row in kept]
 
     # -- 2. recording a segment --------------------------------------------------------------------
     def _record(self, row: Row, seg: Segment) -> None:
@@ -209,6 +242,7 @@ class _Sampler:
         room = cfg.max_response_tokens - len(t.response_ids)
         cut = len(seg.tokens) > room
         n = min(room, len(seg.tokens))
+        self.res.sampled_tokens += n                # what is kept (the budget may cut a segment)
         t.response_ids += seg.tokens[:n]
         t.loss_mask += [1] * n
         t.logp += seg.logp[:n]
@@ -250,27 +284,27 @@ class _Sampler:
         t.entropy += [0.0] * len(ids)
 
     def _finish(self, row: Row, how: str) -> None:
-        t, q = row.traj, self.qs[row.traj.question_idx]
+        t, q = row.traj, self.questions[row.traj.question_idx]
         ids = [i for i in t.response_ids if i not in (self.tok.pad_token_id, self.tok.eos_token_id)]
         t.text, t.finish, row.done = self.tok.decode(ids, skip_special_tokens=False), how, True
         q.finished.append(t)
         q.active -= 1
 
     # -- 3. tools ----------------------------------------------------------------------------------
-    def _run_tools(self, rows: list[Row]) -> list[list[int]]:
-        """Run the queued calls in parallel threads; append each result; return its tokens."""
+    def _run_tools(self, rows: list[Row]) -> None:
+        """Run the queued calls in parallel threads; append each result to its trajectory, which
+        then holds a node where a branch decision is due."""
         def timed(call):
             t0 = time.perf_counter()
             output = self.tools[call[0]](call[1])
             return output, time.perf_counter() - t0
 
         if not rows:
-            return []
+            return
         t0 = time.perf_counter()
         with ThreadPoolExecutor(max_workers=min(8, len(rows))) as pool:
             outputs = list(pool.map(timed, [row.call for row in rows]))
         self.res.tools_s += time.perf_counter() - t0
-        appended = []
         for row, (output, seconds) in zip(rows, outputs):
             self.res.slowest_tool_s = max(self.res.slowest_tool_s, seconds)
             (tool, arg), row.call = row.call, None
@@ -279,73 +313,95 @@ class _Sampler:
             room = self.cfg.max_response_tokens - len(row.traj.response_ids)
             self._append(row, block[:room])
             row.seg_start = len(row.traj.response_ids)    # the next segment starts after it
-            appended.append(block[:room])
             if len(block) >= room:
                 self._finish(row, "length")
-        return appended
+            else:                                         # a branch point
+                t = row.traj
+                row.node = Node(len(t.response_ids), len(t.tool_calls), len(t.seg_entropy),
+                                t.rounds)
 
     # -- 4. the entropy rules ----------------------------------------------------------------------
     def _pre_monitor(self, q: int) -> None:
         """[pre-monitoring] The probe (the question's first global) has ended: set m from its
         segment entropies; the other m - 1 globals start next round."""
-        question, s = self.qs[q], self.res.stats[q]
+        question, s = self.questions[q], self.res.stats[q]
         s.m, s.h_root, s.h_tool = budget_from_probe(question.finished[0].seg_entropy, self.cfg.k,
                                                     self.cfg.beta)
         question.m, question.globals_due = s.m, s.m - 1
+        question.opened = self.res.rounds
+
+    def _ready(self, row: Row) -> bool:
+        """Is the decision at row.node due? The paper's rule (ARPO sec. 3.1): once the first w
+        tokens after the result are sampled, or the segment ended sooner."""
+        if row.node is None:
+            return False
+        sampled = len(row.traj.response_ids) - row.node.at
+        return sampled >= self.cfg.entropy_window or (sampled > 0 and (row.done or bool(row.call)))
 
     def _branch(self, row: Row) -> list[Row]:
-        """[branching] Delta H = H(segment that just called a tool) - H_init; up to Z - 1 children,
-        at most k trajectories per question. [branch penalty] The AEPO rule takes the streak l."""
-        q = row.traj.question_idx
-        question, s = self.qs[q], self.res.stats[q]
+        """[branching] Delta H = H_t - H_init, with H_t the step entropy at the node: the first w
+        tokens sampled after the result (paper), or the segment that made the call (released
+        order). Up to Z - 1 children, at most k trajectories per question. [branch penalty] The
+        AEPO rule takes the question's streak l."""
+        node, row.node = row.node, None
+        t, q = row.traj, row.traj.question_idx
+        question, s = self.questions[q], self.res.stats[q]
         if not self.cfg.branching or question.m is None:     # not before the budget is known
             return []
-        delta_h = row.traj.seg_entropy[-1] - row.h_init
-        n = n_children(delta_h, question.l, self.cfg.k - question.started, self.cfg, self.rng)
+        h_t = (segment_entropy(t.entropy[node.at:], self.cfg.entropy_window, self.vocab)
+               if self.after_result else t.seg_entropy[-1])
+        delta_h = h_t - row.h_init
+        n = n_children(delta_h, row.l, self.cfg.k - question.started, self.cfg, self.rng)
+        s.decisions.append((t.traj_id, node.calls, delta_h, row.l, n))
         s.n_branch += n
         if n:
-            source = row.traj.traj_id
-            s.branches_per_source[source] = s.branches_per_source.get(source, 0) + n
-        s.consecutive_branch_steps += n * (question.l > 0)
-        s.branches_after_first_call += n * (len(row.traj.tool_calls) > 1)
-        return [self._child(row) for _ in range(n)]
+            s.branches_per_source[t.traj_id] = s.branches_per_source.get(t.traj_id, 0) + n
+        s.consecutive_branch_steps += n * (row.l > 0)
+        s.branches_after_first_call += n * (node.calls > 1)
+        row.l = next_streak(row.l, n > 0)            # [branch penalty] once per tool step
+        return [self._child(row, node) for _ in range(n)]
 
     # -- 5. new trajectories -----------------------------------------------------------------------
-    def _new_globals(self, created: set[int]) -> list[int]:
-        """Questions to start a global for: the rest of a fresh AEPO budget, then the restart rule.
-        [branch penalty] Updates each question's streak l."""
+    def _new_globals(self) -> list[int]:
+        """Questions to start a global for: the rest of a fresh AEPO budget, then the restart
+        rule."""
         new = []
-        for q, question in enumerate(self.qs):
+        for q, question in enumerate(self.questions):
             if wants_restart(question, self.cfg.k, self.res.rounds, self.cfg.max_rounds):
                 new.append(q)
                 self.res.stats[q].n_restart += 1
-                created.add(q)
             new += [q] * question.globals_due
             question.globals_due = 0
-            question.l = next_streak(question.l, q in created)
         return new
 
     def _start(self, qs: list[int]) -> list[Row]:
-        rows = [Row(Trajectory(question_idx=q, prompt_ids=list(self.qs[q].prompt),
+        rows = [Row(Trajectory(question_idx=q, prompt_ids=list(self.questions[q].prompt),
                                traj_id=self._new_id())) for q in qs]
-        self.engine.add([self.qs[q].prompt for q in qs])
+        self.engine.add([self.questions[q].prompt for q in qs])
         for q in qs:
             self.res.stats[q].n_global += 1
             self._count_start(q)
         return rows
 
-    def _child(self, row: Row) -> Row:
-        """A full copy of the row, tool result included; it diverges at its first sampled token."""
-        child = copy.deepcopy(row)
-        child.traj.traj_id, child.traj.parent_id = self._new_id(), row.traj.traj_id
-        child.traj.is_global, child.h_init = False, None
-        self._count_start(row.traj.question_idx)
-        return child
+    def _child(self, row: Row, node: Node) -> Row:
+        """The trajectory as it was at the node, right after the tool result: it samples again
+        from there (the parent keeps what it sampled since). Under the paper's rule it shares its
+        parent's H_init (the same root); under the released order its first segment sets its own."""
+        t, n = row.traj, node.at
+        traj = Trajectory(question_idx=t.question_idx, prompt_ids=list(t.prompt_ids),
+                          response_ids=t.response_ids[:n], loss_mask=t.loss_mask[:n],
+                          logp=t.logp[:n], entropy=t.entropy[:n],
+                          tool_calls=list(t.tool_calls[:node.calls]), traj_id=self._new_id(),
+                          parent_id=t.traj_id, is_global=False,
+                          seg_entropy=t.seg_entropy[:node.segments], rounds=node.rounds)
+        self._count_start(t.question_idx)
+        return Row(traj, seg_start=n, h_init=row.h_init if self.after_result else None, l=row.l)
 
     def _count_start(self, q: int) -> None:
-        question = self.qs[q]
+        question = self.questions[q]
         question.started += 1
         question.active += 1
+        assert question.started <= self.cfg.k, "a question never starts more than k trajectories"
         if question.started >= self.cfg.k:
             self.engine.release(question.prompt)    # no later global of q needs its prompt cache
 
@@ -356,7 +412,7 @@ class _Sampler:
     def _pad_groups(self) -> list[Trajectory]:
         """Exactly k per question: duplicate the last trajectory of a question that ended short."""
         out = []
-        for q, question in enumerate(self.qs):
+        for q, question in enumerate(self.questions):
             group = sorted(question.finished, key=lambda t: t.traj_id)[: self.cfg.k]
             while len(group) < self.cfg.k:
                 group.append(dup := copy.deepcopy(group[-1]))

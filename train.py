@@ -153,16 +153,31 @@ def length_grouped_batches(rows: list, batch: int, rng: random.Random, pool: int
 
 
 def trajectory_tensors(trajs, pad: int, device) -> dict[str, torch.Tensor]:
-    """Right-padded (B, T) tensors of prompt + response; old_logp from the rollout (exact: same
-    weights, temperature-1 logits), 0 on prompt, tool and pad tokens."""
+    """Right-padded (B, T) tensors of prompt + response; old_logp and entropy from the rollout
+    (exact: same weights, temperature-1 logits, full vocabulary), 0 on prompt, tool and pad
+    tokens."""
     seqs = [t.prompt_ids + t.response_ids for t in trajs]
     masks = [[0] * len(t.prompt_ids) + t.loss_mask for t in trajs]
     old = [[0.0] * len(t.prompt_ids) + t.logp for t in trajs]
+    ent = [[0.0] * len(t.prompt_ids) + t.entropy for t in trajs]
     ids = pad_right(seqs, pad)
     attn = pad_right([[1] * len(s) for s in seqs], 0)
     return {"ids": ids.to(device), "attn": attn.to(device),
             "loss_mask": pad_right(masks, 0).to(device),
-            "old_logp": pad_right(old, 0.0).float().to(device)}
+            "old_logp": pad_right(old, 0.0).float().to(device),
+            "entropy": pad_right(ent, 0.0).float().to(device)}
+
+
+def token_advantages(adv: torch.Tensor, tensors: dict, cfg: Config) -> torch.Tensor:
+    """(B, T) per-token advantages of the whole step, fixed before the update: the group advantage
+    A (B,) on every sampled token; with alpha > 0, AEPO's entropy-aware A~_t = A (1 + alpha z_t)
+    (arXiv 2510.14545, eq. 12), z_t standardised over all the step's sampled tokens. z comes from
+    the rollout's exact entropies (pi_old; equal to pi_theta's at the first mini-batch), so the
+    update does not depend on how the batch is split into mini- and micro-batches."""
+    mask = tensors["loss_mask"]                                                         # (B, T)
+    if cfg.entropy_adv_alpha > 0:
+        return L.entropy_aware_advantages(adv, tensors["entropy"], mask, cfg.entropy_adv_alpha)
+    return adv[:, None] * mask                                                          # (B, T)
 
 
 def micro_batches(tensors: dict, rows: torch.Tensor, n: int):
@@ -188,19 +203,14 @@ def recompute_old_logp(model, tensors: dict, n: int) -> torch.Tensor:
     return old_logp
 
 
-def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config,
-                     accelerator) -> tuple[torch.Tensor, dict]:
-    """The loss of one micro-batch (entropy-aware advantage and surrogate; token mean over its
-    sampled tokens) and its stats.
-    t: trajectory_tensors rows (b, T); adv (b,) the rows' group advantages."""
+def micro_batch_loss(model, t: dict, cfg: Config, accelerator) -> tuple[torch.Tensor, dict]:
+    """The loss of one micro-batch (the surrogate: token mean over its sampled tokens) and its
+    stats. t: trajectory_tensors rows (b, T) with "adv", their token advantages (b, T)."""
     # the first sampled column: no logits before
     first = int(t["loss_mask"].any(0).int().argmax())
     logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True,
                                      first=first)                                        # (b, T)
-    tok_adv = adv[:, None] * t["loss_mask"]                                              # (b, T)
-    if cfg.entropy_adv_alpha > 0:
-        tok_adv = L.entropy_aware_advantages(adv, entropy, t["loss_mask"], cfg.entropy_adv_alpha)
-    loss, stats = L.policy_loss(logp, t["old_logp"], tok_adv, t["loss_mask"],
+    loss, stats = L.policy_loss(logp, t["old_logp"], t["adv"], t["loss_mask"],
                                 clip_mode=cfg.clip_mode, eps_low=cfg.eps_low,
                                 eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, entropy=entropy)
     if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
@@ -208,6 +218,18 @@ def micro_batch_loss(model, t: dict, adv: torch.Tensor, cfg: Config,
             ref = L.token_logprobs(model, t["ids"], t["attn"], first=first)
         loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
     return loss, stats
+
+
+def accumulate(model, tensors: dict, rows: torch.Tensor, cfg: Config, accelerator) -> list[dict]:
+    """The gradient of one mini-batch (`rows`), its loss the token mean over all its sampled
+    tokens, built from cfg.grad_accum micro-batches; returns their stats."""
+    n_tokens = tensors["loss_mask"][rows].sum().clamp(min=1)
+    stats = []
+    for micro, t in micro_batches(tensors, rows, cfg.grad_accum):
+        loss, s = micro_batch_loss(model, t, cfg, accelerator)
+        accelerator.backward(loss * t["loss_mask"].sum() / n_tokens)
+        stats.append(s)
+    return stats
 
 
 def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
@@ -231,6 +253,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
     adv_fn = L.group_advantages if cfg.adv_estimator == "grpo" else L.reinforce_pp_advantages
     adv = adv_fn(rewards, group).to(device)                                                 # (B,)
     tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
+    tensors["adv"] = token_advantages(adv, tensors, cfg)                                    # (B, T)
     if cfg.recompute_old_logp:
         tensors["old_logp"] = recompute_old_logp(model, tensors, cfg.mini_batches * cfg.grad_accum)
 
@@ -240,12 +263,8 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
     stats, skipped = [], 0
     for mb in order.chunk(cfg.mini_batches):
-        n_tokens = tensors["loss_mask"][mb].sum().clamp(min=1)
         opt.zero_grad(set_to_none=True)
-        for micro, t in micro_batches(tensors, mb, cfg.grad_accum):
-            loss, s = micro_batch_loss(model, t, adv[micro], cfg, accelerator)
-            accelerator.backward(loss * t["loss_mask"].sum() / n_tokens)
-            stats.append(s)
+        stats += accumulate(model, tensors, mb, cfg, accelerator)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
         if torch.isfinite(grad_norm):
             opt.step()

@@ -120,6 +120,7 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
         adv = adv_fn(rewards, group)                                                    # (B,)
     with clock("tensorise"):
         tensors = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
+        tensors["adv"] = train.token_advantages(adv, tensors, cfg)                     # (B, T)
     with clock("old logp (reused)"):
         pass                                                    # cfg.recompute_old_logp=False
     with clock(EXTRA), torch.no_grad():
@@ -139,7 +140,7 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
         for micro, t in train.micro_batches(tensors, mb, cfg.grad_accum):
             with clock("forward+loss"):
                 # the same code as rl_step
-                loss, _ = train.micro_batch_loss(model, t, adv[micro], cfg, acc)
+                loss, _ = train.micro_batch_loss(model, t, cfg, acc)
             with clock("backward"):
                 (loss * t["loss_mask"].sum() / n_tokens).backward()
             lengths = t["attn"].sum(1).sort().values                                    # (b,)

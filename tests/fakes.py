@@ -148,6 +148,8 @@ def assert_same_rollouts(cached, reference):
         assert got == want, f"trajectory {t.traj_id}: the cached engine differs from the reference"
     for s, r in zip(cached.stats, reference.stats, strict=True):
         assert (s.h_root, s.h_tool) == pytest.approx((r.h_root, r.h_tool), abs=1e-5)
-        assert dataclasses.replace(s, h_root=r.h_root, h_tool=r.h_tool) == r
+        assert [d[2] for d in s.decisions] == pytest.approx([d[2] for d in r.decisions], abs=1e-5)
+        assert dataclasses.replace(s, h_root=r.h_root, h_tool=r.h_tool, decisions=[
+            (*d[:2], rd[2], *d[3:]) for d, rd in zip(s.decisions, r.decisions, strict=True)]) == r
     assert cached.rounds == reference.rounds
     assert cached.generated_tokens == reference.generated_tokens

@@ -52,15 +52,23 @@ def test_aepo_probability(dh, l, expected):
     assert aepo_branch_probability(dh, tau=0.5, gamma=0.2, l=l) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("dh,l", [(0.0, 0), (1.0, 0), (-1.0, 3), (0.5, 5), (0.0, 12)])
-def test_single_draws_match_closed_forms(dh, l):
+@pytest.mark.parametrize("tau", [-0.2, 0.0, 0.3, 0.5, 1.0, 1.2])
+@pytest.mark.parametrize("dh,l", [(0.0, 0), (1.0, 0), (-1.0, 3), (0.5, 5), (0.0, 12), (2.0, 19),
+                                  (0.0, 20), (3.0, 25)])
+def test_single_draws_match_closed_forms_everywhere(dh, l, tau):
     """The per-draw rules select exactly the probability mass of the closed forms (u on a fine
-    grid)."""
+    grid), the edges included: tau = 0 and 1, tau out of [0, 1], and the penalty's c = 0."""
     grid = [(i + 0.5) / 10000 for i in range(10000)]
-    arpo = sum(arpo_should_branch(u, dh, 0.5, 0.2) for u in grid) / len(grid)
-    aepo = sum(aepo_should_branch(u, dh, 0.5, 0.2, l) for u in grid) / len(grid)
-    assert arpo == pytest.approx(arpo_branch_probability(dh, 0.5, 0.2), abs=2e-4)
-    assert aepo == pytest.approx(aepo_branch_probability(dh, 0.5, 0.2, l), abs=2e-4)
+    arpo = sum(arpo_should_branch(u, dh, tau, 0.2) for u in grid) / len(grid)
+    aepo = sum(aepo_should_branch(u, dh, tau, 0.2, l) for u in grid) / len(grid)
+    assert arpo == pytest.approx(arpo_branch_probability(dh, tau, 0.2), abs=2e-4)
+    assert aepo == pytest.approx(aepo_branch_probability(dh, tau, 0.2, l), abs=2e-4)
+
+
+def test_the_penalty_at_c_zero_forbids_branching_even_at_tau_zero():
+    assert aepo_branch_probability(5.0, tau=0.0, gamma=0.2, l=20) == 0.0
+    assert not aepo_should_branch(0.99, 5.0, tau=0.0, gamma=0.2, l=20)
+    assert aepo_should_branch(0.0, -1.0, tau=0.0, gamma=0.2, l=19)      # c = 0.05 > 0, tau = 0
 
 
 def test_global_budget_released_formula():

@@ -104,53 +104,94 @@ def test_segment_entropies_and_the_budget_m_are_hand_computed(tok, checked_rollo
         assert s.m == m
 
 
-def test_delta_h_acts_at_every_tool_call_and_children_measure_their_own_h_init(
-        tok, checked_rollout):
-    """ARPO with tau = 0 and a steep gamma: a row branches iff Delta H > 0. Entropies E0 < E2 < E1:
-    the global branches at calls 2 and 3 (Delta H = E1 - E0, E2 - E0); the child born at call 2 has
-    H_init = E2 (its first segment), so it does not branch at call 3."""
-    ps = [[0.97] * 4, [0.5] * 4, [0.8] * 4, [0.9] * 4]
+@pytest.mark.parametrize("where", ["after_result", "before_result"])
+def test_branching_follows_the_entropy_after_the_tool_result(tok, where, checked_rollout):
+    """ARPO with tau = 0 and a steep gamma: a decision branches iff Delta H > 0. The root is
+    confident (E0), the segment after result 1 uncertain (E1 > E0), the rest confident again.
+    The paper's rule measures H_t after result t: it branches at call 1 (Delta H = E1 - E0), the
+    child restarts right after result 1 and shares the root's H_init. The released order measures
+    the segment that made the call: Delta H = 0 at call 1 and E1 - E0 at call 2."""
+    ps = [[0.97] * 4, [0.5] * 4, [0.97] * 4, [0.97] * 4]
     model = ScriptedPolicy(tok, entropy_script(tok, ps))
     cfg = cfg_with(k=8, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=False,
-                   tau=0.0, gamma=1000.0, entropy_window=4, max_rounds=4)
+                   tau=0.0, gamma=1000.0, entropy_window=4, max_rounds=4, step_entropy=where)
     res = checked_rollout(model, ["Q1?"], cfg)
-    want = [H(*seg) / math.log(len(tok)) for seg in ps]
+    e = [H(*seg) / math.log(len(tok)) for seg in ps]
     (s,) = res.stats
     real = [t for t in res.trajectories if not t.is_duplicate]
-    assert (s.n_global, s.n_branch, s.branches_after_first_call, len(real)) == (1, 2, 2, 3)
     (root,) = [t for t in real if t.is_global]
-    assert s.branches_per_source == {root.traj_id: 2}
-    assert sorted(len(t.tool_calls) for t in real) == [3, 3, 3]
+    (child,) = [t for t in real if not t.is_global]
+    # (source, call, Delta H, l, children) in the order made; l is the source path's streak
+    if where == "after_result":
+        want = [(root.traj_id, 1, e[1] - e[0], 0, 1), (root.traj_id, 2, 0.0, 1, 0),
+                (root.traj_id, 3, 0.0, 0, 0), (child.traj_id, 2, 0.0, 1, 0),
+                (child.traj_id, 3, 0.0, 0, 0)]
+        node = 1
+    else:
+        want = [(root.traj_id, 1, 0.0, 0, 0), (root.traj_id, 2, e[1] - e[0], 0, 1),
+                (root.traj_id, 3, 0.0, 1, 0), (child.traj_id, 3, 0.0, 1, 0)]
+        node = 2
+    assert [d[:2] + d[3:] for d in s.decisions] == [d[:2] + d[3:] for d in want]
+    assert [d[2] for d in s.decisions] == pytest.approx([d[2] for d in want], abs=1e-6)
+    assert (s.n_branch, s.branches_after_first_call) == (1, int(node > 1))
+    # the child is its parent up to the end of result `node`, then samples on its own
+    at = [i for i in range(len(root.response_ids))
+          if root.loss_mask[i] == 0 and (i + 1 == len(root.loss_mask) or root.loss_mask[i + 1])]
+    end = at[node - 1] + 1
+    assert child.response_ids[:end] == root.response_ids[:end]
+    assert child.tool_calls[:node] == root.tool_calls[:node] and len(child.tool_calls) == 3
+    assert child.rounds == root.rounds == 4 and child.finish == root.finish == "eos"
     for t in real:
-        assert t.seg_entropy == pytest.approx(want, abs=1e-6) and t.finish == "eos"
+        assert t.seg_entropy == pytest.approx(e, abs=1e-6)
 
 
-def test_the_streak_l_gates_the_aepo_rule(tok, checked_rollout):
-    """AEPO rule, penalty 0.5 per l, tau = 1, steep gamma: a row branches iff Delta H > 0 and l < 2.
-    Entropies rise segment after segment. Round 2: the global branches (l 0 -> 1); round 3: again
-    (l = 1); round 4: l = 2 blocks every row, none is created, l resets; round 5: 3 rows branch."""
+def streak_run(tok, segment_tokens):
+    """AEPO rule, penalty 0.5 per l (c = 1, 0.5, 0 at l = 0, 1, 2), tau = 1, steep gamma: a
+    decision branches iff Delta H > 0 and l < 2. Entropies rise segment after segment."""
     ps = [[p] * 4 for p in (0.99, 0.95, 0.9, 0.8, 0.7, 0.6)]
     model = ScriptedPolicy(tok, entropy_script(tok, ps))
-    cfg = cfg_with(k=8, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=True,
-                   penalty=0.5, tau=1.0, gamma=1000.0, entropy_window=4, call_limit=6, max_rounds=6,
-                   max_response_tokens=1024)
-    res = checked_rollout(model, ["Q1?"], cfg)
-    (s,) = res.stats
-    assert (s.n_branch, s.n_restart, s.consecutive_branch_steps) == (5, 0, 1)
-    assert all(t.finish == "eos" for t in res.trajectories)
+    cfg = cfg_with(k=16, global_rollouts=1, branching=True, pre_monitor=False,
+                   branch_penalty=True, penalty=0.5, tau=1.0, gamma=1000.0, entropy_window=4,
+                   call_limit=6, max_rounds=64, max_response_tokens=1024,
+                   segment_tokens=segment_tokens)
+    return ScriptedPolicy, model, cfg
 
 
-def test_restarts_advance_l_and_a_quiet_round_resets_it():
+def test_the_streak_l_counts_tool_steps_whatever_the_round_size(tok, checked_rollout):
+    """The root's path: node 1 branches (l 0 -> 1), node 2 too (l 1 -> 2), node 3 is blocked
+    (c = 0; l resets), nodes 4 and 5 branch again. Children inherit the streak of the node they
+    start at. With segments of 4 tokens a segment spans several generate rounds; l is the same.
+    A path at node i with streak l spawns T(i, l) trajectories: T(i, l) = [l < 2] (1 + 2 T(i+1, l+1))
+    + [l = 2] T(i+1, 0), T(6, .) = 0, so T(1, 0) = 15 branches."""
+    runs = {}
+    for seg in (4, 64):
+        _, model, cfg = streak_run(tok, seg)
+        res = checked_rollout(model, ["Q1?"], cfg)
+        (s,) = res.stats
+        # the whole tree: 1 + 2 T(2, 1) = 15 branches, T(i, l) counted node by node: room never
+        # binds, and no restart is needed
+        assert (s.n_global, s.n_branch, s.n_restart) == (1, 15, 0)
+        assert all(t.finish == "eos" for t in res.trajectories if not t.is_duplicate)
+        root = [d for d in s.decisions if d[0] == 0]
+        assert [(d[1], d[3], d[4]) for d in root] == [(1, 0, 1), (2, 1, 1), (3, 2, 0), (4, 0, 1),
+                                                      (5, 1, 1)]
+        runs[seg] = sorted((d[1], d[3], d[4]) for d in s.decisions)
+        assert s.consecutive_branch_steps == sum(d[4] for d in s.decisions if d[3] > 0)
+    assert runs[4] == runs[64]
+    assert {l for _, l, _ in runs[4]} == {0, 1, 2}
+
+
+def test_restarts_leave_l_alone_and_start_within_max_rounds_of_the_budget():
     cfg = cfg_with(k=4, max_rounds=10)
     sampler = _Sampler(None, None, TOOLS, cfg, random.Random(0), vocab=10)
-    sampler.qs = [Question([1, 2], m=2, started=1), Question([3], m=2, started=4)]
+    sampler.questions = [Question([1, 2], m=2, started=1), Question([3], m=2, started=4)]
     sampler.res.stats = [QuestionStats(), QuestionStats()]
-    assert sampler._new_globals(created=set()) == [0] and [q.l for q in sampler.qs] == [1, 0]
-    sampler.qs[0].started, sampler.qs[0].active = 2, 0
-    assert sampler._new_globals(created=set()) == [0] and sampler.qs[0].l == 2
-    sampler.qs[0].active = 1                                    # busy: no restart, no creation
-    assert sampler._new_globals(created=set()) == [] and sampler.qs[0].l == 0
-    assert sampler._new_globals(created={1}) == [] and sampler.qs[1].l == 1   # a branch counts too
+    assert sampler._new_globals() == [0] and sampler.res.stats[0].n_restart == 1
+    sampler.questions[0].active = 1                             # busy: no restart
+    assert sampler._new_globals() == []
+    late = Question([1], m=4, started=2, opened=7)              # AEPO: budget known at round 7
+    assert wants_restart(late, k=4, round_=16, max_rounds=10)
+    assert not wants_restart(late, k=4, round_=17, max_rounds=10)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,7 +234,7 @@ def test_budget_from_probe_excludes_the_root_segment_from_h_tool():
 
 
 def test_next_streak_and_restart_rule():
-    assert [next_streak(2, True), next_streak(2, False)] == [3, 0]
+    assert [next_streak(2, True), next_streak(2, False), next_streak(0, True)] == [3, 0, 1]
     idle = Question([1], m=4, started=2)
     assert wants_restart(idle, k=4, round_=3, max_rounds=12)
     assert not wants_restart(idle, k=4, round_=12, max_rounds=12)          # restarts only early on

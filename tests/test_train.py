@@ -1,6 +1,7 @@
 """train.py end to end: smoke runs in a subprocess, resume equality, kill-safe checkpoints, and LoRA
 gradients after a rollout."""
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -245,7 +246,8 @@ def test_trimmed_micro_batches_give_the_same_loss_and_gradient():
     results = []
     for tensors in (short, {k: v[[1, 2]] for k, v in t.items()}):       # trimmed vs full width 32
         model.zero_grad()
-        loss, _ = train.micro_batch_loss(model, tensors, adv[[1, 2]], cfg, _NoAccelerator())
+        tensors = {**tensors, "adv": adv[[1, 2], None] * tensors["loss_mask"]}
+        loss, _ = train.micro_batch_loss(model, tensors, cfg, _NoAccelerator())
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                         if p.grad is not None}))
@@ -379,3 +381,41 @@ def test_cached_sft_survives_edits_to_the_rl_losses(tmp_path, monkeypatch):
                                                            "return centred"))
     monkeypatch.setattr(L, "__file__", str(edited))
     assert train.cached_sft() == first
+
+
+@pytest.mark.parametrize("algo", ["aepo", "grpo"])
+def test_grad_accum_does_not_change_the_update(algo):
+    """The entropy-aware advantage is fixed over the step's batch before the update, so splitting a
+    mini-batch into 4 micro-batches gives the same LoRA gradient as 1 (arXiv 2510.14545, eq. 12;
+    standardising z within each micro-batch would not: a confident and an uncertain row with the
+    same A would get the same weights)."""
+    torch.manual_seed(0)
+    model, tok = load_policy("tiny", lora_r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    gen = torch.Generator().manual_seed(1)
+    trajs = []
+    for n, scale in zip((12, 9, 14, 7), (0.1, 2.0, 0.5, 1.5)):     # rows of different entropy
+        t = _trajectory([5 + (3 * i) % 50 for i in range(n)])
+        t.entropy = (scale * torch.rand(n, generator=gen)).tolist()
+        trajs.append(t)
+    tensors = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
+    cfg = resolve(Config(algo=algo, output_dir="unused"))
+    tensors["adv"] = train.token_advantages(torch.tensor([1.0, 1.0, -0.5, 0.3]), tensors, cfg)
+    grads = []
+    for accum in (1, 4):
+        model.zero_grad()
+        train.accumulate(model, tensors, torch.arange(4), dataclasses.replace(cfg, grad_accum=accum),
+                         _Accelerator())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, g in grads[0].items():
+        torch.testing.assert_close(g, grads[1][name], rtol=1e-4, atol=1e-7)
+
+
+class _Accelerator(_NoAccelerator):
+    @staticmethod
+    def backward(loss):
+        loss.backward()
