@@ -51,9 +51,10 @@ class Sampling:
     eos_ids: list[int]                # single tokens that end a trajectory (EOS, and the pad id)
     tag_ids: list[int]                # closing tags that are single tokens (the tiny tokenizer)
     tag_strings: list[str]            # closing tags that are several tokens (real tokenizers)
-    tail_tokens: int                  # tokens to decode to see such a tag complete (its length + 2)
+    tag_window: int                   # a row's last tokens decoded to see such a tag complete
     pad: int
     generate_kwargs: dict = field(default_factory=dict)
+    _text: dict = field(default_factory=dict, repr=False)   # token id -> its text (memo)
 
     @staticmethod
     def make(tokenizer, *, greedy: bool = False, temperature: float = 1.0,
@@ -65,10 +66,19 @@ class Sampling:
         kwargs = (dict(do_sample=False, temperature=None, top_k=None, top_p=None) if greedy else
                   dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p))  # no top-k
         strings = [tag for tag in CLOSING_TAGS if tag not in single]
-        tail = max((len(tokenizer.encode(t, add_special_tokens=False)) for t in strings),
-                   default=1) + 2
+        # Every token of a tag's spelling holds at least one of its characters, and a vocabulary may
+        # spell it one character a token (Qwen3's can): its length in characters bounds the tokens
+        # to decode, + 2 of slack. Its canonical token count (3 for </search> in Qwen3) does not.
+        window = max(map(len, strings), default=1) + 2
         return Sampling(tokenizer, sorted({tokenizer.eos_token_id, pad}), sorted(single.values()),
-                        strings, tail, pad, kwargs)
+                        strings, window, pad, kwargs)
+
+    def may_close(self, token: int) -> bool:
+        """Whether the token's text holds a closing tag's last character ('>'): only such a token
+        can complete a tag, so only then is the row's window decoded."""
+        if token not in self._text:
+            self._text[token] = self.tokenizer.decode([token], skip_special_tokens=False)
+        return any(tag[-1] in self._text[token] for tag in self.tag_strings)
 
 
 class _Recorder(LogitsProcessor):
@@ -97,40 +107,49 @@ class _Recorder(LogitsProcessor):
 class _StopRecorder(StoppingCriteria):
     """Stops each row at EOS or at a closing tag, and records the step and the reason.
 
-    A tag that is several tokens is found in the decoded text of the row's current segment (`tails`:
-    its tokens before this call, so a tag split across two calls is still seen). After a row stops,
-    `generate` fills it with the pad id; `stopped_at` tells the sampler where its real tokens end.
-    `eos_token_id` is set so that `generate` does that filling (it pads only when an EOS criterion
-    is present).
+    One host transfer per step for the whole batch: the column of tokens just sampled. The host
+    keeps each row's last `tag_window` tokens (`tails`: its segment's tokens before this call, so
+    that a tag split across two calls is still seen) and decodes them only when the new token may
+    end a tag. After a row stops, `generate` fills it with the pad id; `stopped_at` tells the
+    sampler where its real tokens end. `eos_token_id` is set so that `generate` does that filling
+    (it pads only when an EOS criterion is present).
     """
 
     def __init__(self, sampling: Sampling, tails: list[list[int]], start: int):
         self.s, self.start = sampling, start
         self.eos_token_id = sampling.eos_ids
-        self.longest = sampling.tail_tokens
-        self.tails = [tail[-self.longest:] for tail in tails]
+        self.eos, self.tags = set(sampling.eos_ids), set(sampling.tag_ids)
+        self.recent = [list(tail[-sampling.tag_window:]) for tail in tails]  # on the host, per row
         self.stopped_at: list[int | None] = [None] * len(tails)
         self.reason: list[str | None] = [None] * len(tails)
+        self.done: torch.Tensor | None = None         # (B,) on the device: True once stopped
 
     def __call__(self, input_ids, scores, **kwargs):
         step = input_ids.shape[1] - self.start                  # tokens generated so far
-        last = input_ids[:, -1].tolist()
+        last = input_ids[:, -1].tolist()                        # the step's one host transfer
+        stopped = self.done is None
         for b, token in enumerate(last):
             if self.stopped_at[b] is not None:
                 continue
-            reason = ("eos" if token in self.s.eos_ids else "tag" if token in self.s.tag_ids else
-                      "tag" if self.s.tag_strings and self._ends_tag(input_ids[b], b) else None)
+            recent = self.recent[b]
+            recent.append(token)
+            del recent[:-self.s.tag_window]
+            reason = ("eos" if token in self.eos else "tag" if token in self.tags else
+                      "tag" if (self.s.tag_strings and self.s.may_close(token)
+                                and self._ends_tag(recent)) else None)
             if reason:
-                self.stopped_at[b], self.reason[b] = step, reason
-        return torch.tensor([s is not None for s in self.stopped_at], device=input_ids.device)
+                self.stopped_at[b], self.reason[b], stopped = step, reason, True
+        if stopped:                                             # to the device only when it changes
+            self.done = torch.tensor([s is not None for s in self.stopped_at],
+                                     device=input_ids.device)
+        return self.done
 
-    def _ends_tag(self, row: torch.Tensor, b: int) -> bool:
-        """A closing tag that the row's last token completes (it was not in the text before it)."""
-        new = row[max(self.start, row.shape[0] - self.longest):].tolist()  # this call's tail
-        tail = (self.tails[b] + new)[-self.longest:]
-        text = self.s.tokenizer.decode(tail, skip_special_tokens=False)
-        before = self.s.tokenizer.decode(tail[:-1], skip_special_tokens=False)
-        return any(tag in text and tag not in before for tag in self.s.tag_strings)
+    def _ends_tag(self, recent: list[int]) -> bool:
+        """A closing tag that the last token completes (it was not in the text before it)."""
+        decode = lambda ids: self.s.tokenizer.decode(ids, skip_special_tokens=False)
+        text = decode(recent)
+        found = [tag for tag in self.s.tag_strings if tag in text]
+        return bool(found) and any(tag not in decode(recent[:-1]) for tag in found)
 
 
 def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: int,
@@ -148,13 +167,12 @@ def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new
     seq = out.sequences                                                         # (B, W + N)
     new = seq[:, ids.shape[1]:]                                                 # (B, N)
     logp, entropy = recorder.finish(seq[:, -1])                                 # (B, N) each
-    new_mask = torch.ones_like(new)                                             # (B, N)
-    segments = []
-    for b, toks in enumerate(new.cpu().tolist()):
-        n = stops.stopped_at[b] or len(toks)
-        new_mask[b, n:] = 0
-        segments.append(Segment(toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist(),
-                                stops.reason[b]))
+    N = new.shape[1]
+    ends = [at or N for at in stops.stopped_at]                 # each row's real tokens: new[b, :n]
+    new_mask = (torch.arange(N, device=new.device)
+                < torch.tensor(ends, device=new.device)[:, None]).long()  # (B, N) 0 after a stop
+    segments = [Segment(toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist(), stops.reason[b])
+                for b, (toks, n) in enumerate(zip(new.cpu().tolist(), ends))]
     return seq, new_mask, out.cache, segments
 
 
