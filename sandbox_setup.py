@@ -13,8 +13,12 @@ Standard library only: this runs in a fresh interpreter, as the caller, before a
 2. PID 1 (namespaces) builds the new root (read-only binds, tmpfs, /proc, devices), pivots into it,
    forks the runner and watches the call's memory until the runner ends; when PID 1 exits, the
    kernel kills every process left in its namespace.
-3. The runner switches to the sandbox uid (exec then leaves it no capability) and execs the
+3. The runner switches to the sandbox uid (exec then leaves it no capability), joins a new session
+   keyring, installs the seccomp filter of sandbox_seccomp.py (every mode) and execs the
    interpreter.
+The interpreter's folders keep their paths in the new root, except below the folders the sandbox
+mounts its own (/tmp, /dev, /proc): a venv under /tmp is bound under /run/python instead
+(`inside`), and run from there.
 """
 import ctypes
 import json
@@ -25,10 +29,18 @@ import select
 import signal
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left this folder out
+import sandbox_seccomp  # noqa: E402
+
 # as root the code runs as uid SANDBOX_UID_BASE + pid: unused, unique while it lives
 SANDBOX_UID_BASE = 2**30
 MAX_PROCESSES = 16  # RLIMIT_NPROC, which counts threads
 SCRATCH_MB = 64  # the tmpfs of /tmp (the working directory) and of /dev/shm
+# files and folders in each: without a cap, empty files cost kernel memory no size limit sees
+SCRATCH_INODES = 8192
+INODE_BYTES = 2048  # what the memory watch charges per file (inode and dentry, measured ~1.5 KB)
+OWN_MOUNTS = ("/tmp", "/dev", "/proc")  # the sandbox's own; Python found below one moves to MOVED
+MOVED = "/run/python"
 RO_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 # The child's whole environment (plus HOME and TMPDIR): nothing of the caller's; one thread per
@@ -85,7 +97,8 @@ def main(config: dict) -> None:
         # counted in bwrap's new user namespace: its PID 1, this one, the code's
         limit = MAX_PROCESSES + 2
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
-        supervise(fork_runner(config["code"], None, None), config["memory_mb"])
+        supervise(fork_runner(config, None, None), config["memory_mb"])
+    config["python"] = inside_python()  # the interpreter as the new root holds it
     for group in config["cgroups"]:  # first: every process of the call is charged to them
         _write(os.path.join(group, "cgroup.procs"), str(os.getpid()))
     uid = SANDBOX_UID_BASE + os.getpid() if root else os.getuid()
@@ -94,7 +107,11 @@ def main(config: dict) -> None:
     if mode == "namespaces":
         namespaces(config, uid, gid)
     work, env = config["work"], {**SANDBOX_ENV, "HOME": config["work"], "TMPDIR": config["work"]}
-    if root:
+    if root and mode in ("bwrap", "landlock") and not throwaway_uid_can_run():
+        raise OSError(f"the throwaway uid cannot reach the interpreter {sys.executable} (a folder "
+                      "above it is closed to other users, e.g. /root): only the namespaces mode "
+                      "can run it; or install Python where other users may read it")
+    if root and (mode != "none" or throwaway_uid_can_run()):  # else none runs as root, as it says
         os.chown(work, uid, gid)
         os.setgroups([])
         os.setgid(gid)
@@ -110,7 +127,6 @@ def main(config: dict) -> None:
     processes = MAX_PROCESSES + (0 if root else count_threads(uid))
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     if mode == "landlock":
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left it out
         import sandbox_landlock  # only this mode needs it
         sandbox_landlock.restrict([*RO_PATHS, *python_paths()], [f"/dev/{d}" for d in DEVICES],
                                   work)
@@ -127,18 +143,70 @@ def set_limits(config: dict) -> None:
         resource.setrlimit(limit, (value, value))
 
 
-def run_code(code: str, work: str, env: dict) -> None:
+def run_code(code: str, work: str, env: dict, python: tuple = (sys.executable,) * 2) -> None:
+    """Exec python = (binary, argv[0]) on the code (a venv's Python finds its pyvenv.cfg from
+    argv[0])."""
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid programs gain no privileges
+    sandbox_seccomp.join_new_session_keyring()
+    sandbox_seccomp.restrict()
     os.chdir(work)
-    os.execve(sys.executable, [sys.executable, "-I", "-u", "-c", RUNNER, code], env)
+    os.execve(python[0], [python[1], "-I", "-u", "-c", RUNNER, code], env)
+
+
+def throwaway_uid_can_run() -> bool:
+    """Whether a uid of no group may run this interpreter where it lies (the namespaces mode opens
+    its folders as root first; the other modes cannot)."""
+    for path in [os.path.realpath(sys.executable), *python_paths()]:
+        while True:
+            if not os.stat(path).st_mode & 0o001:
+                return False
+            if path == "/":
+                break
+            path = os.path.dirname(path)
+    return True
+
+
+def _below(path: str, folders) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
 
 
 def python_paths() -> list[str]:
     """The interpreter's folders (a venv and its base), real paths, unless under RO_PATHS
-    already."""
+    already or inside another of them."""
     paths = {os.path.realpath(p)
              for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
-    return sorted(p for p in paths if not any(p == r or p.startswith(r + "/") for r in RO_PATHS))
+    return sorted(p for p in paths if not _below(p, RO_PATHS)
+                  and not _below(p, paths - {p}))
+
+
+def inside(path: str) -> str:
+    """Where the new root holds a folder of the interpreter: its own path, or below MOVED if the
+    sandbox mounts its own folder there."""
+    return MOVED + path if _below(path, OWN_MOUNTS) else path
+
+
+def inside_python() -> tuple[str, str]:
+    """(binary, argv[0]) of the interpreter in the new root: the real binary (a venv's bin/python
+    may link to a base that moved) under the venv's own name."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(sys.executable)))
+    binary = os.path.realpath(sys.executable)
+    return (inside(os.path.dirname(binary)) + "/" + os.path.basename(binary),
+            os.path.join(inside(folder), os.path.basename(sys.executable)))
+
+
+def venv_config() -> tuple[str, str] | None:
+    """(path, text) of a pyvenv.cfg to lay over the venv's own, if its `home` (the base
+    interpreter) moved below MOVED; else None."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(sys.executable)))
+    for path in (os.path.join(folder, "pyvenv.cfg"),
+                 os.path.join(os.path.dirname(folder), "pyvenv.cfg")):
+        if os.path.isfile(path):
+            with open(path) as f:
+                lines = f.read().splitlines()
+            moved = [f"home = {inside(line.partition('=')[2].strip())}"
+                     if line.partition("=")[0].strip() == "home" else line for line in lines]
+            return (path, "\n".join(moved) + "\n") if moved != lines else None
+    return None
 
 
 def count_threads(uid: int) -> int:
@@ -156,15 +224,22 @@ def count_threads(uid: int) -> int:
 def bwrap_argv(config: dict) -> list[str]:
     argv = [config["bwrap"], "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    for path in [*RO_PATHS, *python_paths()]:
+    for path in RO_PATHS:
         if os.path.islink(path):
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.exists(path):
             argv += ["--ro-bind", path, path]
-    inside = "/run/aepo/sandbox_setup.py"  # this file, to watch the call's memory from inside
+    for path in python_paths():
+        argv += ["--ro-bind", path, inside(path)]
+    if moved := venv_config():
+        _write(os.path.join(config["work"], "pyvenv.cfg"), moved[1])
+        argv += ["--ro-bind", os.path.join(config["work"], "pyvenv.cfg"), inside(moved[0])]
+    here = os.path.dirname(os.path.abspath(__file__))  # these files, to watch the call from inside
+    for name in ("sandbox_setup.py", "sandbox_seccomp.py"):
+        argv += ["--ro-bind", os.path.join(here, name), f"/run/aepo/{name}"]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
-             "--ro-bind", os.path.abspath(__file__), inside, "--remount-ro", "/", "--chdir", "/tmp"]
-    return argv + ["--", sys.executable, "-I", inside,
+             "--remount-ro", "/", "--chdir", "/tmp"]
+    return argv + ["--", config["python"][0], "-I", "/run/aepo/sandbox_setup.py",
                    json.dumps({**config, "mode": "bwrap-inside", "cgroups": []})]
 
 
@@ -237,23 +312,24 @@ def pid1(config: dict, uid: int, gid: int) -> None:
     os.chdir("/tmp")
     for path, value in [("user/max_user_namespaces", 0),
                         ("kernel/shmall", config["memory_mb"] << 8),
-                        ("kernel/shmmax", config["memory_mb"] << 20)]:
+                        ("kernel/shmmax", config["memory_mb"] << 20), ("kernel/msgmni", 16)]:
         # no nested namespaces; SysV memory within the call's budget (it dies with the IPC
-        # namespace)
+        # namespace), and 16 message queues of 16 KB (32000 by default: 500 MB of kernel memory)
         try:
             _write(f"/proc/sys/{path}", str(value))
         except OSError:
             pass
-    supervise(fork_runner(config["code"], uid, gid), config["memory_mb"])
+    supervise(fork_runner(config, uid, gid), config["memory_mb"])
 
 
-def fork_runner(code: str, uid: int | None, gid: int | None) -> int:
+def fork_runner(config: dict, uid: int | None, gid: int | None) -> int:
     runner = os.fork()
     if runner == 0:
         if uid is not None:
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-        run_code(code, "/tmp", {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"})
+        run_code(config["code"], "/tmp", {**SANDBOX_ENV, "HOME": "/tmp", "TMPDIR": "/tmp"},
+                 config["python"])
     return runner
 
 
@@ -285,9 +361,10 @@ def memory_used() -> int:
                     total += int(f.read().split()[1]) * PAGE
             except (OSError, IndexError):  # the process just ended
                 pass
-    for path in ("/tmp", "/dev/shm"):
+    for path in ("/tmp", "/dev/shm"):  # the files' pages, and their inodes (bwrap sets no cap)
         stats = os.statvfs(path) if os.path.isdir(path) else None
-        total += (stats.f_blocks - stats.f_bfree) * stats.f_frsize if stats else 0
+        total += ((stats.f_blocks - stats.f_bfree) * stats.f_frsize
+                  + (stats.f_files - stats.f_ffree) * INODE_BYTES) if stats else 0
     with open("/proc/sysvipc/shm") as f:  # columns: ... size ... rss swap; rss is in bytes
         header = f.readline().split()
         total += sum(int(line.split()[header.index("rss")]) for line in f if line.strip())
@@ -304,12 +381,13 @@ def build_root(new_root: str, uid: int, gid: int) -> None:
     sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC)
                for path in [*RO_PATHS, *python_paths()]
                if os.path.isdir(path) and not os.path.islink(path)}
+    moved = venv_config()
     libc.setfsgid(gid)
     libc.setfsuid(uid)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
     mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, f"size=1m,mode=755,uid={uid},gid={gid}")
     for path in [*RO_PATHS, *python_paths()]:
-        target = new_root + path
+        target = new_root + inside(path)
         if os.path.islink(path):  # merged /usr: /bin -> usr/bin
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.symlink(os.readlink(path), target)
@@ -320,10 +398,13 @@ def build_root(new_root: str, uid: int, gid: int) -> None:
                 flags = mount_flags(point)
                 mount(None, point, None,
                       MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | flags)
+    if moved:  # the venv's pyvenv.cfg, naming its base interpreter where it moved
+        _write(new_root + "/run/pyvenv.cfg", moved[1])
+        mount(new_root + "/run/pyvenv.cfg", new_root + inside(moved[0]), None, MS_BIND)
     for path in ("/tmp", "/dev/shm"):
         os.makedirs(new_root + path)
         mount("tmpfs", new_root + path, "tmpfs", MS_NOSUID | MS_NODEV,
-              f"size={SCRATCH_MB}m,mode=1777,uid={uid},gid={gid}")
+              f"size={SCRATCH_MB}m,nr_inodes={SCRATCH_INODES},mode=1777,uid={uid},gid={gid}")
     for device in DEVICES:
         open(f"{new_root}/dev/{device}", "w").close()
         mount(f"/dev/{device}", f"{new_root}/dev/{device}", None, MS_BIND)

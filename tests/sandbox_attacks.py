@@ -51,6 +51,8 @@ def none_ok(out: str) -> bool:
 SETSID_SLEEP = ("import os\nif os.fork() == 0:\n    os.setsid()\n"
                 "    os.execv('/bin/sleep', ['sleep', '$SLEEP_MARK'])\n")
 LIBC = "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+# key(name, keyring): the id of a "user" key in that keyring (-3 session, -4 user, -5 user session)
+KEYS = LIBC + "def key(name, ring):\n    return libc.syscall($KEYCTL, 10, ring, b'user', name, 0)\n"
 
 ATTACKS = [
     # --- resources ---
@@ -75,6 +77,12 @@ ATTACKS = [
            lambda o: "Too many open files" in o),
     Attack("resources", "sleep past the timeout", "import time\ntime.sleep(60)",
            lambda o: o == "Timed out after 1 s", timeout_s=1),
+    Attack("resources", "memory in a memfd (no file of the call)",
+           try_each("os.ftruncate(os.memfd_create('x'), 1 << 20)"), none_ok),
+    Attack("resources", "300k empty files (kernel memory)", "import os\nn = 0\nwhile n < 300000:\n"
+           "    os.close(os.open(f'/tmp/{n}', os.O_CREAT | os.O_WRONLY))\n    n += 1\n"
+           "print('made', n)", lambda o: "No space left" in o or "Memory limit" in o,
+           timeout_s=10, modes=NS),
     # --- filesystem ---
     Attack("filesystem", "read ~/.ssh", "open('$HOME_DIR/.ssh/id_ed25519').read()",
            lambda o: denied(o) and "PRIVATE KEY" not in o, modes=FILE_MODES),
@@ -127,6 +135,13 @@ ATTACKS = [
            lambda o: o == "True" or denied(o)),
     Attack("process", "signal PID 1", "import os\nos.kill(1, 9)\nprint('after')",
            lambda o: "after" in o or denied(o), ("trainer_alive",)),
+    Attack("process", "limits, priority and CPUs of the trainer", try_each(
+        "import resource; resource.prlimit($TRAINER_PID, resource.RLIMIT_CORE, (0, 0))",
+        "os.setpriority(os.PRIO_PROCESS, $TRAINER_PID, 19)",
+        "os.setpriority(os.PRIO_USER, os.getuid(), 19)",
+        "os.sched_setaffinity($TRAINER_PID, {0})",
+        "os.sched_setscheduler($TRAINER_PID, os.SCHED_IDLE, os.sched_param(0))"),
+           none_ok, ("trainer_settings_unchanged",)),
     # --- environment and memory ---
     Attack("environment and memory", "own environment", "import os\nprint(sorted(os.environ))",
            lambda o: "AEPO_TEST_SECRET" not in o and "'PATH'" in o),
@@ -154,6 +169,14 @@ ATTACKS = [
            modes=FILE_MODES),
     Attack("environment and memory", "open /dev/tty", "open('/dev/tty', 'w').write('hi')",
            lambda o: denied(o)),
+    Attack("environment and memory", "the trainer's session keyring",
+           KEYS + "buf = ctypes.create_string_buffer(100)\n"
+           "n = libc.syscall($KEYCTL, 11, key(b'$MARK', -3), buf, 100)\n"
+           "print('secret' if buf.raw.startswith(b'sk-') else 'nothing')",
+           lambda o: o == "nothing"),
+    Attack("persistence", "a key for the next call",
+           LIBC + "print([libc.syscall($ADD_KEY, b'user', b'$MARK-left', b'x', 1, ring)"
+           " for ring in (-3, -4, -5)])", lambda o: True),
     # --- network ---
     Attack("network", "TCP to a local listener",
            try_each("socket.create_connection(('127.0.0.1', $TCP_PORT), 1).sendall(b'$MARK')"),
@@ -173,6 +196,11 @@ ATTACKS = [
            ("abstract_untouched",), modes=FILE_MODES),
     Attack("network", "DNS lookup", try_each("socket.getaddrinfo('example.com', 80)"), none_ok,
            modes=NS),
+    Attack("network", "MPTCP to a local listener", try_each(
+        "socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)"
+        ".connect(('127.0.0.1', $TCP_PORT))"), none_ok, ("tcp_untouched",)),
+    Attack("network", "a vsock socket (a VM's host)",
+           try_each("socket.socket(40, socket.SOCK_STREAM)"), none_ok),
     # --- IPC ---
     Attack("IPC", "the host's SysV segment", LIBC + "print(libc.shmget($SHM_KEY, 0, 0))",
            lambda o: o == "-1", ("host_segment_intact",), modes=NS),
@@ -211,7 +239,33 @@ LATER = [Attack("resources", "6 processes x 200 MB (whole-call memory)",
                 or "Timed out" in o),
          Attack("persistence", "what earlier calls left",
                 "import os\nprint(os.path.exists('/tmp/$MARK'), os.path.exists('$MARK.txt'), "
-                "os.listdir('.'))", lambda o: o == "False False []", modes=FILE_MODES)]
+                "os.listdir('.'))", lambda o: o == "False False []", modes=FILE_MODES),
+         Attack("persistence", "keys earlier calls left",
+                KEYS + "print([key(b'$MARK-left', ring) for ring in (-3, -4, -5)])",
+                lambda o: o == "[-1, -1, -1]")]
+
+
+def plant_key(name: str, secret: str) -> dict:
+    """Put the secret into a new session keyring of the driver's (as a login's keys would be);
+    return the keyctl and add_key numbers the snippets need."""
+    import ctypes
+    import platform
+
+    from sandbox_seccomp import SYSCALLS
+
+    numbers = SYSCALLS[platform.machine()]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(numbers["keyctl"], 1, None)  # JOIN_SESSION_KEYRING: the test's own stays clean
+    libc.syscall(numbers["add_key"], b"user", name.encode(), secret.encode(), len(secret), -3)
+    return {"KEYCTL": numbers["keyctl"], "ADD_KEY": numbers["add_key"]}
+
+
+def trainer_settings() -> list:
+    """What a snippet could change in the trainer without signalling or tracing it."""
+    import resource
+
+    return [resource.getrlimit(resource.RLIMIT_CORE), os.getpriority(os.PRIO_PROCESS, 0),
+            sorted(os.sched_getaffinity(0)), os.sched_getscheduler(0)]
 
 
 def run_all(mode: str | None, params: dict, everything: bool = False) -> dict:
@@ -220,7 +274,9 @@ def run_all(mode: str | None, params: dict, everything: bool = False) -> dict:
     mode None: the strongest isolation here."""
     import sandbox
 
-    params = {**params, "TRAINER_PID": str(os.getpid())}
+    params = {**params, "TRAINER_PID": str(os.getpid()),
+              **plant_key(params["MARK"], params["SECRET"])}
+    before = trainer_settings()
 
     def run(attack: Attack):
         start = time.monotonic()
@@ -235,7 +291,7 @@ def run_all(mode: str | None, params: dict, everything: bool = False) -> dict:
     # one at a time
     results.update(map(run, [a for a in LATER if everything or in_force in a.modes]))
     return results | {"_mode": in_force, "_describe": sandbox.describe_isolation(),
-                      "_uid": os.getuid()}
+                      "_uid": os.getuid(), "_trainer_settings": [before, trainer_settings()]}
 
 
 if __name__ == "__main__":

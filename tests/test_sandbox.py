@@ -264,7 +264,7 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
     if who == "user" and IS_ROOT:
         user, code = ordinary_user(), host["base"] / "code"
         code.mkdir(exist_ok=True)
-        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py",
+        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py", "sandbox_seccomp.py",
                      "tests/sandbox_attacks.py"):
             shutil.copy(ROOT / name, code)
         python = next((p for p in (sys.executable, SYSTEM_PYTHON) if runs_as(user, p)), None)
@@ -308,6 +308,8 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
         "host_segment_intact": (ctypes.string_at(host["address"], 6) == b"intact"
                                 and libc.shmget(host["key"], 0, 0) >= 0),
         "no_new_sysv": sysv_ids() <= host["sysv"],
+        "trainer_settings_unchanged": (results["_trainer_settings"][0]
+                                       == results["_trainer_settings"][1]),
     }
     # what a failed containment left: the host as before
     for pid in marked_processes(params["SLEEP_MARK"]):
