@@ -10,7 +10,10 @@ with one line on stderr, exit status 1, no traceback, and nothing written. What 
 - the recipe (resolve): --preset, else the model family's; then --algo; explicit flags win;
 - paths: --output_dir is not a file; --resume finds something to continue; --model, --init_from,
   --adapter, --judge_model and --search_corpus exist when they name local paths;
-- data: every dataset the run will read is loaded once here, so a bad row stops the run before SFT.
+- data: every dataset the run will read is loaded once here, so a bad row stops the run before SFT;
+  so is the --search_cache file;
+- the Python tool: a run that uses it (RL, evaluation) stops here, with the cause, where the sandbox
+  would refuse every call (sandbox.check_python_tool), not when RL first calls it after the SFT.
 Not checked here: a hub model id, which policy.load_policy checks (fast, offline) when it loads it.
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import data
 import loaders
+import sandbox
+import tools
 import world
 from checkpoint import checkpoints
 from aepo import ALGOS, PRESETS, Config
@@ -224,7 +229,20 @@ def train_config(argv: list[str] | None = None) -> Config:
         _load("--eval_dataset", world.load_examples, cfg.eval_dataset, cfg.eval_limit or None)
     if cfg.stage in ("sft", "all") and cfg.sft_dataset not in ("", "world"):
         _load("--sft_dataset", loaders.load_demos, cfg.sft_dataset)
+    if cfg.stage in ("rl", "all"):
+        check_tools(cfg)
     return cfg
+
+
+def check_tools(cfg: Config) -> None:
+    """The search cache file reads (a file, valid JSON, text values) and the Python tool will run
+    model-written code."""
+    if cfg.search_cache:
+        _load("--search_cache", tools.CachedSearch, None, cfg.search_cache)
+    try:
+        sandbox.check_python_tool(cfg.unsafe_python)
+    except SystemExit as refused:
+        fail(str(refused.code).removeprefix("error: "))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,4 +314,5 @@ def eval_config(argv: list[str] | None = None) -> tuple[EvalArgs, Config, list[d
     check_model(args.judge_model, "--judge_model")
     examples = [ex for spec in args.dataset
                 for ex in _load("--dataset", world.load_examples, spec, args.limit or None)]
+    check_tools(cfg)
     return args, cfg, examples

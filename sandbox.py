@@ -32,6 +32,7 @@ line):
   (`--unsafe_python`).
 Kernel exploits are out of scope: against hostile users rather than a confused model, use a VM.
 """
+import atexit
 import contextlib
 import functools
 import json
@@ -68,6 +69,8 @@ def run_python(code: str, timeout_s: float = 5.0, max_output_chars: int = 2000,
     if mode == "none" and not unsafe:
         return ("Python sandbox refused: no isolation is available on this machine; rerun with "
                 "--unsafe_python to run model-written code unprotected")
+    if mode == "bwrap" and not shutil.which("bwrap"):
+        return "Python sandbox could not start: bwrap is not installed"
     with tempfile.TemporaryDirectory(prefix="aepo-python-", ignore_cleanup_errors=True) as work:
         os.chmod(work, 0o755)
         groups = make_cgroups(memory_mb) if os.getuid() == 0 and mode != "none" else []
@@ -94,30 +97,57 @@ def run_python(code: str, timeout_s: float = 5.0, max_output_chars: int = 2000,
 
 
 @functools.cache
-def best_isolation() -> str:
-    """The strongest mode of MODES that runs a probe correctly here (tried once per process,
-    ~0.2 s)."""
+def probe() -> tuple[str, tuple[tuple[str, str], ...]]:
+    """(the strongest mode of MODES that runs a probe correctly here, (mode, what went wrong) for
+    each stronger one), tried once per process (~0.2 s)."""
+    failed = []
     for mode in MODES[:-1]:
-        if run_python("6 * 7", timeout_s=10, isolation=mode) == "42":
-            return mode
-    return "none"
+        output = run_python("6 * 7", timeout_s=10, isolation=mode)
+        if output == "42":
+            break
+        why = " ".join(output.removeprefix("Python sandbox could not start: ").split())
+        failed.append((mode, why[:300] or "no output"))
+    else:
+        mode = "none"
+    return mode, tuple(failed)
+
+
+def best_isolation() -> str:
+    """The strongest mode of MODES that works here."""
+    return probe()[0]
 
 
 def describe_isolation(unsafe: bool = False) -> str:
-    """One line for the start of a run: which isolation holds model-written Python code here."""
+    """One line for the start of a run: which isolation holds model-written Python code here, and
+    why no stronger mode does."""
     mode, root = best_isolation(), os.getuid() == 0
     memory = ("memory and CPU capped per call (cgroups)" if root and cgroup_roots() else
               "memory capped per call (checked every 20 ms)")
     who = "a throwaway uid" if root else "the caller's uid"
-    return {"namespaces": "Python sandbox: user namespaces (private root, no network, own IPC and "
+    line = {"namespaces": "Python sandbox: user namespaces (private root, no network, own IPC and "
                           f"PID), runs as {who}, {memory}",
             "bwrap": "Python sandbox: bubblewrap (private root, no network, own IPC and PID), "
                      f"{memory}",
             "landlock": "Python sandbox: Landlock (files: system read-only, own folder writable; "
-                        "no TCP); UDP and Unix sockets on disk stay open",
+                        "no TCP); LEFT OPEN: UDP, Unix sockets on disk, SysV IPC, daemons that "
+                        "call setsid(), the disk in its folder, the call's total memory",
             "none": "Python sandbox: NO isolation (rlimits only): model-written code runs as "
-                    + ("root" if root else "you") + (" (--unsafe_python)" if unsafe else
-                                                   "; refused unless --unsafe_python")}[mode]
+                    + ("a throwaway uid" if root and setup.throwaway_uid_can_run() else
+                       "root" if root else "you")
+                    + (" (--unsafe_python)" if unsafe else "; refused unless --unsafe_python")}
+    reasons = "; ".join(f"{m}: {why}" for m, why in probe()[1])
+    return line[mode] + (f" [not stronger because {reasons}]" if reasons else "")
+
+
+def check_python_tool(unsafe: bool = False) -> str:
+    """describe_isolation's line, or SystemExit naming why the Python tool would refuse every call
+    and the fix. Call it before training starts, not when RL first calls the tool."""
+    line = describe_isolation(unsafe)
+    if best_isolation() == "none" and not unsafe:
+        raise SystemExit(f"error: {line}. Fix what stops the namespaces mode (python sandbox.py "
+                         "says it again), or pass --unsafe_python to run model-written code "
+                         "unprotected")
+    return line
 
 
 # --------------------------------------------------------------------------------------------------
@@ -186,22 +216,41 @@ CPU_QUOTA = "100000 100000"  # one CPU per call, however many processes it start
 
 
 def cgroup_roots() -> list[str]:
-    """Writable cgroup folders for the memory and cpu controllers: v2 at /sys/fs/cgroup, else
-    v1's."""
-    if os.access("/sys/fs/cgroup/cgroup.subtree_control", os.W_OK):
-        with open("/sys/fs/cgroup/cgroup.subtree_control") as f:
-            return ["/sys/fs/cgroup"] if "memory" in f.read().split() else []
-    v1 = [f"/sys/fs/cgroup/{c}" for c in ("memory", "cpu")
-          if os.access(f"/sys/fs/cgroup/{c}/cgroup.procs", os.W_OK)]
-    return v1 if v1[:1] == ["/sys/fs/cgroup/memory"] else []
+    """Writable cgroup folders for the memory and cpu controllers, within the trainer's own limits
+    (a container's, a job scheduler's): v1, the trainer's own cgroups; v2, the deepest cgroup at or
+    above the trainer's that hands the memory controller down (v2 allows no child beside
+    processes)."""
+    own = {}
+    with open("/proc/self/cgroup") as f:  # lines "id:controllers:path"; v2's controllers: ""
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            own.update(dict.fromkeys(controllers.split(","), path.rstrip("/")))
+    if os.path.exists("/sys/fs/cgroup/cgroup.subtree_control"):
+        folder = "/sys/fs/cgroup" + own.get("", "")
+        while not os.path.isdir(folder):  # e.g. a path from outside a container's view
+            folder = os.path.dirname(folder)
+        while folder.startswith("/sys/fs/cgroup"):
+            with open(f"{folder}/cgroup.subtree_control") as f:
+                if "memory" in f.read().split():
+                    return [folder] if os.access(folder, os.W_OK) else []
+            folder = os.path.dirname(folder)
+        return []
+    v1 = [f"/sys/fs/cgroup/{c}{own.get(c, '')}" for c in ("memory", "cpu")]
+    v1 = [p if os.path.isdir(p) else f"/sys/fs/cgroup/{c}" for c, p in zip(("memory", "cpu"), v1)]
+    v1 = [p for p in v1 if os.access(f"{p}/cgroup.procs", os.W_OK)]
+    return v1 if v1 and v1[0].startswith("/sys/fs/cgroup/memory") else []
+
+
+_LEFT: set[str] = set()  # cgroups a call left (a process dying with kernel memory held)
 
 
 def make_cgroups(memory_mb: int) -> list[str]:
     """New cgroups for one call: memory (with swap) capped at memory_mb, one CPU; [] if cgroups are
-    not writable."""
+    not writable. Removes what earlier calls left first."""
     made, limit = [], str(memory_mb << 20)
     try:
         for root in cgroup_roots():
+            sweep_cgroups(root)
             path = os.path.join(root, f"aepo-sandbox-{os.getpid()}-{os.urandom(4).hex()}")
             os.mkdir(path)
             made.append(path)
@@ -221,22 +270,39 @@ def make_cgroups(memory_mb: int) -> list[str]:
 
 def remove_cgroups(paths: list[str]) -> None:
     """Kill whatever is left in each cgroup, then remove it (a dying process can hold it a few
-    ms)."""
+    ms; one still held after 1 s is left to sweep_cgroups and to the exit)."""
     for path in paths:
         for _ in range(200):
             try:
                 os.rmdir(path)
+                _LEFT.discard(path)
                 break
             except FileNotFoundError:
                 break
             except OSError:
-                with open(os.path.join(path, "cgroup.procs")) as f:
+                with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
                     for pid in f.read().split():
-                        try:
+                        with contextlib.suppress(ProcessLookupError):
                             os.kill(int(pid), signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
                 time.sleep(0.005)
+        else:
+            _LEFT.add(path)
+
+
+def sweep_cgroups(root: str) -> None:
+    """Remove the call cgroups under root that this process left, or that a trainer no longer
+    running left (aepo-sandbox-<pid>-...); those still in use stay."""
+    for entry in os.scandir(root):
+        pid = entry.name.split("-")[2] if entry.name.startswith("aepo-sandbox-") else ""
+        if entry.path in _LEFT or (pid.isdigit() and not os.path.exists(f"/proc/{pid}")):
+            with contextlib.suppress(OSError):
+                os.rmdir(entry.path)
+                _LEFT.discard(entry.path)
+
+
+@atexit.register
+def _remove_left_cgroups() -> None:
+    remove_cgroups(sorted(_LEFT))
 
 
 def _probe_main() -> None:  # python sandbox.py: print the isolation in force

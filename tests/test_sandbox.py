@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -136,6 +137,126 @@ def test_make_tools_refuses_without_isolation(monkeypatch):
         policy.make_tools(aepo.Config())
     tools = policy.make_tools(aepo.Config(unsafe_python=True))
     assert tools["python"]("6 * 7").startswith(("42", "Python sandbox could not start"))
+
+
+def test_a_mode_that_fails_is_named_with_its_cause(monkeypatch):
+    """The start-of-run line says why no stronger mode holds, and a run that would refuse every
+    Python call stops before training, with the cause."""
+    import cli
+
+    failures = {"namespaces": "Python sandbox could not start: [Errno 17] File exists: '/x/tmp'",
+                "bwrap": "Python sandbox could not start: bwrap is not installed",
+                "landlock": "Python sandbox could not start: [Errno 13] Permission denied: '/x/py'"}
+    monkeypatch.setattr(sandbox, "run_python", lambda code, timeout_s, isolation: failures[isolation])
+    sandbox.probe.cache_clear()
+    try:
+        line = sandbox.describe_isolation()
+        assert line.startswith("Python sandbox: NO isolation") and "\n" not in line
+        assert ("namespaces: [Errno 17] File exists: '/x/tmp'; bwrap: bwrap is not installed; "
+                "landlock: [Errno 13] Permission denied: '/x/py'") in line
+        with pytest.raises(SystemExit, match="File exists.*--unsafe_python"):
+            sandbox.check_python_tool()
+        assert sandbox.check_python_tool(unsafe=True).startswith("Python sandbox: NO isolation")
+        with pytest.raises(SystemExit, match="File exists"):  # before any model or data loads
+            cli.train_config(["--stage", "rl", "--output_dir", "/nonexistent/aepo-run"])
+        assert cli.train_config(["--stage", "sft", "--output_dir", "/nonexistent/aepo-run"])
+    finally:
+        sandbox.probe.cache_clear()
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="as root only")
+def test_unsafe_python_as_root_runs_as_it_says(monkeypatch):
+    """Without isolation, root runs the code as the throwaway uid only where that uid can reach the
+    interpreter (else as root, and says so); Landlock names the folder it cannot pass."""
+    reachable = sandbox.setup.throwaway_uid_can_run()
+    uid = run_python("import os\nos.getuid()", isolation="none", unsafe=True)
+    assert uid.isdigit() and (int(uid) >= sandbox.SANDBOX_UID_BASE if reachable else uid == "0")
+    monkeypatch.setattr(sandbox, "probe", lambda: ("none", ()))
+    assert ("runs as root" in sandbox.describe_isolation(unsafe=True)) == (not reachable)
+    if not reachable:
+        assert "cannot reach the interpreter" in run_python("6 * 7", isolation="landlock")
+
+
+def cgroup_paths(text: str) -> dict:
+    """/proc/<pid>/cgroup's text as {controller: path} (v2's controller: "")."""
+    lines = [line.split(":", 2) for line in text.splitlines() if line]
+    return {c: path.rstrip("/") for _, controllers, path in lines for c in controllers.split(",")}
+
+
+@pytest.mark.skipif(not (IS_ROOT and sandbox.cgroup_roots()), reason="cgroups: as root only")
+def test_a_calls_cgroups_lie_within_the_trainers():
+    own = cgroup_paths(Path("/proc/self/cgroup").read_text())
+    call = cgroup_paths(run_python("print(open('/proc/self/cgroup').read())"))
+    if os.path.exists("/sys/fs/cgroup/cgroup.subtree_control"):  # v2: the deepest that delegates
+        folder = own[""]
+        while "memory" not in Path(f"/sys/fs/cgroup{folder}/cgroup.subtree_control").read_text():
+            folder = os.path.dirname(folder)
+        assert os.path.dirname(call[""]) == folder.rstrip("/")
+    else:
+        assert os.path.dirname(call["memory"]) == own["memory"]
+
+
+@pytest.mark.skipif(not (IS_ROOT and sandbox.cgroup_roots()), reason="cgroups: as root only")
+def test_cgroups_left_behind_are_removed():
+    """A call's cgroup that outlived its 1 s of cleanup goes at the next call or at exit; so does
+    one of a trainer that died."""
+    pid = subprocess.Popen(["true"])  # its pid is free once it is reaped
+    pid.wait()
+    roots = sandbox.cgroup_roots()
+    orphans = [os.path.join(root, f"aepo-sandbox-{pid.pid}-0rphan00") for root in roots]
+    mine = os.path.join(roots[0], f"aepo-sandbox-{os.getpid()}-1eft0000")
+    for folder in [*orphans, mine]:
+        os.mkdir(folder)
+    sandbox._LEFT.add(mine)
+    assert run_python("6 * 7") == "42"
+    assert not [folder for folder in [*orphans, mine] if os.path.exists(folder)]
+    at_exit = os.path.join(roots[0], "aepo-sandbox-1-atexit00")  # pid 1 lives: only _LEFT counts
+    subprocess.run([sys.executable, "-c", f"import os, sandbox\nos.mkdir({at_exit!r})\n"
+                    f"sandbox._LEFT.add({at_exit!r})"], cwd=ROOT, check=True)
+    assert not os.path.exists(at_exit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Where Python lives
+
+VENV_PROBE = """import json, sys
+sys.path.insert(0, sys.argv[1])
+import sandbox
+print(json.dumps([sandbox.best_isolation(), sandbox.describe_isolation(),
+                  sandbox.run_python("import os, sys\\nprint(sys.prefix)\\nos.listdir('.')")]))
+"""
+
+
+@pytest.mark.parametrize("who", ["root", "user"] if IS_ROOT else ["user"])
+def test_a_venv_under_tmp_gets_the_same_isolation(who):
+    """The sandbox mounts its own /tmp: a venv there (python3 -m venv /tmp/x) runs from /run/python
+    in the new root, with the same isolation as its base interpreter."""
+    user = ordinary_user() if who == "user" and IS_ROOT else None
+    base = sys.executable if user is None else SYSTEM_PYTHON
+    if user and not runs_as(user, base):
+        pytest.skip(f"no Python >= 3.10 that {TEST_USER} may run ({base})")
+    ids = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+    code = Path(tempfile.mkdtemp(prefix="aepo-code-"))
+    venv = Path("/tmp") / f"aepo-venv-{uuid.uuid4().hex[:8]}"
+    try:
+        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py", "sandbox_seccomp.py"):
+            shutil.copy(ROOT / name, code)
+        code.chmod(0o755)
+        subprocess.run([base, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
+                       check=True, cwd="/", **ids)
+        found = {}
+        for python in (base, str(venv / "bin" / "python")):
+            done = subprocess.run([python, "-I", "-c", VENV_PROBE, str(code)], cwd="/", **ids,
+                                  capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            found[python] = json.loads(done.stdout)
+        mode, line, output = found[str(venv / "bin" / "python")]
+        assert mode == found[base][0], line
+        if mode in ("namespaces", "bwrap"):
+            assert output == f"/run/python{venv}\n[]"
+    finally:
+        shutil.rmtree(venv, ignore_errors=True)
+        shutil.rmtree(code, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------------
