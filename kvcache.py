@@ -29,10 +29,82 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from engine import Sampling, Segment, left_padded, sample_segments
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (keys, values), each (heads, n, head_dim)
+CHUNK = 256       # columns the KV storage grows by
+
+
+# --------------------------------------------------------------------------------------------------
+# The KV storage: written in place, grown in chunks
+
+
+class ChunkedLayer(DynamicLayer):
+    """One layer's keys and values in (B, heads, capacity, head_dim) storage, of which the first `n`
+    columns are used. A decoded token's key and value are written in place into the next free
+    column; the storage grows by CHUNK columns when full. (transformers' DynamicLayer concatenates
+    the whole layer at every token: traffic that grows with the square of the length.)
+
+    `keys` / `values` are views of the used columns; assigning them (a batch select, a widening)
+    replaces the storage, which then grows again from that size.
+    """
+
+    def __init__(self):
+        self._k = self._v = None
+        self.n = 0
+        super().__init__()
+
+    keys = property(lambda self: None if self._k is None else self._k[:, :, :self.n])
+    values = property(lambda self: None if self._v is None else self._v[:, :, :self.n])
+
+    @keys.setter
+    def keys(self, k):
+        self._k, self.n = k, 0 if k is None or k.dim() < 3 else k.shape[-2]
+
+    @values.setter
+    def values(self, v):
+        self._v = v
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device, self.is_initialized = key_states.device, True
+        self.keys, self.values = key_states[:, :, :0], value_states[:, :, :0]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, m = self.n, key_states.shape[-2]
+        if n + m > self._k.shape[-2]:                         # full: grow by whole chunks
+            capacity = -(-(n + m) // CHUNK) * CHUNK
+            self._k, self._v = (self._grown(t, key_states, capacity) for t in (self._k, self._v))
+        self._k[:, :, n:n + m] = key_states
+        self._v[:, :, n:n + m] = value_states
+        self.n = n + m
+        return self.keys, self.values
+
+    def _grown(self, old: torch.Tensor, like: torch.Tensor, capacity: int) -> torch.Tensor:
+        new = like.new_empty((*like.shape[:2], capacity, like.shape[3]))  # (B, heads, cap, dim)
+        new[:, :, :self.n] = old[:, :, :self.n]
+        return new
+
+    def get_seq_length(self) -> int:
+        return self.n if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.n = max(0, self.n + tokens_to_remove)               # negative: drop the last tokens
+
+
+def chunked_cache(config) -> DynamicCache:
+    """An empty cache for `config`'s model whose layers are ChunkedLayers."""
+    cache = DynamicCache(config=config)
+    cache.layers = [ChunkedLayer() for _ in cache.layers]
+    cache.layer_class_to_replicate = ChunkedLayer if cache.layer_class_to_replicate else None
+    return cache
+
+
+# --------------------------------------------------------------------------------------------------
+# The engine
 
 
 class CachedEngine:
@@ -99,6 +171,8 @@ class CachedEngine:
         self.prefill_tokens += sum(map(len, self.unfed))
         self._append_columns(self.unfed)
         self.unfed = [[] for _ in self.unfed]
+        if self.cache is None:
+            self.cache = chunked_cache(self.model.config)
         seq, new_mask, self.cache, segments = sample_segments(
             self.model, self.ids, self.mask, self.cache, max_new_tokens, self.sampling, tails)
         self.ids, self.mask = seq, torch.cat([self.mask, new_mask], 1)           # (B, W + N)
@@ -153,7 +227,7 @@ class CachedEngine:
 
     def _start_cache(self, like: KV) -> None:
         """An empty cache (no columns yet) for the current rows, shaped like `like`."""
-        self.cache, B = DynamicCache(config=self.model.config), self.ids.shape[0]
+        self.cache, B = chunked_cache(self.model.config), self.ids.shape[0]
         for i, (k, v) in enumerate(like):
             self.cache.update(k.new_zeros((B, k.shape[0], 0, k.shape[2])),
                               v.new_zeros((B, v.shape[0], 0, v.shape[2])), i)

@@ -1,12 +1,15 @@
 """The cached engine's layout invariant: however a row's tokens got into the batch (a prompt placed
 from a kept cache into a wider or narrower history, a tool result encoded before a branch copy, a
 re-fed last token, rows that join later or leave), every sampled token, log-prob and entropy equals
-what the reference engine gets by re-encoding each row from scratch."""
+what the reference engine gets by re-encoding each row from scratch. The KV storage is written in
+place and grows in chunks (decode time per token flat in the length: benchmarks/decode.py)."""
+import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from engine import ReencodeEngine, Sampling
 from fakes import toy_tokenizer
+import kvcache
 from kvcache import CachedEngine
 
 
@@ -33,8 +36,10 @@ def engine_rows(engine):
     return len(engine.seqs) if isinstance(engine, ReencodeEngine) else len(engine.unfed)
 
 
+@pytest.mark.parametrize("chunk", [3, 256])   # 3: the storage grows in most calls, mid-segment
 @torch.no_grad()
-def test_cached_engine_equals_reencoding_under_every_verb():
+def test_cached_engine_equals_reencoding_under_every_verb(monkeypatch, chunk):
+    monkeypatch.setattr(kvcache, "CHUNK", chunk)
     tok = toy_tokenizer()
     model = model_(len(tok))
     sampling = Sampling.make(tok, greedy=True)
@@ -58,3 +63,25 @@ def test_cached_engine_equals_reencoding_under_every_verb():
             torch.testing.assert_close(torch.tensor(lp), torch.tensor(lp_ref), atol=1e-5, rtol=0)
             torch.testing.assert_close(torch.tensor(h), torch.tensor(h_ref), atol=1e-5, rtol=0)
     assert cached.prefill_tokens < reference.prefill_tokens
+
+
+@torch.no_grad()
+def test_decoding_writes_the_kv_storage_in_place():
+    """Each decoded token's keys go into the storage the previous step used (the tensor of that step
+    is kept alive, so a copy could not reuse its memory); new storage only when a chunk is full."""
+    tok = toy_tokenizer()
+    model = model_(len(tok))
+    sampling = Sampling.make(tok)
+    sampling.eos_ids, sampling.tag_ids, sampling.tag_strings = [], [], []
+    engine = CachedEngine(model, sampling)
+    engine.add([list(range(5, 40)), list(range(40, 50))])
+    seen = []            # the layer-0 keys after each forward, kept alive
+
+    def look(module, args, kwargs, output):
+        seen.append(engine.cache.layers[0].keys)
+
+    model.register_forward_hook(look, with_kwargs=True)
+    engine.generate(300, tails=[[], []])
+    moved = sum(a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+                for a, b in zip(seen, seen[1:]))
+    assert len(seen) == 300 and moved <= 300 // kvcache.CHUNK + 1
