@@ -14,13 +14,15 @@ with one line on stderr, exit status 1, no traceback, and nothing written. What 
   so is the --search_cache file;
 - the Python tool: a run that uses it (RL, evaluation) stops here, with the cause, where the sandbox
   would refuse every call (sandbox.check_python_tool), not when RL first calls it after the SFT.
-Not checked here: a hub model id, which policy.load_policy checks (fast, offline) when it loads it.
+A hub model id (owner/name) is checked here only offline (HF_HUB_OFFLINE=1: it must be in the
+cache); policy.load_policy checks the rest when it loads it.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +189,12 @@ def check_model(name: str, flag: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
         fail(f"{flag} {name}: no such folder")
+    if name.count("/") == 1 and os.environ.get("HF_HUB_OFFLINE") == "1":
+        from huggingface_hub import try_to_load_from_cache  # no torch: a fraction of a second
+
+        if try_to_load_from_cache(name, "config.json") is None:
+            fail(f"{flag} {name}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set; unset "
+                 "it on a machine with internet (the model downloads once), or use --model tiny")
 
 
 def check_run_folder(folder: str, resume: bool) -> None:

@@ -22,6 +22,7 @@ holds). Search failures are bounded and counted: a web query never takes longer 
 `query_timeout_s` in all (every engine and retry included), and `take_search_stats(tools)` gives the
 calls, errors, cache hits and misses since it was last called, which train.py logs per step.
 """
+import atexit
 import fcntl
 import json
 import os
@@ -162,8 +163,7 @@ class WebSearch:
         with self.lock:
             self.calls += 1
         answer: list[str] = []
-        worker = threading.Thread(target=lambda: answer.append(self._attempts(query, k)),
-                                  daemon=True)
+        worker = threading.Thread(target=self._answer, args=(query, k, answer), daemon=True)
         worker.start()
         worker.join(self.query_timeout_s)
         result = (answer[0] if answer
@@ -172,6 +172,14 @@ class WebSearch:
             with self.lock:
                 self.errors += 1
         return result
+
+    def _answer(self, query: str, k: int, answer: list) -> None:
+        """The worker: any failure becomes text (an abandoned worker may still run at exit, when
+        ddgs can no longer start threads)."""
+        try:
+            answer.append(self._attempts(query, k))
+        except Exception as error:
+            answer.append(f"{SEARCH_FAILED}{type(error).__name__}: {error}")
 
     def _attempts(self, query: str, k: int) -> str:
         from ddgs import DDGS  # imported here: `import tools` needs only the standard library
@@ -203,12 +211,16 @@ class CachedSearch:
 
     Keys are the exact query string, as released: `k` is not part of the key, so a hit returns what
     was stored whatever k asks for (the released data always used k = 10). A hit never calls the
-    backend; error texts are not stored. Each new entry is merged into the file under an exclusive
+    backend; error texts are not stored. New entries are merged into the file under an exclusive
     lock on `<path>.lock` (entries other processes wrote meanwhile are kept, and read in) and the
     file is replaced atomically: two runs sharing one cache lose nothing, and a crash leaves the old
-    file whole."""
+    file whole. A search never waits for the file: one thread writes at a time, outside the lock
+    the searches share, no more than WRITE_SHARE of the time (a 48 MB file takes ~0.7 s to write:
+    then every 7 s), and not while another process holds the file lock; `flush()`, also run at
+    exit, writes the rest. A kill loses the entries since the last write."""
 
-    LOCK_WAIT_S = 5.0
+    LOCK_WAIT_S = 5.0  # how long flush() waits for another process's lock
+    WRITE_SHARE = 0.1
 
     def __init__(self, backend, path: str | Path):
         self.backend, self.path = backend, Path(path)
@@ -216,8 +228,10 @@ class CachedSearch:
             raise ValueError(f"{self.path} is a directory; the search cache must be a JSON file "
                              f"path (e.g. {self.path / 'search_cache.json'})")
         self.cache = self._read() if self.path.exists() else {}
-        self.lock = threading.Lock()
+        self.lock, self.writing = threading.Lock(), threading.Lock()
+        self.dirty, self.next_write = False, 0.0  # entries not in the file; when to write next
         self.calls = self.errors = self.hits = self.misses = 0
+        atexit.register(self.flush)
 
     def _read(self) -> dict[str, str]:
         try:
@@ -246,40 +260,62 @@ class CachedSearch:
         with self.lock:
             if result.startswith(SEARCH_FAILED):
                 self.errors += 1
-            else:
-                self.cache[query] = result
-                self._write()
+                return result
+            self.cache[query] = result
+            self.dirty = True
+        if time.monotonic() >= self.next_write:
+            self._write(wait_s=0.0)
         return result
 
-    def _write(self) -> None:
-        """Merge with the file under a lock between processes; readers see the old file or the new
-        one."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
-                self._lock(lock)  # released when the file closes
-                if self.path.exists():
-                    self.cache = {**self._read(), **self.cache}
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".",
-                                           suffix=".tmp")
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump(self.cache, f, ensure_ascii=False, indent=2)
-                os.replace(tmp, self.path)
-        except (OSError, ValueError) as error:
-            # a full disk must not stop training: the entry stays in memory
-            warnings.warn(f"could not write the search cache {self.path}: {error}")
+    def flush(self) -> None:
+        """Write the entries not in the file yet, waiting up to LOCK_WAIT_S for another process."""
+        self._write(wait_s=self.LOCK_WAIT_S)
 
-    def _lock(self, lock) -> None:
-        """Wait for the file lock at most LOCK_WAIT_S: a stopped process holding it must not stop a
+    def _write(self, wait_s: float) -> None:
+        """Merge with the file under a lock between processes; readers see the old file or the new
+        one. Skipped if another thread is writing, or (wait_s 0) if another process is."""
+        if not self.writing.acquire(blocking=wait_s > 0):
+            return
+        try:
+            with self.lock:
+                if not self.dirty:
+                    return
+                snapshot, self.dirty = dict(self.cache), False
+            start = time.monotonic()
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+                    self._lock(lock, wait_s)  # released when the file closes
+                    merged = {**self._read(), **snapshot} if self.path.exists() else snapshot
+                    fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name + ".",
+                                               suffix=".tmp")
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        json.dump(merged, f, ensure_ascii=False, indent=2)
+                    os.replace(tmp, self.path)
+                with self.lock:
+                    self.cache = {**merged, **self.cache}
+            except (OSError, ValueError) as error:
+                with self.lock:  # the entries stay in memory, for the next write
+                    self.dirty = True
+                # a full disk must not stop training; a busy lock is simply tried again later
+                if wait_s or not isinstance(error, BlockingIOError):
+                    warnings.warn(f"could not write the search cache {self.path}: {error}")
+            self.next_write = time.monotonic() + (time.monotonic() - start) / self.WRITE_SHARE
+        finally:
+            self.writing.release()
+
+    @staticmethod
+    def _lock(lock, wait_s: float) -> None:
+        """Take the file lock, waiting at most wait_s: a stopped process holding it must not stop a
         step."""
-        deadline = time.monotonic() + self.LOCK_WAIT_S
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 return fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise OSError(f"{lock.name} stayed locked {self.LOCK_WAIT_S:g} s; the entry is "
-                                  "kept in memory and written with the next one") from None
+                if time.monotonic() >= deadline:
+                    raise BlockingIOError(f"{lock.name} stayed locked {wait_s:g} s; the entries "
+                                          "are kept in memory") from None
                 time.sleep(0.01)
 
 

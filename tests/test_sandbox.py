@@ -147,7 +147,8 @@ def test_a_mode_that_fails_is_named_with_its_cause(monkeypatch):
     failures = {"namespaces": "Python sandbox could not start: [Errno 17] File exists: '/x/tmp'",
                 "bwrap": "Python sandbox could not start: bwrap is not installed",
                 "landlock": "Python sandbox could not start: [Errno 13] Permission denied: '/x/py'"}
-    monkeypatch.setattr(sandbox, "run_python", lambda code, timeout_s, isolation: failures[isolation])
+    monkeypatch.setattr(sandbox, "run_python",
+                        lambda code, timeout_s, isolation: failures[isolation])
     sandbox.probe.cache_clear()
     try:
         line = sandbox.describe_isolation()

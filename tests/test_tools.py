@@ -145,6 +145,7 @@ def test_cache_concurrent_writes_keep_valid_json(tmp_path):
         thread.start()
     for thread in threads:
         thread.join()
+    cache.flush()  # what the last misses left to write (writes are at most a tenth of the time)
     assert len(json.loads(path.read_text())) == 200
     assert (cache.calls, cache.misses, cache.hits, cache.errors) == (200, 200, 0, 0)
 
@@ -211,6 +212,17 @@ def test_web_search_results_empty_pages_and_empty_queries(monkeypatch):
     assert (search.calls, search.errors) == (3, 1)
 
 
+def test_web_search_worker_failures_become_text(monkeypatch):
+    """An abandoned worker may run on at exit, when ddgs can start no threads: its error is text,
+    not a traceback on the terminal."""
+    error = "cannot schedule new futures after interpreter shutdown"
+    fake_ddgs(monkeypatch, error=RuntimeError(error))
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
+    assert WebSearch(sleep=pytest.fail).search("q") == f"{SEARCH_FAILED}RuntimeError: {error}"
+    assert not uncaught
+
+
 def test_web_search_bounds_the_whole_query(monkeypatch):
     """A query whose engines hang (a black-holed network) returns an error text at
     query_timeout_s."""
@@ -262,6 +274,7 @@ def _fill_cache(path: str, prefix: str, n: int) -> None:
     cache = CachedSearch(FakeBackend(), path)
     for i in range(n):
         cache.search(f"{prefix}-{i}")
+    cache.flush()  # a forked process ends without running atexit
 
 
 def test_cache_two_processes_lose_no_entries(tmp_path):
@@ -280,7 +293,9 @@ def test_cache_two_processes_lose_no_entries(tmp_path):
     assert reloaded.search("b-0") == "Page 1: result for b-0" and reloaded.hits == 1
 
 
-def test_cache_lock_held_elsewhere_costs_a_bounded_wait(tmp_path):
+def test_cache_lock_held_elsewhere_stalls_no_search(tmp_path):
+    """Searches never wait for another process's file lock (they once waited 5 s each, holding
+    the lock every search thread needs); flush() waits LOCK_WAIT_S and says so."""
     import fcntl
 
     path = tmp_path / "cache.json"
@@ -289,11 +304,33 @@ def test_cache_lock_held_elsewhere_costs_a_bounded_wait(tmp_path):
     with open(tmp_path / "cache.json.lock", "a") as held:  # a stopped process holding the lock
         fcntl.flock(held, fcntl.LOCK_EX)
         start = time.monotonic()
+        threads = [threading.Thread(target=lambda t=t: [cache.search(f"q{t}-{i}")
+                                                        for i in range(5)]) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert time.monotonic() - start < 0.15 and not path.exists()
         with pytest.warns(UserWarning, match="stayed locked 0.2 s"):
-            assert cache.search("q1") == "Page 1: result for q1"
-        assert time.monotonic() - start < 1 and not path.exists()
-    cache.search("q2")
-    assert set(json.loads(path.read_text())) == {"q1", "q2"}
+            cache.flush()
+    cache.search("q-last")
+    cache.flush()
+    assert len(json.loads(path.read_text())) == 21
+
+
+def test_cache_writes_a_large_file_at_most_a_tenth_of_the_time(tmp_path, monkeypatch):
+    """Each miss once rewrote the whole file (0.66 s at 48 MB); now misses in a row are written
+    together."""
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({f"old {i}": "x" * 2000 for i in range(2000)}))  # 4 MB
+    cache, writes = CachedSearch(FakeBackend(), path), []
+    replace = tools.os.replace
+    monkeypatch.setattr(tools.os, "replace", lambda *a: (writes.append(a), replace(*a)))
+    for i in range(20):
+        cache.search(f"new {i}")
+    assert 1 <= len(writes) <= 2
+    cache.flush()
+    assert len(json.loads(path.read_text())) == 2020
 
 
 def test_search_stats_are_taken_per_step(tmp_path):
@@ -316,3 +353,26 @@ def test_log_line_says_when_searches_failed():
            "step_s": 3.0}
     assert "search failed" not in report.log_line(row | {"search_errors": 0}, 10)
     assert report.log_line(row | {"search_errors": 7}, 10).endswith(" | search failed 7")
+
+
+# --------------------------------------------------------------------------------------------------
+# The tools' flags, checked with the others before torch loads (cli.train_config)
+
+def test_a_broken_search_cache_stops_the_flags_check(tmp_path):
+    import cli
+
+    path = tmp_path / "corrupt.json"
+    path.write_text('{"q": "Page 1')
+    with pytest.raises(SystemExit, match="--search_cache: .*corrupt.json: not a valid search"):
+        cli.train_config(["--stage", "rl", "--search_cache", str(path),
+                          "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_uncached_hub_model_offline_stops_the_flags_check(tmp_path, monkeypatch):
+    import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit, match="bogus-org/bogus-model: not in the Hugging Face cache"):
+        cli.train_config(["--model", "bogus-org/bogus-model", "--output_dir", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
