@@ -14,8 +14,8 @@ with one line on stderr, exit status 1, no traceback, and nothing written. What 
   so is the --search_cache file;
 - the Python tool: a run that uses it (RL, evaluation) stops here, with the cause, where the sandbox
   would refuse every call (sandbox.check_python_tool), not when RL first calls it after the SFT.
-A hub model id (owner/name) is checked here only offline (HF_HUB_OFFLINE=1: it must be in the
-cache); policy.load_policy checks the rest when it loads it.
+A hub model id (owner/name) must have its config.json in the cache or on the hub (a few KB, no
+torch): a bogus id stops here, before the run folder is written.
 """
 from __future__ import annotations
 
@@ -189,12 +189,18 @@ def check_model(name: str, flag: str) -> None:
         return
     if name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1:
         fail(f"{flag} {name}: no such folder")
-    if name.count("/") == 1 and os.environ.get("HF_HUB_OFFLINE") == "1":
-        from huggingface_hub import try_to_load_from_cache  # no torch: a fraction of a second
+    if name.count("/") == 1:  # a hub id: its config.json must be cached or come (a few KB)
+        from huggingface_hub import hf_hub_download  # no torch: a fraction of a second
 
-        if try_to_load_from_cache(name, "config.json") is None:
-            fail(f"{flag} {name}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set; unset "
-                 "it on a machine with internet (the model downloads once), or use --model tiny")
+        try:
+            hf_hub_download(name, "config.json")
+        except (OSError, ValueError) as error:
+            if os.environ.get("HF_HUB_OFFLINE") == "1":
+                fail(f"{flag} {name}: not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set; "
+                     "unset it on a machine with internet (the model downloads once), or use "
+                     "--model tiny")
+            fail(f"{flag} {name}: not a model the Hugging Face hub serves here "
+                 f"({type(error).__name__}: {str(error).splitlines()[0][:200]})")
 
 
 def check_run_folder(folder: str, resume: bool) -> None:
