@@ -4,7 +4,8 @@ newest checkpoint are dropped before those steps are redone. Torch is imported o
 load, so cli.py can look for checkpoints before anything slow is imported.
 
     save_checkpoint(run, step, model, opt)      # run/checkpoint-<step>/: adapter, optimizer, RNG
-    step = load_checkpoint(checkpoints(run)[-1], model, opt)
+    step = resume(run, model, opt)              # --resume: the next step; later log lines dropped
+    print(interrupted(run))                     # Ctrl-C: one line, what was kept and how to go on
 """
 from __future__ import annotations
 
@@ -69,3 +70,26 @@ def truncate_logs(run: Path, next_step: int) -> None:
         if path.exists():
             keep = [line for line in open(path) if json.loads(line)["step"] < next_step]
             path.write_text("".join(keep))
+
+
+def resume(run: Path, model, opt) -> int:
+    """--resume: restore the newest complete checkpoint, if any, and drop the log lines of every
+    step after it (all of them when there is none: a run killed before its first checkpoint starts
+    its log again, never appends to it). Returns the next step."""
+    found = checkpoints(run)
+    start = load_checkpoint(found[-1], model, opt) if found else 0
+    truncate_logs(run, start)
+    return start
+
+
+def interrupted(run: Path) -> str:
+    """The one line for a run stopped by Ctrl-C: what its folder keeps, and how to continue."""
+    run, found = Path(run), checkpoints(run)
+    if found:
+        kept = f"{found[-1].name} (RL goes on at step {int(found[-1].name.split('-')[1]) + 2})"
+    elif (run / "sft").is_dir():
+        kept = "the SFT (sft/); RL starts again at step 1"
+    else:
+        return (f"interrupted: {run} holds no checkpoint and no SFT to continue from; delete it or "
+                "give a new --output_dir")
+    return f"interrupted: {run} keeps {kept}; rerun the same command with --resume to continue"
