@@ -15,10 +15,14 @@ Deviations from the released AEPO code (each also listed in the README):
      log-probs.
   2. The entropy pre-monitoring probe is an ordinary global sample, counted as the first of the m
      global rollouts; the released code ran a separate probe and threw it away.
-  3. All entropy state (H_init, the consecutive-branch counter l) is reset at the start of each
+  3. All entropy state (H_init, the consecutive-branch streak l) is reset at the start of each
      rollout call; the released code carried it across batches by accident.
   4. LoRA adapters (optionally on a 4-bit NF4 base) instead of a full fine-tune, so the learning
      rate is larger than the released 1e-6.
+  5. The step entropy of a branch decision is taken on the first w tokens sampled after the tool
+     result, as the paper defines it (Config.step_entropy); the released code used the segment that
+     made the call. The streak l is per path (the paper's wording), not per question.
+  6. The budget m keeps the released rounding, floor(k sigmoid(.)) + 1 (the paper: k sigmoid(.)).
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ class Config:
     algo: str = field(default="aepo", metadata={
         "help": "Algorithm preset (README table): " + " | ".join(
             ["grpo", "dapo", "reinforce_pp", "gppo", "cispo", "arpo", "aepo",
+             "aepo_no_pre_monitor", "aepo_no_penalty", "aepo_ppo_clip", "aepo_no_entropy_adv",
              "aepo_no_dynamic_rollout", "aepo_no_balanced_update"])})
     output_dir: str = field(default="", metadata={
         "help": "Run folder; default runs/<timestamp>-<algo>."})
@@ -215,6 +220,15 @@ ALGOS: dict[str, dict] = {
                  entropy_adv_alpha=0.0, clip_mode="ppo"),
     "aepo": dict(branching=True, pre_monitor=True, branch_penalty=True, adv_estimator="grpo",
                  entropy_adv_alpha=0.2, clip_mode="aepo"),
+    # one AEPO mechanism removed at a time (benchmarks/reproduce.py)
+    "aepo_no_pre_monitor": dict(branching=True, pre_monitor=False, branch_penalty=True,
+                                adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
+    "aepo_no_penalty": dict(branching=True, pre_monitor=True, branch_penalty=False,
+                            adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
+    "aepo_ppo_clip": dict(branching=True, pre_monitor=True, branch_penalty=True,
+                          adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="ppo"),
+    "aepo_no_entropy_adv": dict(branching=True, pre_monitor=True, branch_penalty=True,
+                                adv_estimator="grpo", entropy_adv_alpha=0.0, clip_mode="aepo"),
     "aepo_no_dynamic_rollout": dict(branching=True, pre_monitor=False, branch_penalty=False,
                                     adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
     "aepo_no_balanced_update": dict(branching=True, pre_monitor=True, branch_penalty=True,

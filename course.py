@@ -46,7 +46,8 @@ ASSIGNMENTS = (
     Assignment("A1", "01-entropy-and-branching.md",
                "entropy, branching rules and the budget m (aepo.py)", (
         RULES + "test_segment_entropy_window_and_normaliser", RULES + "test_arpo_probability",
-        RULES + "test_aepo_probability", RULES + "test_single_draws_match_closed_forms",
+        RULES + "test_aepo_probability", RULES + "test_single_draws_match_closed_forms_everywhere",
+        RULES + "test_the_penalty_at_c_zero_forbids_branching_even_at_tau_zero",
         RULES + "test_global_budget_released_formula")),
     Assignment("A2", "02-advantages.md", "group and entropy-aware advantages (loss.py)", (
         LOSS + "test_group_of_four_by_hand", LOSS + "test_two_interleaved_groups_any_labels",
@@ -69,11 +70,10 @@ ASSIGNMENTS = (
         SAMPLER + "test_n_children_respects_z_minus_one_and_the_room_under_k",
         SAMPLER + "test_budget_from_probe_excludes_the_root_segment_from_h_tool",
         SAMPLER + "test_next_streak_and_restart_rule",
-        SAMPLER + "test_restarts_advance_l_and_a_quiet_round_resets_it",
+        SAMPLER + "test_restarts_leave_l_alone_and_start_within_max_rounds_of_the_budget",
         SAMPLER + "test_segment_entropies_and_the_budget_m_are_hand_computed[toy]",
-        SAMPLER + "test_the_streak_l_gates_the_aepo_rule[toy]",
-        SAMPLER
-        + "test_delta_h_acts_at_every_tool_call_and_children_measure_their_own_h_init[toy]"),
+        SAMPLER + "test_the_streak_l_counts_tool_steps_whatever_the_round_size[toy]",
+        SAMPLER + "test_branching_follows_the_entropy_after_the_tool_result[toy-after_result]"),
         needs=("A1",)),
     Assignment("A5", "05-find-the-bug.md", "find the bug: what the update is trained on", (
         "tests/test_rollout.py::test_masks_results_and_text",), needs=("A1", "A4")),

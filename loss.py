@@ -110,6 +110,7 @@ def policy_loss(
     eps_high: float = 0.2,
     dual_clip: float | None = 3.0,
     entropy: Tensor | None = None,
+    high_entropy: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate L = mean_t max(-A_t r_t, -A_t clip_r_t), r = pi_theta / pi_old;
     dual clip for A < 0: L_t = min(L_t, -A_t c) with c = `dual_clip` (None turns it off).
@@ -124,12 +125,16 @@ def policy_loss(
     gives 1 + eps_high (A > 0, r > 1 + eps_high); 0 for both when A < 0 and r < 1 - eps_low (gppo:
     1 - eps_low) and under the dual clip; cispo: sg(clip(r)) everywhere.
 
-    logp (B, T) with gradient; old_logp, adv (per token), loss_mask (B, T); entropy (B, T) optional,
-    for stats only. Returns (loss, stats): loss = sum of L_t over mask-1 tokens / their count.
+    logp (B, T) with gradient; old_logp, adv (per token), loss_mask (B, T); entropy (B, T) and
+    high_entropy (B, T) bool (the step's 20% highest-entropy tokens) optional, for stats only.
+    Returns (loss, stats): loss = sum of L_t over mask-1 tokens / their count.
     stats: clip_frac_low, clip_frac_high (share of sampled tokens whose clipped branch is active;
     cispo: whose weight is clipped), clip_kept_frac (share of clipped tokens that keep a gradient),
-    dual_clip_frac, ratio_mean, approx_kl (k3 estimate of KL(pi_old || pi_theta) on tokens sampled
-    from pi_old: (r - 1) - log r), entropy_mean (if entropy is given)."""
+    clip_grad_share (share of the gradient's weight sum_t |A_t| F_t that sits on clipped tokens:
+    0 for ppo, what stop-gradient clipping keeps for aepo), dual_clip_frac, ratio_mean, approx_kl
+    (k3 estimate of KL(pi_old || pi_theta) on tokens sampled from pi_old: (r - 1) - log r),
+    entropy_mean (if entropy is given), clip_frac_top20 and clip_frac_rest (if high_entropy is
+    given: the clipped share among the high-entropy tokens and among the others)."""
     if clip_mode not in CLIP_MODES:
         raise ValueError(f"clip_mode={clip_mode!r}; choose one of {CLIP_MODES}")
     keeps_low = clip_mode in ("gppo", "cispo")  # a token clipped below keeps its gradient
@@ -168,16 +173,29 @@ def policy_loss(
         clipped = clipped_low | clipped_high  # (B, T)
         kept = (clipped_low & keeps_low) | (clipped_high & keeps_high)  # (B, T)
         n = n_tokens.float()
+        # F_t, the per-token gradient weight (the table in the docstring)
+        if clip_mode == "cispo":
+            weight = ratio.clamp(lo, hi)  # (B, T)
+        else:
+            weight = torch.where(clipped_high, hi if keeps_high else 0.0,
+                                 torch.where(clipped_low, lo if keeps_low else 0.0, ratio))
+            weight = torch.where(dual, 0.0, weight)  # (B, T)
+        mass = torch.where(valid, adv.abs() * weight, 0.0)  # (B, T)
         stats = {
             "clip_frac_low": (clipped_low.sum() / n).item(),
             "clip_frac_high": (clipped_high.sum() / n).item(),
             "clip_kept_frac": (kept.sum() / clipped.sum().clamp(min=1)).item(),
+            "clip_grad_share": (mass[clipped].sum() / mass.sum().clamp(min=1e-12)).item(),
             "dual_clip_frac": (dual.sum() / n).item(),
             "ratio_mean": (torch.where(valid, ratio, 0.0).sum() / n).item(),
             "approx_kl": (torch.where(valid, ratio - 1 - log_ratio, 0.0).sum() / n).item(),
         }
         if entropy is not None:
             stats["entropy_mean"] = (torch.where(valid, entropy, 0.0).sum() / n).item()
+        if high_entropy is not None:
+            top, rest = valid & high_entropy, valid & ~high_entropy  # (B, T) each
+            stats["clip_frac_top20"] = ((clipped & top).sum() / top.sum().clamp(min=1)).item()
+            stats["clip_frac_rest"] = ((clipped & rest).sum() / rest.sum().clamp(min=1)).item()
     return loss, stats
 
 

@@ -26,10 +26,12 @@ def log_line(m: dict, steps: int) -> str:
             + (f" | search failed {m['search_errors']:g}" if m.get("search_errors") else ""))
 
 
-def step_metrics(examples: list, res, rewards: list[float], update_stats: list[dict]) -> dict:
+def step_metrics(examples: list, res, rewards: list[float], update_stats: list[dict],
+                 w: int = 20) -> dict:
     """One metrics.jsonl row's share from the rollout and the update: `examples[i]` is the question
     of trajectory i of `res` (a rollout.RolloutResult), `rewards[i]` its reward; `update_stats` are
-    the loss's stats per micro-batch."""
+    the loss's stats per micro-batch; w the entropy window. `decisions` lists every branch
+    decision as [tool call it follows, Delta H, streak l, children]."""
     import data
 
     trajs, stats = res.trajectories, res.stats
@@ -48,7 +50,8 @@ def step_metrics(examples: list, res, rewards: list[float], update_stats: list[d
         "format_fail": sum(data.format_error(t.text) is not None for t in trajs) / n,
         "entropy": sum(sampled) / max(1, len(sampled)),
         **{k: sum(s[k] for s in update_stats) / max(1, len(update_stats)) for k in
-           ("clip_frac_low", "clip_frac_high", "clip_kept_frac", "ratio_mean", "approx_kl")},
+           ("clip_frac_low", "clip_frac_high", "clip_kept_frac", "clip_grad_share", "ratio_mean",
+            "approx_kl", "clip_frac_top20", "clip_frac_rest") if all(k in s for s in update_stats)},
         "search_calls": sum(n_search) / n, "python_calls": sum(n_python) / n,
         **{f"search_rate_{k}": sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "globals_per_q": sum(s.n_global for s in stats) / nq, "branches_per_q": n_branch / nq,
@@ -57,10 +60,60 @@ def step_metrics(examples: list, res, rewards: list[float], update_stats: list[d
         "consecutive_branch_share":
             sum(s.consecutive_branch_steps for s in stats) / max(1, n_branch),
         **{f"branch_top{top}_share": branch_concentration(trajs, top) for top in (1, 3)},
+        **rule_metrics(trajs, stats, w),
         "response_tokens": sum(len(t.response_ids) for t in trajs) / n,
-        "sampled_tokens": res.generated_tokens,
+        "sampled_tokens": res.sampled_tokens,
         "rollout_rounds": res.rounds, "generate_s": res.generate_s, "tools_s": res.tools_s,
         "slowest_tool_s": res.slowest_tool_s,
+    }
+
+
+def entropy_by_call(trajs: list, w: int) -> dict[int, list[float]]:
+    """The mean token entropy (nats, exact) of the first w sampled tokens of each segment, keyed by
+    the number of tool results before it (0: the root segment, from the question), over the global
+    trajectories (each one path sampled from the policy; branches would repeat their parents')."""
+    out: dict[int, list[float]] = {}
+    for t in trajs:
+        if not t.is_global or t.is_duplicate:
+            continue
+        i, calls, n = 0, 0, len(t.loss_mask)
+        while i < n:
+            j = i
+            while j < n and t.loss_mask[j] == t.loss_mask[i]:
+                j += 1
+            if t.loss_mask[i]:                                   # a segment the policy sampled
+                head = t.entropy[i:min(j, i + w)]
+                out.setdefault(calls, []).append(sum(head) / len(head))
+            else:                                                # a tool result
+                calls += 1
+            i = j
+    return out
+
+
+def rule_metrics(trajs: list, stats: list, w: int) -> dict:
+    """What AEPO's rollout rules saw and did this step: step entropy by call index (h_call0 the
+    root, h_call1 after the first result, ...; h_call3 pools 3 and more), Delta H at the branch
+    decisions, the streak l there, the budget m and the entropy gap that set it, and the distinct
+    tool-call sequences per question (of its k trajectories)."""
+    by_call = entropy_by_call(trajs, w)
+    pooled = {c: v for c, v in by_call.items() if c < 3}
+    pooled[3] = [h for c, v in by_call.items() if c >= 3 for h in v]
+    decisions = [d[1:] for s in stats for d in s.decisions]     # (call, Delta H, l, children)
+    nd, nq = max(1, len(decisions)), max(1, len(stats))
+    groups: dict[int, set] = {}
+    for t in trajs:
+        if not t.is_duplicate:
+            groups.setdefault(t.question_idx, set()).add(tuple((c[0], c[1]) for c in t.tool_calls))
+    return {
+        **{f"h_call{c}": sum(v) / len(v) for c, v in sorted(pooled.items()) if v},
+        "decisions_per_q": len(decisions) / nq,
+        "dh_mean": sum(d[1] for d in decisions) / nd,
+        "dh_zero_share": sum(abs(d[1]) < 1e-9 for d in decisions) / nd,
+        "l_positive_share": sum(d[2] > 0 for d in decisions) / nd,
+        "m": sum(s.m for s in stats) / nq,
+        "h_root_minus_h_tool": sum(s.h_root - s.h_tool for s in stats) / nq,
+        "distinct_paths": sum(map(len, groups.values())) / max(1, len(groups)),
+        "decisions": [[d[0], round(d[1], 5), d[2], d[3]] for d in decisions],
     }
 
 
@@ -91,7 +144,10 @@ PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM)"),
           (("search_calls", "python_calls"), "tool calls / traj"),
           ("branches_per_q", "branches / question"),
           ("consecutive_branch_share", "consecutive branching share"),
-          ("response_tokens", "response tokens"), ("rollout_rounds", "rollout rounds (latency)")]
+          ("response_tokens", "response tokens"), ("rollout_rounds", "rollout rounds (latency)"),
+          (("h_call0", "h_call1", "h_call2"), "step entropy by tool call (nats)"),
+          (("clip_frac_top20", "clip_frac_rest"), "clip fraction: top-20% entropy vs rest"),
+          ("distinct_paths", "distinct tool-call paths / question")]
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -105,7 +161,8 @@ def _figure(panels):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(3, 3, figsize=(15, 10))
+    rows = -(-len(panels) // 3)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 3.4 * rows))
     for ax, (keys, title) in zip(axes.flat, panels):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -140,7 +197,10 @@ COMPARE_PANELS = [("reward", "mean reward"), ("acc", "accuracy (EM, sampled)"),
                   ("search_calls", "search calls / trajectory"),
                   ("branches_per_q", "branches / question"),
                   ("branch_top1_share", "branch concentration (top-1 chain)"),
-                  ("consecutive_branch_share", "consecutive branching share")]
+                  ("consecutive_branch_share", "consecutive branching share"),
+                  ("h_call1", "step entropy after the first tool result (nats)"),
+                  ("clip_grad_share", "gradient share on clipped tokens"),
+                  ("distinct_paths", "distinct tool-call paths / question")]
 
 
 def group_runs(runs: list[Path]) -> dict[str, list[Path]]:

@@ -9,22 +9,27 @@ ARPO's entropy branching, or with AEPO's dynamic entropy-balanced rollout (arXiv
 Every active trajectory of every question is one row of one batch. Each round does five steps:
   1. Generate one segment for every row: until a tool's closing tag, EOS, or `segment_tokens`.
   2. Record its tokens (loss mask 1) with their log-probs and exact entropies. A segment that ended
-     gets its entropy H, over its first w sampled tokens; then classify how it ended.
-  3. Run the tool calls in parallel threads; append each result (loss mask 0).
-  4. Entropy rules, each at one labelled site below:
-       [pre-monitoring]  AEPO: when a question's probe ends, its entropies set the global budget m;
-       [branching]       ARPO/AEPO: a row that got a tool result may spawn up to Z - 1 children;
-       [branch penalty]  AEPO: the probability falls with l, the question's streak of rounds that
-                         created a trajectory.
-  5. Keep the live rows and the new children; start the globals the budget owes and the restarts.
+     gets its entropy H over its first w sampled tokens; then classify how it ended.
+  3. Entropy rules, each at one labelled site below:
+       [branching]       ARPO/AEPO: a tool result is a node. Once the row has sampled the first w
+                         tokens after it (the step entropy H_t, arXiv 2507.19849 sec. 3.1), it
+                         decides with Delta H = H_t - H_init whether to spawn up to Z - 1 children,
+                         which sample again from the node;
+       [branch penalty]  AEPO: the probability falls with l, the path's streak of branching steps;
+       [pre-monitoring]  AEPO: when a question's probe ends, its entropies set the global budget m.
+  4. Run the tool calls in parallel threads; append each result (loss mask 0): a new node.
+  5. Keep the live rows and the new children (each rewound to its node); start the globals the budget
+     owes and the restarts.
 At the end each question is padded to k (normally nothing to pad).
 
-Deviations from the released code (also in the README): the probe is the first of the m globals
-(released: a separate, discarded probe); entropy state resets at each call; `max_rounds` is a budget
-per trajectory (a branch counts its parent's rounds), so an algorithm that starts trajectories later
-(AEPO after its probe, restarts) loses none to it; `l` also counts rounds that restarted a global.
-The generate engine (engine.py, kvcache.py) is below this file: it only sees token ids. What a call
-returns (RolloutResult, QuestionStats) is defined in rollout_types.py.
+Deviations from the released code (also in the README): the step entropy is taken after the tool
+result, as the paper defines it (`--step_entropy before_result`: the released order, the segment that
+made the call); the streak l is per path; the probe is the first of the m globals (released: a
+separate, discarded probe); entropy state resets at each call; `max_rounds` is a budget per
+trajectory (a branch counts its parent's rounds), and restarts are allowed during the max_rounds
+rounds after a question's budget is known, so an algorithm that starts trajectories later (AEPO after
+its probe) loses none to it. The generate engine (engine.py, kvcache.py) is below this file: it only
+sees token ids. What a call returns (RolloutResult, QuestionStats) is defined in rollout_types.py.
 """
 from __future__ import annotations
 

@@ -66,19 +66,24 @@ def pad_right(rows: list[list], value) -> torch.Tensor:
     return torch.tensor([r + [value] * (T - len(r)) for r in rows])                # (B, T)
 
 
-def sft(cfg: Config, run: Path) -> Path:
-    """Train on demonstrations; returns the folder the RL stage starts from."""
-    device = pick_device()
-    full = cfg.model == "tiny"                       # a random-weight model needs every parameter
-    model, tok = load_policy(cfg.model, lora_r=0 if full else cfg.lora_r, device=device,
-                             load_in_4bit=cfg.load_in_4bit)
+def sft_rows(cfg: Config, tok) -> list[tuple[list[int], list[int]]]:
+    """(ids, loss_mask) of every demonstration the SFT trains on."""
     if cfg.sft_dataset == "world":
         search = lambda docs: BM25Search(docs, snippet_chars=cfg.snippet_chars).search
         demos = world.demonstrations(cfg.sft_demos, seed=cfg.seed, make_search=search,
                                      top_k=cfg.top_k, bad_fraction=cfg.sft_bad_fraction)
     else:
         demos = loaders.load_demos(cfg.sft_dataset)
-    rows = [demo_tensors(tok, d, system_prompt_for(cfg)) for d in demos]
+    return [demo_tensors(tok, d, system_prompt_for(cfg)) for d in demos]
+
+
+def sft(cfg: Config, run: Path) -> Path:
+    """Train on demonstrations; returns the folder the RL stage starts from."""
+    device = pick_device()
+    full = cfg.model == "tiny"                       # a random-weight model needs every parameter
+    model, tok = load_policy(cfg.model, lora_r=0 if full else cfg.lora_r, device=device,
+                             load_in_4bit=cfg.load_in_4bit)
+    rows = sft_rows(cfg, tok)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.sft_lr, weight_decay=cfg.weight_decay)
     warmup = max(1, cfg.sft_steps // 20)
@@ -109,24 +114,26 @@ def sft(cfg: Config, run: Path) -> Path:
 def cached_sft() -> Path:
     """--init_from cached-sft: the tiny policy after the default cold-start SFT (seed 0), trained
     once per machine into the cache folder, like the tiny model itself, and shared by every run
-    that starts from it (the `class` preset). Its name hashes the code and settings it came from; a
-    lock lets two runs started together build it once."""
+    that starts from it (the `class` preset). Its name hashes what it is made of: the starting
+    weights, every demonstration's token ids and loss mask, the recipe and the SFT's own code; so
+    any change to the world, the prompts or the tokenizer that reaches the demonstrations builds a
+    new one, and nothing else does. A lock lets two runs started together build it once."""
     import fcntl
+    import hashlib
     import inspect
-
-    import policy
-    import tools
 
     base = Config()
     recipe = {f: getattr(base, f) for f in (
         "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
         "top_k", "snippet_chars", "system_prompt", "weight_decay", "grad_clip")}
-    # the code that makes the demos, the base model and the prompts, and the SFT loss's functions
-    # (not all of loss.py: a student editing the RL losses keeps the cache)
-    sources = [Path(m.__file__).read_text() for m in (world, data, tiny, policy, tools)]
-    sources += [inspect.getsource(f) for f in (sft, demo_tensors, L.token_logprobs, L._chunk_logp,
-                                               L._head_logp, L._final_states, L.entropy_of_logp)]
-    key = tiny.code_hash(*sources, f"recipe = {recipe!r}")
+    model, tok = load_policy(base.model, lora_r=0, device=torch.device("cpu"))
+    digest = hashlib.sha256(json.dumps(sft_rows(base, tok)).encode())
+    for p in model.state_dict().values():
+        digest.update(p.detach().float().numpy().tobytes())
+    # the SFT loss's functions (not all of loss.py: a student editing the RL losses keeps the cache)
+    sources = [inspect.getsource(f) for f in (sft, L.token_logprobs, L._chunk_logp, L._head_logp,
+                                              L._final_states, L.entropy_of_logp)]
+    key = tiny.code_hash(*sources, f"recipe = {recipe!r}", f"data = {digest.hexdigest()!r}")
     folder = tiny.CACHE_DIR / f"sft-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
@@ -212,7 +219,8 @@ def micro_batch_loss(model, t: dict, cfg: Config, accelerator) -> tuple[torch.Te
                                      first=first)                                        # (b, T)
     loss, stats = L.policy_loss(logp, t["old_logp"], t["adv"], t["loss_mask"],
                                 clip_mode=cfg.clip_mode, eps_low=cfg.eps_low,
-                                eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, entropy=entropy)
+                                eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, entropy=entropy,
+                                high_entropy=t.get("high_entropy"))
     if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
         with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
             ref = L.token_logprobs(model, t["ids"], t["attn"], first=first)
@@ -254,6 +262,9 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
     adv = adv_fn(rewards, group).to(device)                                                 # (B,)
     tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
     tensors["adv"] = token_advantages(adv, tensors, cfg)                                    # (B, T)
+    sampled = tensors["entropy"][tensors["loss_mask"] > 0]                                  # (N,)
+    top20 = sampled.quantile(0.8) if sampled.numel() else 0.0    # for the clip-fraction stats
+    tensors["high_entropy"] = (tensors["entropy"] > top20) & (tensors["loss_mask"] > 0)     # (B, T)
     if cfg.recompute_old_logp:
         tensors["old_logp"] = recompute_old_logp(model, tensors, cfg.mini_batches * cfg.grad_accum)
 
@@ -273,13 +284,14 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
         opt.zero_grad(set_to_none=True)
 
     metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,
-                                                   rewards.tolist(), stats),
+                                                   rewards.tolist(), stats, cfg.entropy_window),
                **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
                "grad_norm": float(grad_norm), "skipped": skipped, "rollout_s": t_rollout,
                "step_s": time.time() - t0, "processes": accelerator.num_processes}
     # the mean over processes (per-kind rates: the main process's own)
     if accelerator.num_processes > 1:
-        shared = [k for k in metrics if not k.startswith("search_rate_")]
+        shared = [k for k, v in metrics.items()
+                  if not k.startswith("search_rate_") and isinstance(v, (int, float))]
         values = accelerator.reduce(torch.tensor([metrics[k] for k in shared], device=device,
                                                  dtype=torch.float64), "mean")
         metrics |= dict(zip(shared, values.tolist())) | {"step": step}

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import report  # noqa: E402
 
 ALGOS = ("grpo", "arpo", "aepo")
-ABLATIONS = ("aepo_no_dynamic_rollout", "aepo_no_balanced_update")
+ABLATIONS = ("aepo_no_pre_monitor", "aepo_no_penalty", "aepo_ppo_clip", "aepo_no_entropy_adv")
 
 
 def plan(args) -> list[tuple[str, int]]:
@@ -92,6 +92,11 @@ def summarize(algo: str, folders: list[Path]) -> dict:
             "entropy_first": mean("entropy", steps[:5]),
             "entropy_last": mean("entropy", steps[-5:]),
             "clip": mean("clip_frac_low") + mean("clip_frac_high"),
+            "clip_top20": mean("clip_frac_top20"), "clip_rest": mean("clip_frac_rest"),
+            "clip_grad": mean("clip_grad_share"),
+            "h0": mean("h_call0"), "h1": mean("h_call1"), "h2": mean("h_call2"),
+            "dh_zero": mean("dh_zero_share"), "l_pos": mean("l_positive_share"),
+            "m": mean("m"), "paths": mean("distinct_paths"),
             "branches": mean("branches_per_q"),
             "top1": mean("branch_top1_share"), "top3": mean("branch_top3_share"),
             "consecutive": mean("consecutive_branch_share"),
@@ -110,14 +115,23 @@ COLUMNS = [("pass1_sft", "Pass@1 SFT start", 100, ".1f"), ("pass1", "Pass@1 afte
            ("steps", "RL steps", 1, ".1f"), ("tokens", "sampled tokens", 1e-3, ".1f"),
            ("entropy_first", "entropy, first 5 steps", 1, ".3f"),
            ("entropy_last", "entropy, last 5 steps", 1, ".3f"),
-           ("clip", "clip fraction", 1, ".4f"), ("globals", "global chains / question", 1, ".2f"),
+           ("clip", "clip fraction", 1, ".4f"),
+           ("clip_top20", "clip, top-20% entropy tokens", 1, ".4f"),
+           ("clip_rest", "clip, other tokens", 1, ".4f"),
+           ("clip_grad", "gradient share on clipped tokens", 1, ".4f"),
+           ("h0", "step entropy: root", 1, ".3f"), ("h1", "after result 1", 1, ".3f"),
+           ("h2", "after result 2", 1, ".3f"),
+           ("dh_zero", "Delta H = 0 at decisions", 1, ".2f"),
+           ("l_pos", "decisions with l >= 1", 1, ".2f"), ("m", "m", 1, ".2f"),
+           ("paths", "distinct tool paths / question", 1, ".2f"),
+           ("globals", "global chains / question", 1, ".2f"),
            ("branches", "branches / question", 1, ".2f"),
            ("top1", "branches on top-1 chain", 1, ".2f"), ("top3", "on top-3 chains", 1, ".2f"),
            ("consecutive", "consecutive branching", 1, ".2f"),
            ("minutes", "wall time (min)", 1, ".1f")]
 
 
-BRANCH_COLUMNS = ("top1", "top3", "consecutive")
+BRANCH_COLUMNS = ("top1", "top3", "consecutive", "dh_zero", "l_pos")
 
 
 def table(rows: list[dict]) -> list[str]:
@@ -137,10 +151,66 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def plot_rules(groups: dict[str, list[Path]], path: Path) -> None:
+    """Three panels of what the rollout rules saw: step entropy by tool call (the first 5 RL steps,
+    i.e. the SFT start, against the last 5), Delta H at the branch decisions, and the tool call
+    that the branches follow."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    for i, (algo, runs) in enumerate(groups.items()):
+        rows = [report.read_metrics(r) for r in runs]
+        for part, style in (("first", "--"), ("last", "-")):
+            pick = [(rs[:5] if part == "first" else rs[-5:]) for rs in rows]
+            ys = [statistics.mean(r.get(f"h_call{c}", float("nan")) for rs in pick for r in rs)
+                  for c in range(4)]
+            axes[0].plot(range(4), ys, style, color=f"C{i}", marker="o",
+                         label=f"{algo}, {part} 5 steps")
+        decisions = [d for rs in rows for r in rs for d in r.get("decisions", [])]
+        if decisions:
+            axes[1].hist([d[1] for d in decisions], bins=40, histtype="step", color=f"C{i}",
+                         label=algo, density=True)
+            made = [d for d in decisions if d[3]]
+            calls = [sum(d[3] for d in made if min(d[0], 3) == c) / max(1, sum(d[3] for d in made))
+                     for c in (1, 2, 3)]
+            axes[2].bar([c + 0.12 * i for c in (1, 2, 3)], calls, width=0.12, color=f"C{i}",
+                        label=algo)
+    axes[0].set(title="step entropy (first w tokens) by tool results before it",
+                xlabel="tool results before the segment (3: 3 or more)", ylabel="nats / token")
+    axes[1].set(title="Delta H at branch decisions", xlabel="Delta H (normalised by log |V|)")
+    axes[2].set(title="where branches are made", xlabel="after tool call (3: 3 or more)",
+                ylabel="share of branches")
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def paired(groups: dict[str, list[Path]], base: str = "aepo") -> list[str]:
+    """Pass@1 after RL of each algorithm minus AEPO's, seed by seed (runs of one seed share the
+    SFT start and the evaluation's seed), as mean and the per-seed differences."""
+    def by_seed(runs):
+        return {json.loads((r / "config.json").read_text())["seed"]:
+                json.loads((r / "eval-rl" / "summary.json").read_text())["pass1"] for r in runs}
+    ref = by_seed(groups.get(base, []))
+    lines = []
+    for algo, runs in groups.items():
+        if algo == base:
+            continue
+        diffs = [100 * (v - ref[seed]) for seed, v in sorted(by_seed(runs).items()) if seed in ref]
+        if diffs:
+            lines.append(f"- {algo} - {base}: {statistics.mean(diffs):+.1f} points "
+                         f"(per seed: {', '.join(f'{d:+.1f}' for d in diffs)})")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds of grpo, arpo and aepo")
-    parser.add_argument("--ablation_seeds", type=int, default=1, help="seeds of each AEPO ablation")
+    parser.add_argument("--ablation_seeds", type=int, default=2, help="seeds of each AEPO ablation")
     parser.add_argument("--algos", nargs="*", default=list(ALGOS), help="the algorithms compared")
     parser.add_argument("--ablations", nargs="*", default=list(ABLATIONS), help="AEPO's ablations")
     parser.add_argument("--out", default="runs/reproduce", help="parent folder of the runs")
@@ -161,16 +231,23 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     report.plot_compare(folders, results / "reproduce.png")
     report.plot_compare(folders, results / "reproduce-tokens.png", x="sampled_tokens_total")
+    plot_rules(groups, results / "reproduce-rules.png")
     flags = " ".join(["--preset class", *args.rest])
     lines = [f"# GRPO vs ARPO vs AEPO on the built-in world (`train.py {flags}`)", "",
              f"Machine: {machine()}; {args.parallel} run(s) at a time.", "",
              "Mean ± standard deviation over seeds (population); held-out: 150 questions x 4 runs "
              "at T = 1.",
              "", *table(rows), "",
-             "Curves: reproduce.png (per RL step) and reproduce-tokens.png (per sampled rollout "
-             "token)."]
+             "Paired Pass@1 differences (the runs of one seed share the SFT start):",
+             *paired(groups), "",
+             "Curves: reproduce.png (per RL step), reproduce-tokens.png (per sampled rollout "
+             "token), reproduce-rules.png (step entropy by tool call, Delta H at decisions, where "
+             "branches are made)."]
     (results / "reproduce.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    for r in rows:                                          # the key figures, last
+        for key in ("pass1", "clip", "clip_top20", "dh_zero", "l_pos", "h0", "h1"):
+            print(f"{r['algo']}_{key}={r[key][0]:.4f}")
 
 
 if __name__ == "__main__":

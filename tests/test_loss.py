@@ -162,7 +162,8 @@ def test_dual_clip_off():
 
 @pytest.mark.parametrize("clip_mode", ["ppo", "aepo", "gppo", "cispo"])
 def test_stats(clip_mode):
-    _, stats, _, _ = run(clip_mode, entropy=torch.tensor([[1.0, 2, 3, 4, 5, 6, 100]]))
+    entropy = torch.tensor([[1.0, 2, 3, 4, 5, 6, 100]])
+    _, stats, _, _ = run(clip_mode, entropy=entropy, high_entropy=entropy >= 5)   # tokens 4, 5
     low, high = (2 / N, 3 / N) if clip_mode == "cispo" else (1 / N, 1 / N)
     kept = {"ppo": 0.0, "aepo": 0.5, "gppo": 1.0, "cispo": 1.0}[clip_mode]
     r = R[:N].double()
@@ -174,6 +175,11 @@ def test_stats(clip_mode):
         "ratio_mean": r.mean().item(),
         "approx_kl": (r - 1 - r.log()).mean().item(),
         "entropy_mean": 3.5,
+        # sum |A| F over clipped tokens / over all (F_TABLE; cispo clips tokens 1-5)
+        "clip_grad_share": {"ppo": 0.0, "aepo": 1.2 / 4.3, "gppo": 2.0 / 5.1,
+                            "cispo": 6.4 / 7.5}[clip_mode],
+        "clip_frac_top20": 1.0 if clip_mode == "cispo" else 0.0,     # tokens 4, 5
+        "clip_frac_rest": 0.75 if clip_mode == "cispo" else 0.5,     # tokens 0-3
     }
     assert stats.keys() == expected.keys()
     for key, value in expected.items():

@@ -74,3 +74,29 @@ def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path, monkeypatch):
     bad = subprocess.run([sys.executable, "report.py", str(runs[0]), str(tmp_path / "nothing")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "nothing" in bad.stderr and "metrics.jsonl" in bad.stderr
+
+
+def test_rule_metrics_by_hand():
+    """Step entropy by tool call over the global trajectories (first w sampled tokens after each
+    result), Delta H at decisions, the streak, m and distinct tool paths, computed by hand."""
+    from aepo import Trajectory
+    from rollout_types import QuestionStats
+
+    g = Trajectory(question_idx=0, prompt_ids=[1], loss_mask=[1, 1, 1, 0, 0, 1, 1, 0, 1],
+                   entropy=[1.0, 2.0, 9.0, 0, 0, 4.0, 6.0, 0, 3.0],
+                   tool_calls=[("search", "a", "r"), ("python", "1", "2")])
+    child = Trajectory(question_idx=0, prompt_ids=[1], loss_mask=[1, 0, 1], entropy=[5.0, 0, 7.0],
+                       tool_calls=[("search", "a", "r")], is_global=False, parent_id=0, traj_id=1)
+    dup = Trajectory(question_idx=0, prompt_ids=[1], loss_mask=[1], entropy=[8.0],
+                     is_duplicate=True, traj_id=2)
+    stats = [QuestionStats(m=5, h_root=0.5, h_tool=0.2,
+                           decisions=[(0, 1, 0.0, 0, 1), (0, 2, -0.25, 1, 0), (1, 2, 0.5, 1, 0)])]
+    m = report.rule_metrics([g, child, dup], stats, w=2)
+    # the global only: root (1 + 2) / 2, after result 1 (4 + 6) / 2, after result 2: 3
+    assert (m["h_call0"], m["h_call1"], m["h_call2"]) == (1.5, 5.0, 3.0) and "h_call3" not in m
+    assert m["decisions_per_q"] == 3 and m["dh_mean"] == pytest.approx(0.25 / 3)
+    assert m["dh_zero_share"] == pytest.approx(1 / 3)
+    assert m["l_positive_share"] == pytest.approx(2 / 3)
+    assert (m["m"], m["h_root_minus_h_tool"]) == (5, pytest.approx(0.3))
+    assert m["distinct_paths"] == 2                       # (search a, python 1) and (search a)
+    assert m["decisions"] == [[1, 0.0, 0, 1], [2, -0.25, 1, 0], [2, 0.5, 1, 0]]

@@ -224,6 +224,29 @@ def test_n_children_respects_z_minus_one_and_the_room_under_k():
     penalised = cfg_with(branch_z=4, tau=0.5, gamma=10.0, branch_penalty=True, penalty=0.05)
     assert n_children(1.0, 20, room=10, cfg=penalised, rng=random.Random(0)) == 0  # c = 0 at l = 20
     assert n_children(1.0, 0, room=10, cfg=penalised, rng=random.Random(0)) == 3
+    for room in (0, -2):                                  # no room (or less): not one draw
+        rng = random.Random(0)
+        assert n_children(0.0, 0, room=room, cfg=always, rng=rng) == 0
+        assert rng.random() == random.Random(0).random()
+
+
+@pytest.mark.parametrize("where", ["after_result", "before_result"])
+def test_a_question_never_starts_more_than_k_and_the_probe_never_branches(tok, where,
+                                                                           checked_rollout):
+    """AEPO with tau = 0 (every draw branches) and a probe that calls two tools, k = 4: the probe
+    decides nothing (m is unknown while it runs), then exactly m globals start with no restart, and
+    branches fill the rest up to k and no further."""
+    seg = ids(tok, "<think> a </think> <search> x </search>")
+    model = ScriptedPolicy(tok, [seg, seg, ids(tok, " <answer> \\boxed{ y } </answer>")])
+    cfg = cfg_with(k=4, branching=True, pre_monitor=True, branch_penalty=True, tau=0.0,
+                   step_entropy=where)
+    res = checked_rollout(model, ["Q1?", "Q2?"], cfg)
+    for q, s in enumerate(res.stats):
+        assert s.m == 3 and (s.n_global, s.n_restart) == (3, 0)        # floor(4 / 2) + 1
+        assert s.n_global + s.n_branch == 4 and s.n_duplicate == 0
+        probe = q                                                      # started first: ids 0, 1
+        assert any(t.traj_id == probe and t.is_global for t in res.trajectories)
+        assert s.decisions and all(d[0] != probe for d in s.decisions)
 
 
 def test_budget_from_probe_excludes_the_root_segment_from_h_tool():
