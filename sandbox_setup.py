@@ -16,9 +16,7 @@ Standard library only: this runs in a fresh interpreter, as the caller, before a
 3. The runner switches to the sandbox uid (exec then leaves it no capability), joins a new session
    keyring, installs the seccomp filter of sandbox_seccomp.py (every mode) and execs the
    interpreter.
-The interpreter's folders keep their paths in the new root, except below the folders the sandbox
-mounts its own (/tmp, /dev, /proc): a venv under /tmp is bound under /run/python instead
-(`inside`), and run from there.
+Where the new root holds the interpreter (a venv under /tmp runs from /run/python): sandbox_paths.py.
 """
 import ctypes
 import json
@@ -31,6 +29,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left this folder out
 import sandbox_seccomp  # noqa: E402
+from sandbox_paths import (RO_PATHS, inside, inside_python, mount_points,  # noqa: E402
+                           python_paths, throwaway_uid_can_run, venv_config)
 
 # as root the code runs as uid SANDBOX_UID_BASE + pid: unused, unique while it lives
 SANDBOX_UID_BASE = 2**30
@@ -39,9 +39,6 @@ SCRATCH_MB = 64  # the tmpfs of /tmp (the working directory) and of /dev/shm
 # files and folders in each: without a cap, empty files cost kernel memory no size limit sees
 SCRATCH_INODES = 8192
 INODE_BYTES = 2048  # what the memory watch charges per file (inode and dentry, measured ~1.5 KB)
-OWN_MOUNTS = ("/tmp", "/dev", "/proc")  # the sandbox's own; Python found below one moves to MOVED
-MOVED = "/run/python"
-RO_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
 # The child's whole environment (plus HOME and TMPDIR): nothing of the caller's; one thread per
 # numeric library.
@@ -153,62 +150,6 @@ def run_code(code: str, work: str, env: dict, python: tuple = (sys.executable,) 
     os.execve(python[0], [python[1], "-I", "-u", "-c", RUNNER, code], env)
 
 
-def throwaway_uid_can_run() -> bool:
-    """Whether a uid of no group may run this interpreter where it lies (the namespaces mode opens
-    its folders as root first; the other modes cannot)."""
-    for path in [os.path.realpath(sys.executable), *python_paths()]:
-        while True:
-            if not os.stat(path).st_mode & 0o001:
-                return False
-            if path == "/":
-                break
-            path = os.path.dirname(path)
-    return True
-
-
-def _below(path: str, folders) -> bool:
-    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
-
-
-def python_paths() -> list[str]:
-    """The interpreter's folders (a venv and its base), real paths, unless under RO_PATHS
-    already or inside another of them."""
-    paths = {os.path.realpath(p)
-             for p in (sys.prefix, sys.base_prefix, os.path.dirname(sys.executable))}
-    return sorted(p for p in paths if not _below(p, RO_PATHS)
-                  and not _below(p, paths - {p}))
-
-
-def inside(path: str) -> str:
-    """Where the new root holds a folder of the interpreter: its own path, or below MOVED if the
-    sandbox mounts its own folder there."""
-    return MOVED + path if _below(path, OWN_MOUNTS) else path
-
-
-def inside_python() -> tuple[str, str]:
-    """(binary, argv[0]) of the interpreter in the new root: the real binary (a venv's bin/python
-    may link to a base that moved) under the venv's own name."""
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(sys.executable)))
-    binary = os.path.realpath(sys.executable)
-    return (inside(os.path.dirname(binary)) + "/" + os.path.basename(binary),
-            os.path.join(inside(folder), os.path.basename(sys.executable)))
-
-
-def venv_config() -> tuple[str, str] | None:
-    """(path, text) of a pyvenv.cfg to lay over the venv's own, if its `home` (the base
-    interpreter) moved below MOVED; else None."""
-    folder = os.path.realpath(os.path.dirname(os.path.abspath(sys.executable)))
-    for path in (os.path.join(folder, "pyvenv.cfg"),
-                 os.path.join(os.path.dirname(folder), "pyvenv.cfg")):
-        if os.path.isfile(path):
-            with open(path) as f:
-                lines = f.read().splitlines()
-            moved = [f"home = {inside(line.partition('=')[2].strip())}"
-                     if line.partition("=")[0].strip() == "home" else line for line in lines]
-            return (path, "\n".join(moved) + "\n") if moved != lines else None
-    return None
-
-
 def count_threads(uid: int) -> int:
     """Threads of all processes of `uid`: what RLIMIT_NPROC counts outside a new user namespace."""
     count = 0
@@ -235,7 +176,7 @@ def bwrap_argv(config: dict) -> list[str]:
         _write(os.path.join(config["work"], "pyvenv.cfg"), moved[1])
         argv += ["--ro-bind", os.path.join(config["work"], "pyvenv.cfg"), inside(moved[0])]
     here = os.path.dirname(os.path.abspath(__file__))  # these files, to watch the call from inside
-    for name in ("sandbox_setup.py", "sandbox_seccomp.py"):
+    for name in ("sandbox_setup.py", "sandbox_seccomp.py", "sandbox_paths.py"):
         argv += ["--ro-bind", os.path.join(here, name), f"/run/aepo/{name}"]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
              "--remount-ro", "/", "--chdir", "/tmp"]
@@ -426,27 +367,12 @@ def mount(source, target: str, fstype, flags: int, data: str | None = None) -> N
     _check(libc.mount(*args[:3], ctypes.c_ulong(flags), args[3]), f"mount {target}")
 
 
-def mount_points(target: str) -> list[str]:
-    """target and every mount point below it, parents first (from /proc/self/mountinfo)."""
-    with open("/proc/self/mountinfo") as f:
-        points = [_unescape(line.split()[4]) for line in f]
-    return sorted({p for p in points if p == target or p.startswith(target + "/")}, key=len)
-
-
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040); no codec import
-    here."""
-    parts = field.split("\\")
-    return parts[0] + "".join(chr(int(p[:3], 8)) + p[3:] for p in parts[1:])
-
-
 def mount_flags(point: str) -> int:
     """The flags of a mount that a user namespace may not change (MS_* from statvfs's ST_*)."""
     flag = os.statvfs(point).f_flag
     st_to_ms = {os.ST_NOSUID: MS_NOSUID, os.ST_NODEV: MS_NODEV, os.ST_NOEXEC: MS_NOEXEC, 1024: 1024,
                 2048: 2048, 4096: 1 << 21}  # ST_NOATIME, ST_NODIRATIME, ST_RELATIME -> MS_RELATIME
     return sum(ms for st, ms in st_to_ms.items() if flag & st)
-
 
 if __name__ == "__main__":
     try:

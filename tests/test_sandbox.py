@@ -30,6 +30,7 @@ import pytest
 
 import sandbox
 import sandbox_landlock
+import sandbox_paths
 from sandbox import run_python
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -39,6 +40,8 @@ ROOT = Path(sandbox.__file__).resolve().parent
 IS_ROOT = os.getuid() == 0
 TEST_USER = "aepo-sandbox-test"
 SYSTEM_PYTHON = "/usr/bin/python3"
+SANDBOX_FILES = ("sandbox.py", "sandbox_setup.py", "sandbox_paths.py", "sandbox_seccomp.py",
+                 "sandbox_landlock.py")
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -47,6 +50,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 def test_docstring_examples():
     assert doctest.testmod(sandbox).failed == 0
+    assert doctest.testmod(sandbox_paths).failed == 0
 
 
 @pytest.mark.parametrize("code, expected", [
@@ -240,7 +244,7 @@ def test_a_venv_under_tmp_gets_the_same_isolation(who):
     code = Path(tempfile.mkdtemp(prefix="aepo-code-"))
     venv = Path("/tmp") / f"aepo-venv-{uuid.uuid4().hex[:8]}"
     try:
-        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py", "sandbox_seccomp.py"):
+        for name in SANDBOX_FILES:
             shutil.copy(ROOT / name, code)
         code.chmod(0o755)
         subprocess.run([base, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
@@ -386,8 +390,7 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
     if who == "user" and IS_ROOT:
         user, code = ordinary_user(), host["base"] / "code"
         code.mkdir(exist_ok=True)
-        for name in ("sandbox.py", "sandbox_setup.py", "sandbox_landlock.py", "sandbox_seccomp.py",
-                     "tests/sandbox_attacks.py"):
+        for name in (*SANDBOX_FILES, "tests/sandbox_attacks.py"):
             shutil.copy(ROOT / name, code)
         python = next((p for p in (sys.executable, SYSTEM_PYTHON) if runs_as(user, p)), None)
         if python is None:
