@@ -16,7 +16,8 @@ Standard library only: this runs in a fresh interpreter, as the caller, before a
 3. The runner switches to the sandbox uid (exec then leaves it no capability), joins a new session
    keyring, installs the seccomp filter of sandbox_seccomp.py (every mode) and execs the
    interpreter.
-Where the new root holds the interpreter (a venv under /tmp runs from /run/python): sandbox_paths.py.
+Where the new root holds the interpreter (a venv under /tmp runs from /run/python):
+sandbox_paths.py.
 """
 import ctypes
 import json
