@@ -1,7 +1,7 @@
 """Peak GPU memory of a training recipe, estimated from the model's shape and the config:
 will a run fit?
 
-    python memory.py                          # Qwen3-1.7B at the qwen3-1.7b recipe: 24, 16, 12 GB
+    python memory.py                          # Qwen3-1.7B, qwen3-1.7b recipe: 24, 16, 12 GB GPUs
     python memory.py --model Qwen3-4B --rollout_questions 1 --gpu_gb 24
     python memory.py --max_response_tokens 8192 --grad_accum 8   # any Config flag works
 
@@ -20,6 +20,13 @@ Activation bytes per token and layer are counted tensor by tensor (layer_bytes b
 layers, LoRA on all linear layers, SDPA attention that stores no T x T matrix) and checked against
 measured peaks on CPU by benchmarks/memory.py. `cuda_overhead_gb` is an allowance for the CUDA
 context and allocator fragmentation: it is not measured (no GPU has been lent to this project).
+
+Two figures per phase: the typical peak ("peak_*", what the CPU measurements check) and an upper
+bound ("bound_*", what the "fits" column and the README's claims use). The bound adds the worst
+case of the engine's filler columns, the columns reserved for a generate call, the prefill's
+repeated K/V and attention mask over the cache's width, the allocator's reserved-over-allocated
+overhead and the CUDA context (`_bound`). `rollout_questions_for(cfg, free_bytes)` picks how many
+questions to roll out together so that the bound fits the free GPU memory.
 """
 from __future__ import annotations
 
@@ -33,6 +40,11 @@ from pathlib import Path
 GB = 1e9
 F32 = 4          # bytes: LoRA weights, their gradients and AdamW moments, float32 log-prob work
 CHUNK = 128      # positions per logits chunk in loss.token_logprobs
+# The upper bound's allowances (see `estimate`):
+FILLER_BOUND = 1.6    # KV columns per row over its tokens in the worst case of the engine's layout
+KV_CHUNK = 256        # kvcache.CHUNK: the storage is reserved in whole chunks
+ALLOCATOR = 0.3       # PyTorch's reserved-over-allocated overhead (fragmentation), at most
+CUDA_CONTEXT_GB = 0.5  # the CUDA context and kernels, outside PyTorch's allocator
 
 
 @dataclass(frozen=True)
@@ -184,17 +196,45 @@ def estimate(s: Shape, cfg, *, dtype_bytes: int = 2, filler: float = 1.0,
     e["peak_recompute"] = state + e["recompute_forward"] if cfg.recompute_old_logp else 0.0
     e["peak_update"] = state + e["lora_grad"] + e["activations"] + e["backward_transient"]
     e["peak"] = max(e["peak_rollout"], e["peak_recompute"], e["peak_update"])
+    e |= _bound(s, cfg, e, d, rows_out, tokens, fed)
     return e
 
 
+def _bound(s: Shape, cfg, e: dict, d: int, rows: int, tokens: int, fed: int) -> dict[str, float]:
+    """The upper bound of each phase ("bound_*"). Beyond the typical estimate it counts:
+      filler     the KV columns of rows that wait on others (FILLER_BOUND x the row's tokens, the
+                 worst case of a simulation of the engine's column bookkeeping), + the columns the
+                 engine reserves for one generate call (segment_tokens) and the chunk rounding
+      prefill    one layer's K and V repeated to every query head over the whole cache width, and
+                 the attention mask of the block fed at once over that width (bool + additive copy)
+      allocator  PyTorch's reserved-over-allocated overhead, ALLOCATOR of everything allocated
+      context    the CUDA context, CUDA_CONTEXT_GB (in place of the typical estimate's allowance)"""
+    width = math.ceil(tokens * FILLER_BOUND) + cfg.segment_tokens + KV_CHUNK   # columns per row
+    kv = rows * width * s.layers * 2 * s.kv * d
+    prefill = rows * (2 * s.heads * width * s.head_dim * d + fed * width * (1 + d))
+    forward = (rows * fed * forward_bytes(s, d) + rows * width * 2 * s.kv * d
+               + rows * s.vocab * 3 * F32 + prefill)
+    state = e["weights"] + e["lora"] + e["adamw"]
+    scale = lambda allocated: allocated * (1 + ALLOCATOR) + CUDA_CONTEXT_GB * GB
+    b = {"kv_cache_bound": kv, "prefill_transient_bound": prefill,
+         "bound_rollout": scale(state + kv + forward),
+         "bound_recompute": (scale(state + e["recompute_forward"]) if cfg.recompute_old_logp
+                             else 0.0),
+         "bound_update": scale(state + e["lora_grad"] + e["activations"]
+                               + e["backward_transient"])}
+    b["bound"] = max(b["bound_rollout"], b["bound_recompute"], b["bound_update"])
+    return b
+
+
 def table(s: Shape, cfg, gpus: list[float], **kw) -> str:
-    """A markdown table of the estimate in GB, with whether it fits each GPU (peak <= 90% of it)."""
+    """A markdown table of the estimate in GB: typical and upper bound per phase, and whether the
+    bound fits each GPU."""
     e = estimate(s, cfg, **kw)
-    rows = [f"| {k} | {v / GB:.2f} |" for k, v in e.items() if v]
-    doubled = estimate(s, cfg, **{**kw, "filler": 2 * kw.get("filler", 1.0)})["peak"]
-    rows.append(f"| peak if filler columns doubled the KV cache | {doubled / GB:.2f} |")
-    fits = [f"| fits {g:g} GB | {'yes' if e['peak'] <= 0.9 * g * GB else 'NO'} "
-            f"({e['peak'] / GB:.1f} of {0.9 * g:.1f} usable) |" for g in gpus]
+    rows = [f"| {k} | {v / GB:.2f} |" for k, v in e.items() if v and not k.startswith("bound")]
+    rows += [f"| **{k} (upper bound)** | {v / GB:.2f} |" for k, v in e.items()
+             if v and k.startswith("bound")]
+    fits = [f"| fits {g:g} GB | {'yes' if e['bound'] <= g * GB else 'NO'} "
+            f"(bound {e['bound'] / GB:.1f}, typical {e['peak'] / GB:.1f}) |" for g in gpus]
     head = (f"{cfg.model}: {cfg.rollout_questions or cfg.questions_per_step} questions x k={cfg.k} "
             f"rolled out together, {cfg.max_prompt_tokens} + {cfg.max_response_tokens} tokens, "
             "update micro-batch of "
@@ -202,6 +242,32 @@ def table(s: Shape, cfg, gpus: list[float], **kw) -> str:
             f"rows, {'4-bit' if cfg.load_in_4bit else 'bf16'} weights, LoRA r={cfg.lora_r}, "
             f"gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
     return "\n".join([head, "", "| component | GB |", "|---|---|", *rows, *fits])
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing how many questions to roll out together
+
+
+def rollout_questions_for(cfg, free_bytes: float, shape: Shape | None = None) -> int:
+    """The most questions (1 to questions_per_step) whose rollout, with the rest of the step, fits
+    `free_bytes` of GPU memory by the upper bound (`estimate(...)["bound"]`). `free_bytes`: the
+    device's free memory before the model is loaded (torch.cuda.mem_get_info()[0]). 1 when even
+    one question does not fit (then the bound says by how much: rollout_questions_line)."""
+    shape = shape or model_shape(cfg.model)
+    bound = lambda n: estimate(shape, dataclasses.replace(cfg, rollout_questions=n))["bound"]
+    fits = [n for n in range(1, cfg.questions_per_step + 1) if bound(n) <= free_bytes]
+    return max(fits, default=1)
+
+
+def rollout_questions_line(cfg, free_bytes: float, shape: Shape | None = None) -> str:
+    """One line for the start of a run: the choice of rollout_questions and why."""
+    shape = shape or model_shape(cfg.model)
+    n = rollout_questions_for(cfg, free_bytes, shape)
+    bound = estimate(shape, dataclasses.replace(cfg, rollout_questions=n))["bound"]
+    return (f"rollout_questions: {n} of {cfg.questions_per_step} questions rolled out together "
+            f"(memory.py upper bound {bound / GB:.1f} GB; {free_bytes / GB:.1f} GB free"
+            + (", does NOT fit even one question: lower --max_response_tokens or --k)"
+               if bound > free_bytes else ")"))
 
 
 def main(argv: list[str] | None = None) -> None:
