@@ -72,13 +72,15 @@ def truncate_logs(run: Path, next_step: int) -> None:
             path.write_text("".join(keep))
 
 
-def resume(run: Path, model, opt) -> int:
-    """--resume: restore the newest complete checkpoint, if any, and drop the log lines of every
-    step after it (all of them when there is none: a run killed before its first checkpoint starts
-    its log again, never appends to it). Returns the next step."""
+def resume(run: Path, model, opt, truncate: bool = True) -> int:
+    """--resume: restore the newest complete checkpoint, if any, and (truncate: in the one process
+    that writes the logs) drop the log lines of every step after it, all of them when there is none:
+    a run killed before its first checkpoint starts its log again, never appends to it. Returns the
+    next step."""
     found = checkpoints(run)
     start = load_checkpoint(found[-1], model, opt) if found else 0
-    truncate_logs(run, start)
+    if truncate:
+        truncate_logs(run, start)
     return start
 
 
