@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-from sandbox import describe_isolation, run_python  # noqa: F401 (the Python tool, re-exported)
+from sandbox import check_python_tool, describe_isolation, run_python  # noqa: F401 (re-exported)
 
 # --------------------------------------------------------------------------------------------------
 # Tool calls in the trajectory text
