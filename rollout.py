@@ -92,6 +92,12 @@ class Row:
 # Pure rules on the question state
 
 
+def up_to_last_tag(text: str) -> str:
+    """A segment's text up to the end of its last closing tag: the tag that stopped it, which may
+    end inside a token (then what the token adds after it is cut off)."""
+    return text[:max(text.rfind(tag) + len(tag) for tag in CLOSING_TAGS if tag in text)]
+
+
 def initial_globals(cfg: Config) -> tuple[int | None, int]:
     """(m, globals to start now): GRPO m = k, ARPO m = global_rollouts, AEPO 1 probe (m unknown)."""
     if cfg.pre_monitor:
@@ -261,8 +267,7 @@ class _Sampler:
         elif seg.stop == "tag":
             self._end_segment(row)
             text = self.tok.decode(t.response_ids[row.seg_start:], skip_special_tokens=False)
-            end = max(text.rfind(tag) + len(tag) for tag in CLOSING_TAGS if tag in text)
-            call = parse_tool_call(text[:end])  # a tag may end inside a token: cut the text there
+            call = parse_tool_call(up_to_last_tag(text))
             if call is None:                    # a closing tag without its opening tag
                 self._finish(row, "malformed")
             elif len(t.tool_calls) >= cfg.call_limit:   # released behaviour: force EOS

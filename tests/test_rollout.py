@@ -206,3 +206,55 @@ def test_same_seed_same_trajectories(tok):
     a, b, c = run(0), run(0), run(1)
     assert [t.response_ids for t in a.trajectories] == [t.response_ids for t in b.trajectories]
     assert [t.response_ids for t in a.trajectories] != [t.response_ids for t in c.trajectories]
+
+
+def test_the_call_is_cut_at_the_last_closing_tag():
+    from rollout import up_to_last_tag
+
+    assert up_to_last_tag("<search> a </search> b </search>\n") == "<search> a </search> b </search>"
+    assert up_to_last_tag("x <python> 1 </python>)") == "x <python> 1 </python>"
+
+
+def test_a_sampled_pad_ends_the_row_and_leaves_the_text(tok):
+    """The pad id is a stop token too: a policy that samples it finishes ("eos"), and neither it nor
+    EOS reaches the text the reward reads."""
+    model = ScriptedPolicy(tok, [ids(tok, " <answer> y </answer>") + [tok.pad_token_id]])
+    (t,) = rollout(model, tok, ["Q?"], TOOLS, cfg_with(k=1, **CHAIN), seed=0,
+                   system_prompt="sys").trajectories
+    assert t.finish == "eos" and t.response_ids[-1] == tok.pad_token_id
+    assert t.text == tok.decode(ids(tok, " <answer> y </answer>"))
+
+
+def test_budget_edges(tok):
+    """EOS landing exactly on the response budget is a normal end; a tool result longer than the room
+    left is cut at the budget (finish "length")."""
+    seg = ids(tok, " a b c")
+    model = ScriptedPolicy(tok, [seg])                               # then EOS
+    res = rollout(model, tok, ["Q?"], TOOLS, cfg_with(k=1, max_response_tokens=len(seg) + 1,
+                                                      **CHAIN), seed=0, system_prompt="sys")
+    (t,) = res.trajectories
+    assert t.finish == "eos" and len(t.response_ids) == len(seg) + 1
+    call = ids(tok, "<search> x </search>")
+    model = ScriptedPolicy(tok, [call, seg])
+    res = rollout(model, tok, ["Q?"], TOOLS, cfg_with(k=1, max_response_tokens=len(call) + 3,
+                                                      **CHAIN), seed=0, system_prompt="sys")
+    (t,) = res.trajectories
+    assert t.finish == "length" and len(t.response_ids) == len(call) + 3
+    assert t.loss_mask == [1] * len(call) + [0] * 3 and len(t.tool_calls) == 1
+
+
+def test_each_round_gives_the_row_with_most_room_its_full_segment(tok):
+    """max_new_tokens follows the row with the most room left: a long row near its budget must not
+    shorten the other rows' rounds. Sampled tokens are counted as kept."""
+    long = ids(tok, " a" * 20 + " <search> x </search>")
+    short = ids(tok, " b <search> x </search>")
+    answer = ids(tok, " a" * 12 + " <answer> y </answer>")
+    model = ScriptedPolicy(tok, {"Q1": [long, answer], "Q2": [short, answer]})
+    block = len(ids(tok, result_block(TOOLS["search"]("x"))))
+    budget = len(long) + block + 6                  # Q1 has 6 tokens of room after its result
+    res = rollout(model, tok, ["Q1?", "Q2?"], TOOLS,
+                  cfg_with(k=1, max_response_tokens=budget, **CHAIN), seed=0, system_prompt="sys")
+    q1, q2 = res.trajectories
+    assert q1.finish == "length" and q2.finish == "eos" and q2.rounds == 2
+    # Q1 sampled past its budget in round 2; sampled_tokens counts only what the trajectories keep
+    assert res.sampled_tokens == sum(q1.loss_mask) + sum(q2.loss_mask) < res.generated_tokens
