@@ -82,3 +82,17 @@ def test_reproduce_summarises_finished_runs_without_training_again(tmp_path):
             "| 6.00 | 2.00 | 0.60 | 1.00 | 0.10 |") in table
     assert ((results / "reproduce.png").stat().st_size > 0
             and (results / "reproduce-tokens.png").exists())
+
+
+def test_decode_benchmark_runs_at_toy_size(tmp_path):
+    """benchmarks/decode.py end to end at toy size: its tables, and one host read per step in the
+    stop check."""
+    out = subprocess.run([sys.executable, "benchmarks/decode.py", "--tokens", "16", "--rows", "2",
+                          "--layers", "1", "--out", str(tmp_path / "decode.md")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = (tmp_path / "decode.md").read_text()
+    assert "| in place, reserved up front" in report and "| concatenated |" in report
+    assert "- in the stop check: 1.00 " in report and report.strip().split("\n")[-1].startswith(
+        "write_us_per_token=")
