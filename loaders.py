@@ -171,27 +171,39 @@ def _read_parquet(path: Path) -> list[Example]:
 
 
 def _read_hub(spec: str) -> list[Example]:
-    """Download the .parquet/.jsonl files of a hub dataset `owner/name[:split]` and read them."""
+    """The .parquet/.jsonl files of a hub dataset `owner/name[:split]`: downloaded, or with
+    HF_HUB_OFFLINE set, read from the local hub cache (where an earlier download put them)."""
     repo_id, _, split = spec.partition(":")
     unreachable = (f"cannot load {spec!r}: there is no local file or folder of that name, and the "
                    "Hugging Face hub is unreachable ({}); download the data elsewhere and pass a "
                    "local .parquet or .jsonl file")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise ConnectionError(unreachable.format("HF_HUB_OFFLINE is set"))
     import huggingface_hub  # imported here: only hub ids need it
+    import huggingface_hub.constants
 
-    try:
-        # data/test-0000.parquet is split "test"
-        in_split = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
-        files = [f for f in huggingface_hub.list_repo_files(repo_id, repo_type="dataset")
-                 if f.endswith((".parquet", ".jsonl")) and (not split or in_split.search(f))]
-        paths = [Path(huggingface_hub.hf_hub_download(repo_id, f, repo_type="dataset"))
-                 for f in files]
-    except huggingface_hub.errors.RepositoryNotFoundError:
-        raise ValueError(f"{spec!r}: no such dataset on the Hugging Face hub (nor a local "
-                         "file)") from None
-    except (OSError, huggingface_hub.errors.HTTPError) as e:
-        raise ConnectionError(unreachable.format(" ".join(str(e).split()))) from None
+    # data/test-0000.parquet is split "test"
+    in_split = re.compile(rf"(^|[/_.-]){re.escape(split)}([/_.-]|$)")
+    wanted = lambda f: f.endswith((".parquet", ".jsonl")) and (not split or in_split.search(f))
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        try:
+            folder = Path(huggingface_hub.snapshot_download(repo_id, repo_type="dataset",
+                                                            local_files_only=True))
+        except (OSError, huggingface_hub.errors.LocalEntryNotFoundError):
+            raise ConnectionError(unreachable.format(
+                "HF_HUB_OFFLINE is set and the dataset is not in the local hub cache "
+                f"{huggingface_hub.constants.HF_HUB_CACHE}")) from None
+        paths = sorted(p for p in folder.rglob("*")
+                       if p.is_file() and wanted(p.relative_to(folder).as_posix()))
+    else:
+        try:
+            files = [f for f in huggingface_hub.list_repo_files(repo_id, repo_type="dataset")
+                     if wanted(f)]
+            paths = [Path(huggingface_hub.hf_hub_download(repo_id, f, repo_type="dataset"))
+                     for f in files]
+        except huggingface_hub.errors.RepositoryNotFoundError:
+            raise ValueError(f"{spec!r}: no such dataset on the Hugging Face hub (nor a local "
+                             "file)") from None
+        except (OSError, huggingface_hub.errors.HTTPError) as e:
+            raise ConnectionError(unreachable.format(" ".join(str(e).split()))) from None
     if not paths:
         raise ValueError(f"{spec!r}: the hub dataset has no .parquet or .jsonl files "
                          f"{split}".rstrip())
