@@ -14,6 +14,7 @@ Decisions worth knowing:
 3. The released files wrote "\\boxed" in a non-raw Python string; the lost backslash is repaired.
 """
 import json
+import math
 import numbers
 import os
 import re
@@ -63,6 +64,9 @@ def _golds(value, where: str, field: str = "answer") -> tuple[str, ...]:
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, (str, numbers.Number)):
             raise ValueError(f"{where}: the {field} is {_kind_of(x)} ({x!r:.60}); write it as a "
                              "string, a number or a list of them")
+        if isinstance(x, numbers.Real) and not math.isfinite(x):  # JSON's Infinity, NaN
+            raise ValueError(f"{where}: the {field} is {x!r}, not a finite number; write it as a "
+                             f"string (\"{x!r}\") if that is the answer")
     # A GSM8K solution ends with "#### <final answer>": grade against the final answer only.
     return tuple(_repair(str(x).rsplit("####", 1)[-1].strip() if "####" in str(x) else str(x))
                  for x in items)
@@ -255,8 +259,12 @@ def load_demos(path: str | Path) -> list[Demo]:
     path, demos = Path(path).expanduser(), []
     for n, row in _jsonl_rows(path):
         example = _example(row, f"{path} line {n}", "", need_answer=False)
-        if not isinstance(row.get("response"), str) or not row["response"].strip():
-            raise ValueError(f"{path} line {n}: no response field (expected the assistant text "
+        response = row.get("response")
+        if not isinstance(response, str) or not response.strip():
+            found = ("no response field" if response is None else "an empty response"
+                     if isinstance(response, str) else
+                     f"the response is {_kind_of(response)} ({response!r:.60})")
+            raise ValueError(f"{path} line {n}: {found} (expected the assistant text, a string, "
                              "under 'response')")
         quality = str(row.get("quality") or "")
         demos.append(Demo(example.question, _repair(row["response"]), example.golds, example.kind,

@@ -183,9 +183,7 @@ def make_tools(cfg: Config) -> Tools:
         raise SystemExit(f"--search {cfg.search!r} is unknown; use bm25 or web")
     if cfg.search_cache:
         backend = tool_lib.CachedSearch(backend, cfg.search_cache)
-    if not cfg.unsafe_python and tool_lib.describe_isolation().startswith("Python sandbox: NO"):
-        raise SystemExit(tool_lib.describe_isolation()
-                         + " (this machine allows no namespaces and no Landlock)")
+    tool_lib.check_python_tool(cfg.unsafe_python)  # stops, with the cause, if every call would fail
     return {"search": tool_lib.SearchTool(backend, cfg.top_k),
             "python": lambda code: tool_lib.run_python(code, timeout_s=cfg.python_timeout_s,
                                                        unsafe=cfg.unsafe_python)}

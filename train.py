@@ -40,7 +40,7 @@ import report
 import tiny
 import world
 from aepo import Config, save_config
-from checkpoint import atomic_save, checkpoints, load_checkpoint, save_checkpoint, truncate_logs
+from checkpoint import atomic_save, interrupted, resume, save_checkpoint
 from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import BM25Search, describe_isolation, take_search_stats
@@ -331,12 +331,9 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
-    if cfg.resume and checkpoints(run):
-        ckpt = checkpoints(run)[-1]
-        start = load_checkpoint(ckpt, model, opt)
-        if accelerator.is_main_process:
-            truncate_logs(run, start)
-        print(f"resumed from {ckpt} (next step {start + 1})")
+    if cfg.resume:   # the newest checkpoint, if any; the log lines after it go (all, if none)
+        start = resume(run, model, opt, truncate=accelerator.is_main_process)
+        print(f"resumed at step {start + 1}")
     ddp_model, opt = accelerator.prepare(model, opt)
     main = accelerator.is_main_process
     logged = report.read_metrics(run) if start else []     # the steps kept by truncate_logs
@@ -420,4 +417,8 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main(cfg=CHECKED)
+    try:
+        main(cfg=CHECKED)
+    except KeyboardInterrupt:                 # one line, not a traceback: what is kept, how to go on
+        print(interrupted(Path(CHECKED.output_dir)), file=sys.stderr)
+        sys.exit(130)

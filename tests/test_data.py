@@ -452,3 +452,14 @@ def test_data_imports_nothing_of_the_project():
                              "import sys, loaders; print(sorted(sys.modules))"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "'world'" not in loaded and "'pandas'" not in loaded and "'torch'" not in loaded
+
+
+def test_an_infinite_gold_and_a_non_text_response_are_named(tmp_path):
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"question": "q", "answer": Infinity}\n')
+    with pytest.raises(ValueError, match="inf, not a finite number"):
+        load_examples(str(path))
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"question": "q", "response": 5}) + "\n")
+    with pytest.raises(ValueError, match="line 1: the response is an int"):
+        load_demos(path)
