@@ -222,6 +222,8 @@ def _bound(s: Shape, cfg, e: dict, d: int, rows: int, tokens: int, fed: int) -> 
                              else 0.0),
          "bound_update": scale(state + e["lora_grad"] + e["activations"]
                                + e["backward_transient"])}
+    for phase in ("rollout", "recompute", "update"):      # never under the typical figure
+        b[f"bound_{phase}"] = max(b[f"bound_{phase}"], e[f"peak_{phase}"])
     b["bound"] = max(b["bound_rollout"], b["bound_recompute"], b["bound_update"])
     return b
 

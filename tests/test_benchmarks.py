@@ -26,17 +26,25 @@ def test_offline_qwen_tokenizer_gives_the_hub_ids():
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_gpu_benchmark_runs_at_toy_size_on_cpu(tmp_path):
-    out = subprocess.run([sys.executable, "benchmarks/gpu.py", "--small",
-                          "--folder", str(tmp_path / "model"), "--out", str(tmp_path / "gpu.md")],
-                         cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""},
-                         timeout=300)
+def test_gpu_script_runs_every_phase_at_toy_size_on_cpu(tmp_path):
+    """bash benchmarks/gpu.sh --small: the GPU script end to end on CPU (no wheels installed), every
+    phase in the report, written to $OUT; the forced tool calls run and AEPO branches."""
+    out = subprocess.run(["bash", "benchmarks/gpu.sh", "--small", "--folder", str(tmp_path / "m")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+                              "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "gpu.md").read_text()
-    # 2 questions x k=2 x the 32-token budget
-    assert "| rollout generated tokens | 128 |" in report
-    assert "RL step (train.rl_step)" in report and report.strip().endswith("peak_gib=0.00")
+    rows = {line.split(" | ")[0].strip("| ") for line in report.splitlines()
+            if line.startswith("| ")}
+    assert {"load", "rollout_questions", "probe", "plan", "rollout", "rollout memory",
+            "engines (1 question x k)", "old log-probs", "old log-probs memory", "update",
+            "update memory"} <= rows
+    rollout = next(line for line in report.splitlines() if line.startswith("| rollout |"))
+    calls, branches = (int(rollout.split(f" {w}")[0].split()[-1]) for w in ("tool calls",
+                                                                            "branches"))
+    assert calls > 0 and branches > 0
+    assert "skipped" not in report and report.strip().endswith("peak_gib=0.00")
 
 
 def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float],
