@@ -1,5 +1,5 @@
-"""The cached engine: the verbs of engine.py (add, generate, append, select, rewind, release) with one
-KV cache kept across rounds, so that each token is encoded once.
+"""The cached engine: the verbs of engine.py (add, generate, append, select, rewind, release) with
+one KV cache kept across rounds, so that each token is encoded once, in storage written in place.
 
     engine = CachedEngine(model, Sampling.make(tokenizer))   # a drop-in for engine.ReencodeEngine
 
@@ -44,8 +44,10 @@ CHUNK = 256       # columns the KV storage grows by
 class ChunkedLayer(DynamicLayer):
     """One layer's keys and values in (B, heads, capacity, head_dim) storage, of which the first `n`
     columns are used. A decoded token's key and value are written in place into the next free
-    column; the storage grows by CHUNK columns when full. (transformers' DynamicLayer concatenates
-    the whole layer at every token: traffic that grows with the square of the length.)
+    column. The engine reserves the columns a generate call can add before it starts (`reserve`),
+    so no decoding step copies the cache; past that, the storage grows by whole chunks of CHUNK
+    columns. (transformers' DynamicLayer concatenates the whole layer at every token: traffic that
+    grows with the square of the length.)
 
     `keys` / `values` are views of the used columns; assigning them (a batch select, a widening)
     replaces the storage, which then grows again from that size.
@@ -75,16 +77,21 @@ class ChunkedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, m = self.n, key_states.shape[-2]
-        if n + m > self._k.shape[-2]:                         # full: grow by whole chunks
-            capacity = -(-(n + m) // CHUNK) * CHUNK
-            self._k, self._v = (self._grown(t, key_states, capacity) for t in (self._k, self._v))
+        self.reserve(n + m)
         self._k[:, :, n:n + m] = key_states
         self._v[:, :, n:n + m] = value_states
         self.n = n + m
         return self.keys, self.values
 
-    def _grown(self, old: torch.Tensor, like: torch.Tensor, capacity: int) -> torch.Tensor:
-        new = like.new_empty((*like.shape[:2], capacity, like.shape[3]))  # (B, heads, cap, dim)
+    def reserve(self, columns: int) -> None:
+        """Storage for `columns` columns (rounded up to whole chunks), so that writing up to there
+        copies nothing. The engine reserves a generate call's columns before it starts."""
+        if self.is_initialized and columns > self._k.shape[-2]:
+            capacity = -(-columns // CHUNK) * CHUNK
+            self._k, self._v = (self._grown(t, capacity) for t in (self._k, self._v))
+
+    def _grown(self, old: torch.Tensor, capacity: int) -> torch.Tensor:
+        new = old.new_empty((*old.shape[:2], capacity, old.shape[3]))  # (B, heads, cap, dim)
         new[:, :, :self.n] = old[:, :, :self.n]
         return new
 
@@ -173,6 +180,8 @@ class CachedEngine:
         self.unfed = [[] for _ in self.unfed]
         if self.cache is None:
             self.cache = chunked_cache(self.model.config)
+        for layer in self.cache.layers:           # room for every column this call can add
+            layer.reserve(self.ids.shape[1] + max_new_tokens)
         seq, new_mask, self.cache, segments = sample_segments(
             self.model, self.ids, self.mask, self.cache, max_new_tokens, self.sampling, tails)
         self.ids, self.mask = seq, torch.cat([self.mask, new_mask], 1)           # (B, W + N)
