@@ -144,13 +144,22 @@ class CachedEngine:
         self.unfed[b] += tokens
 
     def select(self, index: list[int]) -> None:
-        """Keep rows `index`. Unfed tokens but the last are encoded first, so that the copies of a
-        row share its encoded tool result instead of each encoding it again."""
+        """Keep rows `index`. Rows that leave go first, their unfed tokens (a tool result that
+        arrived as the row finished) never encoded; then the kept rows' unfed tokens but the last
+        are encoded, so that the copies of a row share its encoded tool result instead of each
+        encoding it again."""
         if not index:                                        # no rows left (prompt_kv stays)
             self.ids, self.mask = self.ids[:0, :0], self.mask[:0, :0]
             self.cache, self.unfed = None, []
             return
+        kept = sorted(set(index))
+        if len(kept) < len(self.unfed):
+            self._keep(kept)
+            index = [kept.index(i) for i in index]
         self._encode_unfed_heads()
+        self._keep(index)
+
+    def _keep(self, index: list[int]) -> None:
         idx = torch.tensor(index, device=self.device)
         self.cache.batch_select_indices(idx)
         self.ids, self.mask = self.ids[idx], self.mask[idx]                       # (B', W)

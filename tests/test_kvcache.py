@@ -85,3 +85,25 @@ def test_decoding_writes_the_kv_storage_in_place():
     moved = sum(a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
                 for a, b in zip(seen, seen[1:]))
     assert len(seen) == 300 and moved == 0
+
+
+@torch.no_grad()
+def test_rows_that_leave_are_dropped_before_the_prefill():
+    """A row that finishes as its tool result arrives (a budget or round limit) leaves at the next
+    select: its result is never encoded, and the kept rows' prefill is not widened by it."""
+    tok = toy_tokenizer()
+    model = model_(len(tok))
+    sampling = Sampling.make(tok, greedy=True)
+    sampling.eos_ids, sampling.tag_ids, sampling.tag_strings = [], [], []
+    engine = CachedEngine(model, sampling)
+    engine.add([list(range(5, 12)), list(range(12, 15))])
+    engine.generate(3, tails=[[], []])
+    engine.append(0, [30, 31, 32])                           # row 0's result: it goes on
+    engine.append(1, list(range(40, 80)))                    # row 1's: it finishes, and leaves
+    widths = []
+    model.register_forward_pre_hook(lambda m, a, kw: widths.append(kw["input_ids"].shape),
+                                    with_kwargs=True)
+    before = engine.prefill_tokens
+    engine.select([0, 0])                                    # row 0 branches, row 1 leaves
+    assert engine.prefill_tokens - before == 2               # row 0's result but its last token
+    assert widths == [torch.Size([1, 3])]    # one row: its last sampled token (uncached) + 2
