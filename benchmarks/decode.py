@@ -98,7 +98,7 @@ def host_reads(model, rows: int, tokens: int) -> tuple[float, float]:
 
     try:
         sys.path.insert(0, str(ROOT / "benchmarks"))
-        from gpu import qwen_tokenizer
+        from qwen_offline import qwen_tokenizer
         tok = qwen_tokenizer()
     except (ImportError, SystemExit):
         from policy import load_policy
