@@ -130,8 +130,8 @@ class Config:
     max_rounds: int = field(default=12, metadata={
         "help": "Generate rounds per trajectory (a branch counts its parent's); then it is cut."})
     rollout_questions: int = field(default=0, metadata={
-        "help": "Questions rolled out together in one batch (0: all); bounds the rollout's "
-                "KV cache."})
+        "help": "Questions rolled out together in one batch (0: all, or on a GPU as many as "
+                "memory.py's upper bound fits in the free memory); bounds the rollout's KV cache."})
     temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
 
     # --- update (arXiv 2510.14545: entropy-balanced policy optimization) ---
@@ -152,7 +152,10 @@ class Config:
         "help": "Stop RL after the step whose rollouts bring the sampled tokens to this many "
                 "(0: run --steps)."})
     questions_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
-    mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step (one epoch)."})
+    mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step and epoch."})
+    epochs: int = field(default=1, metadata={
+        "help": "Passes over each rollout batch (released: 1); later mini-batches and epochs are "
+                "off-policy, which is where clipping acts."})
     grad_accum: int = field(default=1, metadata={"help": "Micro-batches per mini-batch (memory)."})
     lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate on LoRA parameters."})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
@@ -184,8 +187,10 @@ PRESETS: dict[str, dict] = {
     "tiny": {},
     # A lab session: RL only, from the cached SFT start, about 6 minutes on 2 CPU cores (README: the
     # class)
+    # Off-policy updates where clipping acts: 16 mini-batches x 2 epochs per rollout batch (the
+    # paper's 8 x 1 clips about 0.2% of the tokens here, 16 x 2 about 1-2%)
     "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000,
-                  save_every=40, sample_every=5),
+                  save_every=40, sample_every=5, mini_batches=16, epochs=2),
     "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4,
                   global_rollouts=2, save_every=1, sample_every=1, eval_limit=8, eval_runs=2,
                   max_response_tokens=128),
@@ -198,10 +203,10 @@ PRESETS: dict[str, dict] = {
                        questions_per_step=4, mini_batches=4, grad_accum=4,
                        gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
                        steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5,
-                       # memory (python memory.py: peak ~10.5 GB): one question's k rows in
-                       # flight keep the KV cache at ~5.6 GB (all 4: ~22 GB); old log-probs
-                       # recomputed (bf16 gap: README)
-                       rollout_questions=1, recompute_old_logp=True),
+                       # memory (python memory.py): rollout_questions 0 rolls out as many
+                       # questions together as the upper bound fits in the free GPU memory (1 on
+                       # 24-39 GB); old log-probs recomputed (bf16 gap: README)
+                       rollout_questions=0, recompute_old_logp=True),
 }
 
 # Each algorithm is a handful of switches; each switch gates one code site (rollout.py or loss.py).

@@ -80,7 +80,7 @@ CHOICES = {"stage": ("sft", "rl", "all"), "report_to": ("none", "tensorboard", "
 AT_LEAST = {name: 1 for name in (
     "k", "global_rollouts", "branch_z", "entropy_window", "max_prompt_tokens",
     "max_response_tokens", "segment_tokens", "max_rounds", "steps", "questions_per_step",
-    "mini_batches", "grad_accum", "sft_steps", "sft_batch", "sft_demos", "save_every",
+    "mini_batches", "epochs", "grad_accum", "sft_steps", "sft_batch", "sft_demos", "save_every",
     "sample_every", "eval_runs", "top_k", "snippet_chars", "lora_alpha")}
 AT_LEAST |= {name: 0 for name in (
     "threads", "token_budget", "lora_r", "call_limit", "eval_limit", "weight_decay", "kl_coef",

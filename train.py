@@ -24,8 +24,11 @@ import cli
 if __name__ == "__main__":
     CHECKED = cli.train_config(sys.argv[1:])     # a bad input stops here: one line, nothing written
 
+import dataclasses
+import hashlib
 import json
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -36,8 +39,11 @@ from tqdm import tqdm
 import data
 import loaders
 import loss as L
+import memory
+import policy
 import report
 import tiny
+import tools
 import world
 from aepo import Config, save_config
 from checkpoint import atomic_save, interrupted, resume, save_checkpoint
@@ -111,6 +117,26 @@ def sft(cfg: Config, run: Path) -> Path:
     return out
 
 
+def sft_data_digest(base: Config) -> str:
+    """sha256 of what the default SFT trains on: the starting weights and every demonstration's
+    token ids and loss mask. Making 4,000 demonstrations takes a minute, so the digest is
+    remembered (.cache/sft-digests.json) per version of the files that make them."""
+    code = tiny.code_hash(*(Path(m.__file__).read_text() for m in (world, data, tiny, policy,
+                                                                   tools)))
+    memo = tiny.CACHE_DIR / "sft-digests.json"
+    known = json.loads(memo.read_text()) if memo.exists() else {}
+    if code not in known:
+        model, tok = load_policy(base.model, lora_r=0, device=torch.device("cpu"))
+        digest = hashlib.sha256(json.dumps(sft_rows(base, tok)).encode())
+        for p in model.state_dict().values():
+            digest.update(p.detach().float().numpy().tobytes())
+        known[code] = digest.hexdigest()
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, memo)                       # whole or not at all
+    return known[code]
+
+
 def cached_sft() -> Path:
     """--init_from cached-sft: the tiny policy after the default cold-start SFT (seed 0), trained
     once per machine into the cache folder, like the tiny model itself, and shared by every run
@@ -119,21 +145,16 @@ def cached_sft() -> Path:
     any change to the world, the prompts or the tokenizer that reaches the demonstrations builds a
     new one, and nothing else does. A lock lets two runs started together build it once."""
     import fcntl
-    import hashlib
     import inspect
 
     base = Config()
     recipe = {f: getattr(base, f) for f in (
         "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
         "top_k", "snippet_chars", "system_prompt", "weight_decay", "grad_clip")}
-    model, tok = load_policy(base.model, lora_r=0, device=torch.device("cpu"))
-    digest = hashlib.sha256(json.dumps(sft_rows(base, tok)).encode())
-    for p in model.state_dict().values():
-        digest.update(p.detach().float().numpy().tobytes())
     # the SFT loss's functions (not all of loss.py: a student editing the RL losses keeps the cache)
     sources = [inspect.getsource(f) for f in (sft, L.token_logprobs, L._chunk_logp, L._head_logp,
                                               L._final_states, L.entropy_of_logp)]
-    key = tiny.code_hash(*sources, f"recipe = {recipe!r}", f"data = {digest.hexdigest()!r}")
+    key = tiny.code_hash(*sources, f"recipe = {recipe!r}", f"data = {sft_data_digest(base)!r}")
     folder = tiny.CACHE_DIR / f"sft-{key}"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / ".lock", "w") as lock:
@@ -260,6 +281,11 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
     group = torch.tensor([t.question_idx for t in trajs])                                   # (B,)
     adv_fn = L.group_advantages if cfg.adv_estimator == "grpo" else L.reinforce_pp_advantages
     adv = adv_fn(rewards, group).to(device)                                                 # (B,)
+    if not adv.any():                    # every group's rewards equal: no gradient to compute
+        return {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,
+                                                    rewards.tolist(), [], cfg.entropy_window),
+                "zero_adv_step": 1, "grad_norm": 0.0, "skipped": 0, "rollout_s": t_rollout,
+                "step_s": time.time() - t0, "processes": accelerator.num_processes}, []
     tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
     tensors["adv"] = token_advantages(adv, tensors, cfg)                                    # (B, T)
     sampled = tensors["entropy"][tensors["loss_mask"] > 0]                                  # (N,)
@@ -270,10 +296,11 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    order = torch.randperm(len(trajs),
-                           generator=torch.Generator().manual_seed(cfg.seed * 7919 + step))
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    batches = [mb for _ in range(cfg.epochs)
+               for mb in torch.randperm(len(trajs), generator=gen).chunk(cfg.mini_batches)]
     stats, skipped = [], 0
-    for mb in order.chunk(cfg.mini_batches):
+    for mb in batches:                  # each epoch in a new random order of mini-batches
         opt.zero_grad(set_to_none=True)
         stats += accumulate(model, tensors, mb, cfg, accelerator)
         grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
@@ -286,7 +313,8 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
     metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,
                                                    rewards.tolist(), stats, cfg.entropy_window),
                **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
-               "grad_norm": float(grad_norm), "skipped": skipped, "rollout_s": t_rollout,
+               "zero_adv_step": 0, "grad_norm": float(grad_norm), "skipped": skipped,
+               "rollout_s": t_rollout,
                "step_s": time.time() - t0, "processes": accelerator.num_processes}
     # the mean over processes (per-kind rates: the main process's own)
     if accelerator.num_processes > 1:
@@ -382,6 +410,17 @@ def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
                     desc=f"eval {name}")
 
 
+def choose_rollout_questions(cfg: Config) -> Config:
+    """On a GPU, as many questions rolled out together as memory.py's upper bound fits in the free
+    memory (said in one line); unchanged when the model's shape is unknown offline."""
+    free = torch.cuda.mem_get_info()[0]
+    try:
+        print(memory.rollout_questions_line(cfg, free))
+        return dataclasses.replace(cfg, rollout_questions=memory.rollout_questions_for(cfg, free))
+    except SystemExit:                       # no local config.json to read the shape from
+        return cfg
+
+
 def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
     """Run the job of the command line `argv` (or of `cfg`, already checked by cli.train_config)."""
     from accelerate import Accelerator
@@ -389,6 +428,8 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
     cfg = cfg or cli.train_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if torch.cuda.is_available() and cfg.rollout_questions == 0 and cfg.stage != "sft":
+        cfg = choose_rollout_questions(cfg)
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
     run = Path(cfg.output_dir)

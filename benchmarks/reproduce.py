@@ -1,23 +1,28 @@
-"""The paper's comparison in miniature: GRPO, ARPO and AEPO (3 seeds each) and AEPO's two ablations
-(1 seed each) on the built-in world, every run `python train.py --preset class` (RL from the cached
-SFT start, the same budget of sampled rollout tokens, then held-out evaluation).
+"""The paper's comparison in miniature: GRPO, ARPO and AEPO (3 seeds each) and AEPO with one
+mechanism removed at a time (2 seeds each: no pre-monitoring, no branch penalty, PPO clipping instead
+of stop-gradient clipping, no entropy-aware advantage) on the built-in world, every run
+`python train.py --preset class` (RL from the cached SFT start, the same budget of sampled rollout
+tokens, off-policy updates where clipping acts, then held-out evaluation).
 
-    python benchmarks/reproduce.py                   # 11 runs, ~6 min each on 2 CPU cores
+    python benchmarks/reproduce.py --parallel 2      # 17 runs, two at a time, one torch thread each
     python benchmarks/reproduce.py --seeds 1 --ablation_seeds 0      # a lab-sized version: 3 runs
-    python benchmarks/reproduce.py --parallel 2      # two runs at a time, one torch thread each
     python benchmarks/reproduce.py -- --token_budget 30000          # flags after -- go to train.py
 
 A run whose eval-rl/summary.json exists is kept (so a crashed reproduction resumes where it stopped;
 --fresh reruns everything); an unfinished run's folder is emptied and the run starts over.
-Writes benchmarks/results/reproduce.md (the table, with the machine) and
-reproduce.png (mean and min-max band over seeds per algorithm; report.plot_compare), and prints the
-table.
+Writes benchmarks/results/reproduce.md (the table, with the machine and the paired differences),
+reproduce.png and reproduce-tokens.png (mean and min-max band over seeds per algorithm;
+report.plot_compare) and reproduce-rules.png (step entropy by tool call at the SFT start and after
+RL, Delta H at the branch decisions, where branches are made), and prints the table, then the key
+figures one `name=value` per line.
 
 Columns: held-out Pass@1 and Pass@4 (150 questions x 4 runs, T = 1) of the SFT start and after RL;
-tool calls per answer; RL steps the token budget allowed; the paper's rollout analysis over the RL
-steps: policy entropy of sampled tokens (first and last 5 steps), clip fractions, branches per
-question, branch concentration (share of branches on the top-1 and top-3 global chains of a group)
-and the share of branch steps that continue a streak of consecutive branching.
+tool calls per answer; RL steps the token budget allowed; policy entropy of sampled tokens (first
+and last 5 steps); clip fractions (all tokens, the step's 20% highest-entropy tokens, the rest) and
+the share of the gradient on clipped tokens; the step entropy of the first w tokens of the root
+segment and after results 1 and 2; the share of branch decisions with Delta H = 0 and with a streak
+l >= 1; the budget m; distinct tool-call paths per question; branches per question, branch
+concentration (top-1 and top-3 global chains) and consecutive branching.
 """
 import argparse
 import json

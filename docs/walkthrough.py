@@ -3,9 +3,12 @@ walkthrough (docs/walkthrough.md) talks about: the probe, H_root and H_tool, the
 branch decision with its Delta H and streak l, the rewards, the group and entropy-aware advantages,
 and the per-token gradient weight of the AEPO surrogate (from loss.py with autograd).
 
-    python docs/walkthrough.py                       # the SFT'd demo policy if runs/demo/seed-0/sft
-                                                       exists, else tiny
+    python docs/walkthrough.py                       # the SFT start of the class preset if it is
+                                                       built (.cache/sft-*), else the demo's, else tiny
     python docs/walkthrough.py --model tiny --question 3 --seed 1
+
+Without --question it takes the first training question whose rollout has rewards that differ (an
+all-equal group has zero advantages, and every later section would print zeros).
 
 The sampler is not changed: its pure rules (rollout.budget_from_probe, rollout.n_children) are
 wrapped for the duration of the call, so we see their inputs and outputs exactly as the sampler used
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from pathlib import Path
 
@@ -33,6 +37,15 @@ import world  # noqa: E402
 from policy import load_policy, make_tools, system_prompt_for  # noqa: E402
 
 DEMO_SFT = ROOT / "runs" / "demo" / "seed-0" / "sft"
+
+
+def default_model() -> str:
+    """The newest built SFT start (the class preset's cache, then the demo's), else tiny."""
+    import tiny
+    built = sorted(tiny.CACHE_DIR.glob("sft-*/sft/config.json"), key=lambda p: p.stat().st_mtime)
+    if built:
+        return str(built[-1].parent)
+    return str(DEMO_SFT) if DEMO_SFT.is_dir() else "tiny"
 
 
 def watch(trace: list[dict]):
@@ -72,13 +85,15 @@ def gradient_weights(old_logp: torch.Tensor, adv: torch.Tensor, ratios: list[flo
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=str(DEMO_SFT) if DEMO_SFT.is_dir() else "tiny",
-                   help="a model folder or 'tiny' (default: the demo SFT policy if present, "
-                        "else the untrained tiny)")
-    p.add_argument("--question", type=int, default=0, help="index into world:train")
+    p.add_argument("--model", default=None,
+                   help="a model folder or 'tiny' (default: the class preset's SFT start if built, "
+                        "else the demo's, else the untrained tiny)")
+    p.add_argument("--question", type=int, default=None,
+                   help="index into world:train (default: the first with rewards that differ)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--k", type=int, default=8, help="[k] group size")
     args = p.parse_args(argv)
+    args.model = args.model or default_model()
     torch.manual_seed(args.seed)
     torch.set_num_threads(1)
 
@@ -86,34 +101,40 @@ def main(argv: list[str] | None = None) -> None:
         cli.resolve(aepo.Config(algo="aepo", model=args.model, output_dir="-")), k=args.k)
     model, tok = load_policy(args.model, lora_r=0, device=torch.device("cpu"), trainable=False)
     model.eval()
-    example = world.load_examples("world:train")[args.question]
-    print(f"model: {args.model}\nquestion: {example.question}\ngold: {example.golds[0]}")
+    examples = world.load_examples("world:train")
     print(f"preset aepo: k={cfg.k} Z={cfg.branch_z} tau={cfg.tau} gamma={cfg.gamma} "
           f"beta={cfg.beta} penalty={cfg.penalty} w={cfg.entropy_window} "
           f"alpha={cfg.entropy_adv_alpha} clip_mode={cfg.clip_mode}")
 
     # ---- 1. the rollout: pre-monitoring, then branching with the consecutive-branch penalty
-    trace: list[dict] = []
-    undo = watch(trace)
-    try:
-        res = R.rollout(model, tok, [example.question], make_tools(cfg), cfg, seed=args.seed,
-                        system_prompt=system_prompt_for(cfg))
-    finally:
-        undo()
+    for q in [args.question] if args.question is not None else range(len(examples)):
+        example, trace = examples[q], []
+        undo = watch(trace)
+        try:
+            res = R.rollout(model, tok, [example.question], make_tools(cfg), cfg, seed=args.seed,
+                            system_prompt=system_prompt_for(cfg))
+        finally:
+            undo()
+        if len({data.reward(t.text, example.golds) for t in res.trajectories}) > 1:
+            break                                            # rewards differ: advantages are not 0
+    print(f"model: {args.model}\nquestion {q}: {example.question}\ngold: {example.golds[0]}")
     trajs = res.trajectories
     probe = min((t for t in trajs if t.is_global), key=lambda t: t.traj_id)
     print("\n== 1. Entropy Pre-Monitoring: the probe (first global rollout)")
     print(f"probe: {len(probe.tool_calls)} tool calls, finish={probe.finish}, segment entropies "
           f"{[round(h, 4) for h in probe.seg_entropy]}")
     for e in (e for e in trace if e["rule"] == "pre-monitoring"):
+        paper = cfg.k / (1 + math.exp(-cfg.beta * (e["h_root"] - e["h_tool"])))
         print(f"H_root = {e['h_root']:.4f}  H_tool = {e['h_tool']:.4f}  ->  "
-              f"m = floor(k * sigmoid(beta * (H_root - H_tool))) + 1 = {e['m']}")
+              f"m = floor(k * sigmoid(beta * (H_root - H_tool))) + 1 = {e['m']} (released "
+              f"rounding; the paper's k * sigmoid(...) = {paper:.2f}, {cfg.k // 2} at equal "
+              f"entropies)")
     print("\n== 2. Entropy-Balanced Adaptive Rollout: one line per branch decision "
-          "(a row that got a tool result)")
+          "(after the first w tokens that follow a tool result)")
     decisions = [e for e in trace if e["rule"] == "branching"]
-    for e in decisions:
-        print(f"Delta H = {e['delta_h']:+.4f}  l = {e['l']}  room = {e['room']}  "
-              f"P(branch) = {e['p']:.3f}  children = {e['n']}")
+    for e, (source, call, *_) in zip(decisions, res.stats[0].decisions):
+        print(f"trajectory {source} after result {call}: Delta H = {e['delta_h']:+.4f}  "
+              f"l = {e['l']}  room = {e['room']}  P(branch) = {e['p']:.3f}  children = {e['n']}")
     if not decisions:
         print("(no row reached a tool result after the budget was known: nothing to branch)")
     s = res.stats[0]
@@ -130,13 +151,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{t.traj_id:2d}  {str(t.parent_id):6s}  {kind:6s}  {len(t.tool_calls):5d}  "
               f"{t.finish:10s}  {r.item():+.3f}  {a.item():+.3f}")
 
-    # ---- 3. entropy-aware advantages, from the update's own forward pass
+    # ---- 3. entropy-aware advantages, from the rollout's entropies (train.token_advantages)
     tensors = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
+    entropy = tensors["entropy"]                                                            # (G, T)
+    adv_t = train.token_advantages(adv, tensors, cfg)                                       # (G, T)
     with torch.no_grad():
-        logp, entropy = L.token_logprobs(model, tensors["ids"], tensors["attn"],
-                                         with_entropy=True)  # (G, T)
-    adv_t = L.entropy_aware_advantages(adv, entropy, tensors["loss_mask"],
-                                       cfg.entropy_adv_alpha)  # (G, T)
+        logp = L.token_logprobs(model, tensors["ids"], tensors["attn"])                     # (G, T)
     b = int(adv.abs().argmax())
     sampled = tensors["loss_mask"][b].nonzero().squeeze(1)                                    # (n,)
     h = entropy[tensors["loss_mask"] > 0]

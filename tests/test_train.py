@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import checkpoint
 import data
 import loss as L
 import train
@@ -112,12 +113,12 @@ def test_sigkill_during_save_leaves_only_loadable_checkpoints(tmp_path):
     assert marker.exists(), "the child never reached the save"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert [p.name for p in train.checkpoints(run)] == ["checkpoint-0"]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-0"]
     model, _ = load_policy("tiny", lora_r=4)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    assert train.load_checkpoint(run / "checkpoint-0", model, opt) == 1
+    assert checkpoint.load_checkpoint(run / "checkpoint-0", model, opt) == 1
     train.save_checkpoint(run, 1, model, opt)
-    assert [p.name for p in train.checkpoints(run)] == ["checkpoint-0", "checkpoint-1"]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-0", "checkpoint-1"]
 
 
 def test_killed_run_resumes_without_losing_or_repeating_steps(tmp_path, sft_start):
@@ -128,11 +129,11 @@ def test_killed_run_resumes_without_losing_or_repeating_steps(tmp_path, sft_star
     proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not train.checkpoints(run) and time.time() < deadline and proc.poll() is None:
+    while not checkpoint.checkpoints(run) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.1)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = train.checkpoints(run)
+    done = checkpoint.checkpoints(run)
     assert done, "no checkpoint before the kill"
     out = subprocess.run(args + ["--resume"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                          timeout=600)
@@ -215,6 +216,8 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
     real = L.policy_loss
     monkeypatch.setattr(L, "policy_loss",
                         lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
+    rewards = iter(range(1000))                 # rewards that differ: the update must run
+    monkeypatch.setattr(train.data, "reward", lambda text, golds: float(next(rewards)))
     metrics, _ = train.rl_step(model, tok, opt, world.load_examples("world:train")[:8],
                                make_tools(cfg), cfg, 0, Accelerator(cpu=True))
     assert metrics["skipped"] == cfg.mini_batches
@@ -290,7 +293,7 @@ def test_token_budget_stops_rl_and_tensorboard_gets_every_row(tmp_path, sft_star
     assert [r["step"] for r in rows] == [0, 1]
     assert rows[0]["sampled_tokens_total"] == first
     assert rows[1]["sampled_tokens_total"] == first + rows[1]["sampled_tokens"] > first + 1
-    assert [p.name for p in train.checkpoints(run)] == ["checkpoint-1"]
+    assert [p.name for p in checkpoint.checkpoints(run)] == ["checkpoint-1"]
     train.main(common + ["--token_budget", str(first + 1), "--resume"])
     assert len(open(run / "metrics.jsonl").readlines()) == 2
     events = EventAccumulator(str(run / "tensorboard")).Reload()
@@ -419,3 +422,22 @@ class _Accelerator(_NoAccelerator):
     @staticmethod
     def backward(loss):
         loss.backward()
+
+
+def test_a_step_whose_advantages_are_all_zero_runs_no_update(monkeypatch, sft_start):
+    """Equal rewards in every group: nothing to learn, so no forward or backward pass runs; the step
+    is counted (zero_adv_step) and the adapter is unchanged."""
+    from accelerate import Accelerator
+
+    cfg = parse_config(["--preset", "smoke", "--output_dir", "unused"])
+    model, tok = load_policy(str(sft_start), lora_r=4)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    monkeypatch.setattr(train.data, "reward", lambda text, golds: 0.5)
+    monkeypatch.setattr(train, "micro_batch_loss", lambda *a, **k: pytest.fail("an update ran"))
+    metrics, _ = train.rl_step(model, tok, opt, world.load_examples("world:train")[:8],
+                               make_tools(cfg), cfg, 0, Accelerator(cpu=True))
+    assert metrics["zero_adv_step"] == 1 and metrics["reward"] == 0.5
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p, before[n]), n
