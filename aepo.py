@@ -225,20 +225,16 @@ ALGOS: dict[str, dict] = {
                  entropy_adv_alpha=0.0, clip_mode="ppo"),
     "aepo": dict(branching=True, pre_monitor=True, branch_penalty=True, adv_estimator="grpo",
                  entropy_adv_alpha=0.2, clip_mode="aepo"),
-    # one AEPO mechanism removed at a time (benchmarks/reproduce.py)
-    "aepo_no_pre_monitor": dict(branching=True, pre_monitor=False, branch_penalty=True,
-                                adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
-    "aepo_no_penalty": dict(branching=True, pre_monitor=True, branch_penalty=False,
-                            adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
-    "aepo_ppo_clip": dict(branching=True, pre_monitor=True, branch_penalty=True,
-                          adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="ppo"),
-    "aepo_no_entropy_adv": dict(branching=True, pre_monitor=True, branch_penalty=True,
-                                adv_estimator="grpo", entropy_adv_alpha=0.0, clip_mode="aepo"),
     "aepo_no_dynamic_rollout": dict(branching=True, pre_monitor=False, branch_penalty=False,
                                     adv_estimator="grpo", entropy_adv_alpha=0.2, clip_mode="aepo"),
     "aepo_no_balanced_update": dict(branching=True, pre_monitor=True, branch_penalty=True,
                                     adv_estimator="grpo", entropy_adv_alpha=0.0, clip_mode="ppo"),
 }
+# AEPO with one mechanism removed at a time (benchmarks/reproduce.py)
+ALGOS |= {name: {**ALGOS["aepo"], **change} for name, change in {
+    "aepo_no_pre_monitor": dict(pre_monitor=False), "aepo_no_penalty": dict(branch_penalty=False),
+    "aepo_ppo_clip": dict(clip_mode="ppo"), "aepo_no_entropy_adv": dict(entropy_adv_alpha=0.0),
+}.items()}
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -188,7 +188,8 @@ def plot_rules(groups: dict[str, list[Path]], path: Path) -> None:
     axes[2].set(title="where branches are made", xlabel="after tool call (3: 3 or more)",
                 ylabel="share of branches")
     for ax in axes:
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -197,8 +198,8 @@ def plot_rules(groups: dict[str, list[Path]], path: Path) -> None:
 def paired(groups: dict[str, list[Path]], base: str = "aepo") -> list[str]:
     """Pass@1 after RL of each algorithm minus AEPO's, seed by seed (runs of one seed share the
     SFT start and the evaluation's seed), as mean and the per-seed differences."""
-    def by_seed(runs):
-        return {json.loads((r / "config.json").read_text())["seed"]:
+    def by_seed(runs):                              # run folders are named <algo>-seed<seed>
+        return {r.name.rsplit("-seed", 1)[-1]:
                 json.loads((r / "eval-rl" / "summary.json").read_text())["pass1"] for r in runs}
     ref = by_seed(groups.get(base, []))
     lines = []

@@ -62,7 +62,11 @@ def _finished_run(folder: Path, algo: str, pass1: float, entropies: list[float],
     rows = [{"step": i, "entropy": h, "clip_frac_low": 0.0, "clip_frac_high": 0.02,
              "branches_per_q": branches, "globals_per_q": 8.0 - branches,
              "branch_top1_share": 0.6, "branch_top3_share": 1.0, "consecutive_branch_share": 0.1,
-             "reward": 0.3, "acc": 0.3, "search_calls": 1.0, "sampled_tokens_total": 1000 * (i + 1)}
+             "reward": 0.3, "acc": 0.3, "search_calls": 1.0, "sampled_tokens_total": 1000 * (i + 1),
+             "clip_frac_top20": 0.08, "clip_frac_rest": 0.005, "clip_grad_share": 0.01,
+             "h_call0": 0.1, "h_call1": 0.2, "h_call2": 0.3, "dh_zero_share": 0.0,
+             "l_positive_share": 0.25, "m": 4.5, "distinct_paths": 3.0,
+             "decisions": [[1, 0.5, 0, 1], [2, -0.25, 1, 0]] if branches else []}
             for i, h in enumerate(entropies)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -82,14 +86,25 @@ def test_reproduce_summarises_finished_runs_without_training_again(tmp_path):
     table = (results / "reproduce.md").read_text()
     # grpo: Pass@1 after RL 30 and 50 -> 40.0 ± 10.0; Pass@4 70.0 ± 10.0; 6 steps, 6k tokens
     # entropy 0.2 and 0.4 -> 0.300 ± 0.100; nothing branched, so no branch shares ("-")
+    # clip 0.02 (top-20% 0.08, rest 0.005, gradient share 0.01), step entropies 0.1 / 0.2 / 0.3,
+    # m 4.5, 3 distinct paths; no branch decision shares ("-")
+    rules = ("| 0.0200 ± 0.0000 | 0.0800 ± 0.0000 | 0.0050 ± 0.0000 | 0.0100 ± 0.0000 "
+             "| 0.100 ± 0.000 | 0.200 ± 0.000 | 0.300 ± 0.000 | - | - | 4.50 ± 0.00 | 3.00 ± 0.00 ")
     assert ("| grpo (2) | 25.0 ± 0.0 | 40.0 ± 10.0 | 70.0 ± 10.0 | 1.50 ± 0.00 | 1.50 ± 0.00 "
-            "| 6.0 ± 0.0 | 6.0 ± 0.0 | 0.300 ± 0.100 | 0.300 ± 0.100 | 0.0200 ± 0.0000 "
-            "| 8.00 ± 0.00 | 0.00 ± 0.00 | - | - | - |") in table
+            "| 6.0 ± 0.0 | 6.0 ± 0.0 | 0.300 ± 0.100 | 0.300 ± 0.100 " + rules
+            + "| 8.00 ± 0.00 | 0.00 ± 0.00 | - | - | - |") in table
     # aepo, one seed: entropy of the first 5 steps 1.0, of the last 5 steps 0.8
     assert ("| aepo (1) | 25.0 | 45.0 | 75.0 | 1.50 | 1.50 | 6.0 | 6.0 | 1.000 | 0.800 | 0.0200 "
+            "| 0.0800 | 0.0050 | 0.0100 | 0.100 | 0.200 | 0.300 | 0.00 | 0.25 | 4.50 | 3.00 "
             "| 6.00 | 2.00 | 0.60 | 1.00 | 0.10 |") in table
-    assert ((results / "reproduce.png").stat().st_size > 0
-            and (results / "reproduce-tokens.png").exists())
+    # the seeds paired: grpo seed 0 (30) - aepo seed 0 (45)
+    assert "- grpo - aepo: -15.0 points (per seed: -15.0)" in table
+    assert out.stdout.strip().splitlines()[-7:] == [
+        f"aepo_{k}={v:.4f}" for k, v in (("pass1", 0.45), ("clip", 0.02), ("clip_top20", 0.08),
+                                          ("dh_zero", 0.0), ("l_pos", 0.25), ("h0", 0.1),
+                                          ("h1", 0.2))]
+    for name in ("reproduce.png", "reproduce-tokens.png", "reproduce-rules.png"):
+        assert (results / name).stat().st_size > 0, name
 
 
 def test_decode_benchmark_runs_at_toy_size(tmp_path):

@@ -229,12 +229,7 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
 def test_trimmed_micro_batches_give_the_same_loss_and_gradient():
     """micro_batches cuts each micro-batch to its longest row; with right padding that changes
     nothing."""
-    torch.manual_seed(0)
-    model, tok = load_policy("tiny", lora_r=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model, tok = _tiny_with_lora()
     seqs = [[5 + i % 50 for i in range(n)] for n in (30, 9, 12, 7)]
     trajs = [_trajectory(s) for s in seqs]
     t = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
@@ -258,6 +253,17 @@ def test_trimmed_micro_batches_give_the_same_loss_and_gradient():
     assert results[0][1].keys() == results[1][1].keys() and results[0][1]
     for name, g in results[0][1].items():
         torch.testing.assert_close(g, results[1][1][name], rtol=1e-5, atol=1e-7)
+
+
+def _tiny_with_lora():
+    """The tiny model with LoRA adapters whose B is not 0, so that they carry a gradient."""
+    torch.manual_seed(0)
+    model, tok = load_policy("tiny", lora_r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return model, tok
 
 
 def _trajectory(response: list[int]):
@@ -392,12 +398,7 @@ def test_grad_accum_does_not_change_the_update(algo):
     mini-batch into 4 micro-batches gives the same LoRA gradient as 1 (arXiv 2510.14545, eq. 12;
     standardising z within each micro-batch would not: a confident and an uncertain row with the
     same A would get the same weights)."""
-    torch.manual_seed(0)
-    model, tok = load_policy("tiny", lora_r=4)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.02)
+    model, tok = _tiny_with_lora()
     gen = torch.Generator().manual_seed(1)
     trajs = []
     for n, scale in zip((12, 9, 14, 7), (0.1, 2.0, 0.5, 1.5)):     # rows of different entropy
