@@ -1,14 +1,14 @@
 """The shared vocabulary of the project: the configuration, the trajectory type, and the pure
 entropy and branching rules of AEPO (arXiv 2510.14545: "Entropy Pre-Monitoring" and
 "Entropy-Balanced Adaptive Rollout") and of ARPO (arXiv 2507.19849: entropy-based adaptive rollout).
-Imports nothing of the project; the command line that fills a Config (flags, checks, the recipe)
-is cli.py's.
+Imports nothing of the project. Each Config field declares its type (Literal[...] for a choice),
+default, help and bounds ({"min": 1}, {"max": 1}, {"positive": True}); cli.py builds the command
+line from them, checks them, and applies the recipe (`python cli.py --preset tiny` prints the
+resolved configuration).
 
     from aepo import Config, global_budget
     cfg = Config(model="tiny")
     global_budget(cfg.k, h_root=0.3, h_tool=0.1, beta=cfg.beta)     # AEPO's m
-
-`python aepo.py --preset tiny` prints the resolved configuration (cli.parse_config).
 
 Deviations from the released AEPO code (each also listed in the README):
   1. Token entropy is exact over the full vocabulary; the released code estimated it from the top-10
@@ -31,7 +31,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 # --------------------------------------------------------------------------------------------------
 # Configuration
@@ -54,11 +54,12 @@ class Config:
         "help": "Run folder; default runs/<timestamp>-<algo>."})
     seed: int = field(default=0, metadata={
         "help": "Seed of everything; per-step seeds derive from it."})
-    stage: str = field(default="all", metadata={
-        "help": "sft | rl | all (sft, then rl, then eval)."})
+    stage: Literal["sft", "rl", "all"] = field(default="all", metadata={
+        "help": "sft, then rl, then eval (all) or one of them."})
     resume: bool = field(default=False, metadata={
         "help": "Continue from output_dir's last checkpoint."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: all cores)."})
+    threads: int = field(default=0, metadata={
+        "help": "torch CPU threads (0: all cores).", "min": 0})
 
     # --- policy ---
     model: str = field(default="tiny", metadata={
@@ -68,8 +69,8 @@ class Config:
                 "default SFT, built once per machine); default output_dir/sft."})
     load_in_4bit: bool = field(default=False, metadata={
         "help": "bitsandbytes NF4 base (QLoRA); CUDA only."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank on all linear layers."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank on all linear layers.", "min": 0})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator.", "min": 1})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "Trade compute for memory."})
 
@@ -80,16 +81,20 @@ class Config:
         "help": "Held-out questions for eval."})
     sft_dataset: str = field(default="world", metadata={
         "help": "Demonstrations: world (built-in) | jsonl."})
-    system_prompt: str = field(default="short", metadata={"help": "short (tiny model) | paper."})
-    search: str = field(default="bm25", metadata={"help": "bm25 (local corpus) | web (ddgs)."})
+    system_prompt: Literal["short", "paper"] = field(default="short", metadata={
+        "help": "short (the tiny model's) | paper (the released prompt)."})
+    search: Literal["bm25", "web"] = field(default="bm25", metadata={
+        "help": "bm25 (a local corpus) | web (ddgs)."})
     search_corpus: str = field(default="", metadata={
         "help": "jsonl corpus for bm25; default the world's docs."})
     search_cache: str = field(default="", metadata={
         "help": "JSON query cache file ('' = no cache)."})
-    top_k: int = field(default=2, metadata={"help": "Search results per query (released: 10)."})
-    snippet_chars: int = field(default=1000, metadata={"help": "Characters per search snippet."})
+    top_k: int = field(default=2, metadata={
+        "help": "Search results per query (released: 10).", "min": 1})
+    snippet_chars: int = field(default=1000, metadata={
+        "help": "Characters per search snippet.", "min": 1})
     python_timeout_s: float = field(default=5.0, metadata={
-        "help": "Python sandbox wall-clock limit."})
+        "help": "Python sandbox wall-clock limit.", "positive": True})
     unsafe_python: bool = field(default=False, metadata={
         "help": "UNSAFE: run model-written Python even where no sandbox isolation is available "
                 "(it then runs as you, with your files)."})
@@ -98,9 +103,10 @@ class Config:
                 "the model reads 'Search failed'."})
 
     # --- rollout (arXiv 2510.14545: dynamic entropy-balanced rollout) ---
-    k: int = field(default=8, metadata={"help": "[k] trajectories per question (group size)."})
+    k: int = field(default=8, metadata={
+        "help": "[k] trajectories per question (group size).", "min": 1})
     global_rollouts: int = field(default=4, metadata={
-        "help": "[m] global rollouts when not pre-monitored."})
+        "help": "[m] global rollouts when not pre-monitored.", "min": 1})
     branching: bool = field(default=True, metadata={
         "help": "ARPO entropy-guided branching at tool results."})
     pre_monitor: bool = field(default=True, metadata={
@@ -108,79 +114,98 @@ class Config:
     branch_penalty: bool = field(default=True, metadata={
         "help": "AEPO (b): consecutive-branch penalty."})
     branch_z: int = field(default=2, metadata={
-        "help": "[Z] paths per branch point (Z-1 children)."})
-    step_entropy: str = field(default="after_result", metadata={
-        "help": "Where the step entropy H_t of a branch decision is taken: after_result (the "
-                "paper, ARPO sec. 3.1: the first w tokens sampled after tool result t; children "
-                "sample again from right after it) | before_result (the released code: the "
-                "segment that made the call, so Delta H is 0 at every first call)."})
-    tau: float = field(default=0.5, metadata={"help": "[tau] branch threshold."})
+        "help": "[Z] paths per branch point (Z-1 children).", "min": 1})
+    step_entropy: Literal["after_result", "before_result"] = field(
+        default="after_result", metadata={
+            "help": "Where the step entropy H_t of a branch decision is taken: after_result (the "
+                    "paper, ARPO sec. 3.1: the first w tokens sampled after tool result t; "
+                    "children sample again from right after it) | before_result (the released "
+                    "code: the segment that made the call, so Delta H is 0 at every first call)."})
+    tau: float = field(default=0.5, metadata={
+        "help": "[tau] branch threshold.", "min": 0, "max": 1})
     gamma: float = field(default=0.2, metadata={"help": "[gamma] weight of the entropy change."})
     beta: float = field(default=0.5, metadata={"help": "[beta] pre-monitoring sigmoid slope."})
     penalty: float = field(default=0.05, metadata={
-        "help": "Consecutive-branch penalty per step l."})
-    entropy_window: int = field(default=20, metadata={"help": "[w] tokens in a segment entropy."})
+        "help": "Consecutive-branch penalty per step l.", "min": 0})
+    entropy_window: int = field(default=20, metadata={
+        "help": "[w] tokens in a segment entropy.", "min": 1})
     call_limit: int = field(default=3, metadata={
-        "help": "Tool calls per trajectory (then forced EOS)."})
+        "help": "Tool calls per trajectory (then forced EOS).", "min": 0})
     max_prompt_tokens: int = field(default=256, metadata={
-        "help": "Longer prompts are cut from the left."})
+        "help": "Longer prompts are cut from the left.", "min": 1})
     max_response_tokens: int = field(default=256, metadata={
-        "help": "Response budget incl. tool results."})
-    segment_tokens: int = field(default=64, metadata={"help": "Max new tokens per generate call."})
+        "help": "Response budget incl. tool results.", "min": 1})
+    segment_tokens: int = field(default=64, metadata={
+        "help": "Max new tokens per generate call.", "min": 1})
     max_rounds: int = field(default=12, metadata={
-        "help": "Generate rounds per trajectory (a branch counts its parent's); then it is cut."})
+        "help": "Generate rounds per trajectory (a branch counts its parent's); then it is cut.",
+        "min": 1})
     rollout_questions: int = field(default=0, metadata={
         "help": "Questions rolled out together in one batch (0: all, or on a GPU as many as "
                 "memory.py's upper bound fits in the free memory); bounds the rollout's KV cache."})
-    temperature: float = field(default=1.0, metadata={"help": "Rollout sampling temperature."})
+    temperature: float = field(default=1.0, metadata={
+        "help": "Rollout sampling temperature.", "positive": True})
 
     # --- update (arXiv 2510.14545: entropy-balanced policy optimization) ---
-    adv_estimator: str = field(default="grpo", metadata={"help": "grpo | reinforce_pp."})
+    adv_estimator: Literal["grpo", "reinforce_pp"] = field(default="grpo", metadata={
+        "help": "Group baseline (grpo) or batch baseline (reinforce_pp)."})
     entropy_adv_alpha: float = field(default=0.2, metadata={
-        "help": "[alpha] entropy-aware advantage (0: off)."})
-    clip_mode: str = field(default="aepo", metadata={"help": "ppo | gppo | cispo | aepo."})
-    eps_low: float = field(default=0.2, metadata={"help": "[eps_low] lower clip."})
-    eps_high: float = field(default=0.2, metadata={"help": "[eps_high] upper clip (DAPO: 0.28)."})
-    dual_clip: float = field(default=3.0, metadata={"help": "[c] dual clip for A < 0."})
+        "help": "[alpha] entropy-aware advantage (0: off).", "min": 0})
+    clip_mode: Literal["ppo", "gppo", "cispo", "aepo"] = field(default="aepo", metadata={
+        "help": "The surrogate's clip (loss.py: policy_loss)."})
+    eps_low: float = field(default=0.2, metadata={
+        "help": "[eps_low] lower clip.", "min": 0, "max": 1})
+    eps_high: float = field(default=0.2, metadata={
+        "help": "[eps_high] upper clip (DAPO: 0.28).", "min": 0})
+    dual_clip: float = field(default=3.0, metadata={"help": "[c] dual clip for A < 0.", "min": 1})
     kl_coef: float = field(default=0.0, metadata={
-        "help": "k3 KL to the adapter-free reference (0: off)."})
+        "help": "k3 KL to the adapter-free reference (0: off).", "min": 0})
     recompute_old_logp: bool = field(default=False, metadata={
         "help": "Recompute old log-probs with a forward pass instead of reusing the rollout's."})
     steps: int = field(default=40, metadata={
-        "help": "RL steps (rollout batch + one update epoch)."})
+        "help": "RL steps (rollout batch + one update epoch).", "min": 1})
     token_budget: int = field(default=0, metadata={
         "help": "Stop RL after the step whose rollouts bring the sampled tokens to this many "
-                "(0: run --steps)."})
-    questions_per_step: int = field(default=8, metadata={"help": "Prompts per rollout batch."})
-    mini_batches: int = field(default=2, metadata={"help": "Mini-batches per step and epoch."})
+                "(0: run --steps).", "min": 0})
+    questions_per_step: int = field(default=8, metadata={
+        "help": "Prompts per rollout batch.", "min": 1})
+    mini_batches: int = field(default=2, metadata={
+        "help": "Mini-batches per step and epoch.", "min": 1})
     epochs: int = field(default=1, metadata={
         "help": "Passes over each rollout batch (released: 1); later mini-batches and epochs are "
-                "off-policy, which is where clipping acts."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per mini-batch (memory)."})
-    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate on LoRA parameters."})
-    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Global gradient-norm clip."})
+                "off-policy, which is where clipping acts.", "min": 1})
+    grad_accum: int = field(default=1, metadata={
+        "help": "Micro-batches per mini-batch (memory).", "min": 1})
+    lr: float = field(default=1e-3, metadata={
+        "help": "AdamW learning rate on LoRA parameters.", "positive": True})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay.", "min": 0})
+    grad_clip: float = field(default=1.0, metadata={
+        "help": "Global gradient-norm clip.", "positive": True})
 
     # --- cold-start SFT ---
-    sft_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps."})
-    sft_batch: int = field(default=16, metadata={"help": "Demonstrations per SFT step."})
+    sft_steps: int = field(default=1000, metadata={"help": "SFT optimizer steps.", "min": 1})
+    sft_batch: int = field(default=16, metadata={"help": "Demonstrations per SFT step.", "min": 1})
     sft_lr: float = field(default=3e-3, metadata={
-        "help": "SFT learning rate (full fine-tune for tiny)."})
-    sft_demos: int = field(default=4000, metadata={"help": "Built-in demonstrations to generate."})
+        "help": "SFT learning rate (full fine-tune for tiny).", "positive": True})
+    sft_demos: int = field(default=4000, metadata={
+        "help": "Built-in demonstrations to generate.", "min": 1})
     sft_bad_fraction: float = field(default=0.4, metadata={
-        "help": "Share of imperfect demonstrations."})
+        "help": "Share of imperfect demonstrations.", "min": 0, "max": 1})
 
     # --- logging, checkpoints, evaluation ---
-    save_every: int = field(default=10, metadata={"help": "Checkpoint every N RL steps."})
+    save_every: int = field(default=10, metadata={"help": "Checkpoint every N RL steps.", "min": 1})
     sample_every: int = field(default=10, metadata={
-        "help": "Dump sample trajectories every N steps."})
-    eval_runs: int = field(default=4, metadata={"help": "Runs per held-out question (Pass@k)."})
-    eval_limit: int = field(default=0, metadata={"help": "First N held-out questions (0: all)."})
-    eval_temperature: float = field(default=1.0, metadata={"help": "Eval sampling temperature."})
-    eval_top_p: float = field(default=1.0, metadata={"help": "Eval nucleus sampling."})
-    report_to: str = field(default="none", metadata={
-        "help": "Live curves besides curves.png: none | tensorboard (offline: tensorboard "
-                "--logdir runs) | wandb."})
+        "help": "Dump sample trajectories every N steps.", "min": 1})
+    eval_runs: int = field(default=4, metadata={
+        "help": "Runs per held-out question (Pass@k).", "min": 1})
+    eval_limit: int = field(default=0, metadata={
+        "help": "First N held-out questions (0: all).", "min": 0})
+    eval_temperature: float = field(default=1.0, metadata={
+        "help": "Eval sampling temperature.", "positive": True})
+    eval_top_p: float = field(default=1.0, metadata={
+        "help": "Eval nucleus sampling.", "max": 1, "positive": True})
+    report_to: Literal["none", "tensorboard", "wandb"] = field(default="none", metadata={
+        "help": "Live curves besides curves.png (tensorboard offline: tensorboard --logdir runs)."})
 
 
 PRESETS: dict[str, dict] = {
@@ -333,10 +358,3 @@ def global_budget(k: int, h_root: float, h_tool: float, beta: float) -> int:
 
 
 Tools = dict[str, Callable[[str], str]]   # tool name -> function(input text) -> result text
-
-
-if __name__ == "__main__":
-    from cli import parse_config  # the command line lives in cli.py; only the script run needs it
-
-    cfg = parse_config()
-    print(json.dumps(dataclasses.asdict(cfg), indent=2))

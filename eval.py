@@ -5,7 +5,7 @@ EM, F1, reward, format failures, tool calls and response length, per dataset.
     python eval.py --model tiny --dataset path/to/bamboogle/test.jsonl --limit 8 --runs 2
     python eval.py --preset qwen3-1.7b --model Qwen3-1.7B --adapter runs/x/checkpoint-40 --runs 5 \
         --dataset path/to/hotpotqa/test.jsonl --dataset path/to/gsm8k/test.jsonl
-    (the eval-only flags are EvalArgs below; every Config flag of aepo.py applies too)
+    (the eval-only flags are cli.EvalArgs; every Config flag applies too: python cli.py --help)
 
 In and out: `evaluate(...)` (train.py calls it too) samples with the training rollout, branching off
 (k = runs global chains per question), grades every response and returns the metrics below. With an

@@ -273,10 +273,8 @@ def rollout_questions_line(cfg, free_bytes: float, shape: Shape | None = None) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    from transformers import HfArgumentParser
-
     from aepo import Config
-    from cli import explicit_flags, resolve
+    from cli import FlagParser, explicit_flags, resolve
 
     argv = sys.argv[1:] if argv is None else argv
     gpus = [24.0, 16.0, 12.0]
@@ -287,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.pop(at)
     if not any(a.startswith("--model") for a in argv):
         argv = ["--model", "Qwen3-1.7B", *argv]
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    (cfg,) = FlagParser(Config).parse_args_into_dataclasses(args=argv)
     explicit = explicit_flags(argv)
     cfg = resolve(dataclasses.replace(cfg, output_dir="unused"), explicit, device_check=False)
     print(table(model_shape(cfg.model), cfg, gpus))
