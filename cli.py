@@ -237,6 +237,20 @@ def check_run_folder(folder: str, resume: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Running train.py and eval.py as scripts
+
+
+def run_script(script: str, check) -> None:
+    """`python train.py ...` / `python eval.py ...`: check the command line with `check` (torch not
+    yet imported, so a bad one stops in about a second), then import the script as a module, with
+    its slow imports, and call its main on what the check returned. Never returns: the copy of the
+    script that Python started as __main__ stops here, before its own imports."""
+    checked = check(sys.argv[1:])
+    importlib.import_module(script).main(checked=checked)
+    sys.exit(0)
+
+
+# --------------------------------------------------------------------------------------------------
 # train.py
 
 

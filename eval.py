@@ -36,18 +36,16 @@ response_tokens (tool results included); by_source: the same per source.
 """
 from __future__ import annotations
 
-import sys
-
-import cli
-
-if __name__ == "__main__":  # flags, paths and data are checked first, before the slow imports below
-    CHECKED = cli.eval_config(sys.argv[1:])      # a bad input stops here: one line, nothing written
+if __name__ == "__main__":   # the command line is checked before the imports below (seconds of
+    import cli               # torch): a bad one stops in a line, then this module runs main()
+    cli.run_script("eval", cli.eval_config)
 
 import dataclasses
 import json
 import math
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -55,6 +53,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 from aepo import Config
 # the flags, parsed and checked in cli.py
@@ -310,7 +309,3 @@ def main(argv: list[str] | None = None, checked: tuple | None = None) -> dict:
     print(format_table(summary))
     print(f"results: {out}/summary.json, every answer: {out}/examples.jsonl")
     return summary
-
-
-if __name__ == "__main__":
-    main(checked=CHECKED)

@@ -10,12 +10,20 @@ and Python tools. The glue between `aepo.Config` and the libraries; no algorithm
 """
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 
 import torch
+from huggingface_hub import try_to_load_from_cache
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import data
+import tiny
+import tools as tool_lib
+import world
 from aepo import Config, Tools
 
 # --------------------------------------------------------------------------------------------------
@@ -47,12 +55,8 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
     PEFT folder); lora_r = 0 returns the bare model (full fine-tuning, used for the tiny model's
     SFT).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     device = device or pick_device()
     if name == "tiny":
-        import tiny  # built on the built-in world's text
-
         path = str(tiny.build_tiny())
     elif name in PACKAGED:
         path = str(packaged_model(name))
@@ -64,8 +68,6 @@ def load_policy(name: str = "tiny", *, lora_r: int = 16, lora_alpha: int = 32, a
         if device.type != "cuda":
             raise SystemExit("--load_in_4bit needs a CUDA GPU (see the README: on CPU, 4-bit LoRA "
                              "gradients are unreliable on AVX512-BF16 CPUs). Drop the flag.")
-        from transformers import BitsAndBytesConfig
-
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16)
@@ -90,12 +92,6 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     (it was <|endoftext|> too: `convert_tokens_to_ids` must say None for a tag that is not one
     token). The folder is named after the package version, so an upgrade converts again.
     """
-    import importlib.metadata
-    import importlib.util
-
-    import tiny  # its cache folder and its folder writer
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     module, gguf_file, install = PACKAGED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or importlib.util.find_spec("gguf") is None:
@@ -116,8 +112,6 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
 
 
 def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     if kbit:
         for module in model.modules():  # the AVX512-BF16 repacking trap (README); harmless on CUDA
             if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -137,8 +131,6 @@ def _check_reachable(path: str) -> None:
         raise SystemExit(f"model {path!r}: no such folder, and not a hub id (owner/name) or an "
                          f"alias ({', '.join([*ALIASES, *PACKAGED])}). Use --model tiny for the "
                          "offline demo.")
-    from huggingface_hub import try_to_load_from_cache
-
     if (try_to_load_from_cache(path, "config.json") is None
             and os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise SystemExit(f"model {path!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is "
@@ -168,9 +160,6 @@ def system_prompt_for(cfg: Config) -> str:
 
 def make_tools(cfg: Config) -> Tools:
     """The search backend and the Python sandbox named by the config, as name -> function."""
-    import tools as tool_lib
-    import world
-
     if cfg.search == "web":
         backend = tool_lib.WebSearch(snippet_chars=cfg.snippet_chars,
                                      query_timeout_s=cfg.search_timeout_s)

@@ -8,10 +8,17 @@ curve per algorithm, the mean over its seeds with a band from the lowest to the 
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
+
+import data
+
+# matplotlib (a second of start-up), TensorBoard and W&B (optional packages: --report_to) are
+# imported where they are used, so `import report` stays light and works without them
 
 
 def log_line(m: dict, steps: int) -> str:
@@ -32,8 +39,6 @@ def step_metrics(examples: list, res, rewards: list[float], update_stats: list[d
     of trajectory i of `res` (a rollout.RolloutResult), `rewards[i]` its reward; `update_stats` are
     the loss's stats per micro-batch; w the entropy window. `decisions` lists every branch
     decision as [tool call it follows, Delta H, streak l, children]."""
-    import data
-
     trajs, stats = res.trajectories, res.stats
     n, nq = len(trajs), max(1, len(stats))
     n_search = [sum(c[0] == "search" for c in t.tool_calls) for t in trajs]
@@ -249,8 +254,6 @@ class Tracker:
             from torch.utils.tensorboard import SummaryWriter
             self.sink = SummaryWriter(str(Path(run) / "tensorboard"), purge_step=start or None)
         elif self.kind == "wandb":
-            import dataclasses
-
             import wandb
             self.sink = wandb.init(project="aepo", name=Path(run).name, dir=str(run),
                                    config=dataclasses.asdict(cfg))
@@ -286,8 +289,6 @@ def before_after(before: dict, after: dict, cfg, run: Path) -> str:
 
 
 def main(argv: list[str]) -> None:
-    import argparse
-
     parser = argparse.ArgumentParser(description="Redraw a run's curves, or overlay several runs.")
     parser.add_argument("runs", nargs="+", type=Path,
                         help="run folders (each with a metrics.jsonl)")

@@ -16,26 +16,27 @@ report.md.
 """
 from __future__ import annotations
 
-import sys
-
-import cli
-
-# flags, paths and data are checked first, before the slow imports below
-if __name__ == "__main__":
-    CHECKED = cli.train_config(sys.argv[1:])     # a bad input stops here: one line, nothing written
+if __name__ == "__main__":   # the command line is checked before the imports below (seconds of
+    import cli               # torch): a bad one stops in a line, then this module runs main()
+    cli.run_script("train", cli.train_config)
 
 import dataclasses
+import fcntl
 import hashlib
+import inspect
 import json
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
 from tqdm import tqdm
 
+import cli
 import data
 import loaders
 import loss as L
@@ -47,6 +48,7 @@ import tools
 import world
 from aepo import Config, save_config
 from checkpoint import atomic_save, interrupted, resume, save_checkpoint
+from eval import evaluate
 from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import BM25Search, describe_isolation, take_search_stats
@@ -144,9 +146,6 @@ def cached_sft() -> Path:
     weights, every demonstration's token ids and loss mask, the recipe and the SFT's own code; so
     any change to the world, the prompts or the tokenizer that reaches the demonstrations builds a
     new one, and nothing else does. A lock lets two runs started together build it once."""
-    import fcntl
-    import inspect
-
     base = Config()
     recipe = {f: getattr(base, f) for f in (
         "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
@@ -401,8 +400,6 @@ def rl(cfg: Config, run: Path, model, tok, accelerator) -> None:
 
 
 def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
-    from eval import evaluate
-
     examples = world.load_examples(cfg.eval_dataset, limit=cfg.eval_limit or None)
     return evaluate(model, tok, examples, make_tools(cfg), cfg, runs=cfg.eval_runs,
                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
@@ -421,11 +418,19 @@ def choose_rollout_questions(cfg: Config) -> Config:
         return cfg
 
 
-def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
-    """Run the job of the command line `argv` (or of `cfg`, already checked by cli.train_config)."""
-    from accelerate import Accelerator
+def main(argv: list[str] | None = None, checked: Config | None = None) -> None:
+    """Run the job of the command line `argv` (or `checked`, what cli.train_config returned for
+    it). Ctrl-C stops it with one line: what the run folder keeps and how to go on."""
+    cfg = checked or cli.train_config(argv)
+    try:
+        job(cfg)
+    except KeyboardInterrupt:
+        print(interrupted(Path(cfg.output_dir)), file=sys.stderr)
+        sys.exit(130)
 
-    cfg = cfg or cli.train_config(argv)
+
+def job(cfg: Config) -> None:
+    """SFT, RL and evaluation, as cfg.stage says."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if torch.cuda.is_available() and cfg.rollout_questions == 0 and cfg.stage != "sft":
@@ -455,11 +460,3 @@ def main(argv: list[str] | None = None, cfg: Config | None = None) -> None:
         accelerator.wait_for_everyone()
     if main_process:
         print(f"run folder: {run}")
-
-
-if __name__ == "__main__":
-    try:
-        main(cfg=CHECKED)
-    except KeyboardInterrupt:                 # one line, not a traceback: what is kept, how to go on
-        print(interrupted(Path(CHECKED.output_dir)), file=sys.stderr)
-        sys.exit(130)
