@@ -4,7 +4,8 @@ advantages, surrogates, KL, token log-probs.
 Every function is pure (tensors and numbers in, tensors out) and imports nothing from the project.
 In: rewards and group ids per row (B,); per-token log-probs, advantages and `loss_mask` (B, T),
 where `loss_mask[b, t] = 1` iff the policy sampled token t. Out: advantages, or `(loss, stats)` with
-`stats` a dict of python floats. `token_logprobs` is the only place that shifts and gathers logits.
+`stats` a dict of python floats. `token_logprobs` is the only place that shifts and gathers logits
+(`token_logprobs_reference` shows the same in ten plain lines).
 
 How this deviates from the textbook (and from the released verl code):
 1. All surrogates are token means over every sampled token of the micro-batch.
@@ -273,15 +274,34 @@ def _final_states(model, input_ids: Tensor, attention_mask: Tensor, position_ids
     return backbone(**kwargs).last_hidden_state[:, keep:], head  # (B, T - keep, H)
 
 
+def token_logprobs_reference(model, input_ids: Tensor,
+                             attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """token_logprobs the plain way (with_entropy=True, first=0): one forward, the whole (B, T, V)
+    float32 log-softmax, shift, gather. Reads in ten lines and is what the tests hold the chunked
+    one to; training would keep B x T x V floats for the backward, which is why it is not used."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   use_cache=False).logits  # (B, T, V)
+    lsm = logits.float().log_softmax(-1)[:, :-1]  # (B, T - 1, V) position t predicts token t + 1
+    logp = lsm.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T - 1)
+    entropy = entropy_of_logp(lsm.detach())  # (B, T - 1)
+    scored = (attention_mask[:, 1:] > 0) & (attention_mask[:, :-1] > 0)  # (B, T - 1)
+    logp, entropy = torch.where(scored, logp, 0.0), torch.where(scored, entropy, 0.0)
+    return (torch.nn.functional.pad(logp, (1, 0)),
+            torch.nn.functional.pad(entropy, (1, 0)))  # (B, T), (B, T) token 0 has no context
+
+
 def token_logprobs(
     model, input_ids: Tensor, attention_mask: Tensor, *, with_entropy: bool = False,
     chunk_size: int = 128, first: int = 0,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """logp[b, t] = log pi(ids[b, t] | the real tokens before t), aligned with `loss_mask` on the
-    same (B, T) ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that
-    predicted token t. Both are 0 at padding, at each row's first real token, and before `first`.
+    """logp[b, t] = log pi(ids[b, t] | ids[b, :t]), aligned with `loss_mask` on the same (B, T)
+    ids; and, if `with_entropy`, the exact entropy H[b, t] of the distribution that predicted token
+    t. Both are 0 at padding, at each row's first real token, and before `first`. The same values
+    as token_logprobs_reference, in a fraction of its memory.
 
-    input_ids, attention_mask (B, T), any padding layout (left, right, or gaps in the middle).
+    input_ids, attention_mask (B, T): each row's real tokens in one run, right-padded (as
+    train.py builds them) or left-padded; a gap of padding inside a row stops with a ValueError.
     Positions follow the mask: position_ids = cumsum(mask) - 1, so real tokens keep their positions.
     Memory: the backbone runs once; the LM head and all float32 work run over chunks of `chunk_size`
     positions (B x chunk_size x V floats at a time), each recomputed in backward, so neither the
@@ -289,42 +309,28 @@ def token_logprobs(
     predicts token `first` on reach the LM head, so a long prompt (first = where responses start)
     costs no vocabulary work. Entropy carries no gradient."""
     B, T = input_ids.shape
-    # Token t is predicted by the last real token before it; after a gap of padding that is not
-    # t - 1.
     real = attention_mask > 0  # (B, T)
-    t_idx = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T)
-    last_real = torch.where(real, t_idx, -1).cummax(dim=1).values  # (B, T) last real index <= t
-    # last real index < t
-    prev = torch.nn.functional.pad(last_real[:, :-1], (1, 0), value=-1)  # (B, T)
-    scored = real & (prev >= 0) & (t_idx >= first)  # (B, T) real tokens with a real context
-    # the first position whose logits are needed
-    keep = int(prev[scored].min()) if scored.any() else T - 1
+    if ((real[:, 1:] & ~real[:, :-1]).sum(1) + real[:, 0] > 1).any():
+        raise ValueError("token_logprobs: a row has padding between real tokens; pad on the "
+                         "right (or the left) only")
+    scored = real & torch.nn.functional.pad(real[:, :-1], (1, 0), value=False)  # (B, T)
+    scored[:, :first] = False  # a real token after a real one, from `first` on
+    columns = scored.any(0).nonzero()  # (n, 1)
+    keep = int(columns[0]) - 1 if len(columns) else T - 1  # the first state whose logits count
 
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     states, head = _final_states(model, input_ids, attention_mask, position_ids,
                                  keep)  # (B, T - keep, .)
 
     # The state at position t predicts token t + 1; split's backward is one concat.
-    # what each predicts
     next_ids = torch.nn.functional.pad(input_ids[:, 1:], (0, 1))[:, keep:]  # (B, T - keep)
     chunks = [_chunk_logp(head, s, y, with_entropy)
               for s, y in zip(states.split(chunk_size, dim=1), next_ids.split(chunk_size, dim=1))]
     logp = torch.cat([lp for lp, _ in chunks], dim=1)  # (B, T - keep) log pi(ids[t + 1])
     logp = torch.nn.functional.pad(logp[:, :-1], (keep + 1, 0))  # (B, T) log pi(ids[t])
-    if with_entropy:
-        entropy = torch.cat([h for _, h in chunks], dim=1)  # (B, T - keep)
-        entropy = torch.nn.functional.pad(entropy[:, :-1], (keep + 1, 0))  # (B, T)
-
-    after_gap = scored & (prev != t_idx - 1)  # (B, T) few: the first token after each gap
-    if after_gap.any():
-        b, t = after_gap.nonzero(as_tuple=True)  # (K,), (K,)
-        gap_logp, gap_entropy = _chunk_logp(head, states[b, prev[b, t] - keep], input_ids[b, t],
-                                            with_entropy)
-        logp = logp.index_put((b, t), gap_logp)  # (B, T)
-        if with_entropy:
-            entropy = entropy.index_put((b, t), gap_entropy)  # (B, T)
-
     logp = torch.where(scored, logp, 0.0)  # (B, T)
     if not with_entropy:
         return logp
+    entropy = torch.cat([h for _, h in chunks], dim=1)  # (B, T - keep)
+    entropy = torch.nn.functional.pad(entropy[:, :-1], (keep + 1, 0))  # (B, T)
     return logp, torch.where(scored, entropy, 0.0)  # (B, T), (B, T)

@@ -15,6 +15,7 @@ from loss import (
     policy_loss,
     reinforce_pp_advantages,
     token_logprobs,
+    token_logprobs_reference,
 )
 
 torch.set_num_threads(1)
@@ -254,10 +255,10 @@ def tiny_model():
 
 
 def padded_batch():
-    """Rows: left padding; no padding; left padding plus a gap of padding in the middle."""
+    """Rows: left padding; no padding; right padding (train.py's layout)."""
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, 64, (3, 9), generator=gen)  # (B, T)
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9, [0, 1, 1, 1, 0, 0, 1, 1, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1, 1], [1] * 9, [1, 1, 1, 1, 1, 1, 0, 0, 0]])
     return ids.masked_fill(mask == 0, 0), mask
 
 
@@ -273,7 +274,7 @@ def naive(model, ids, mask):
     return logp, entropy
 
 
-def test_token_logprobs_match_naive_with_left_and_interleaved_padding(tiny_model):
+def test_token_logprobs_match_naive_with_left_and_right_padding(tiny_model):
     ids, mask = padded_batch()
     with torch.no_grad():
         want_logp, want_entropy = naive(tiny_model, ids, mask)
@@ -288,19 +289,19 @@ def test_token_logprobs_match_naive_with_left_and_interleaved_padding(tiny_model
 
 def test_token_logprobs_from_first_skip_the_prompt_logits(tiny_model):
     """first = k: the same values from token k on, 0 before, and the LM head sees only the positions
-    from the one predicting the first needed token (row 2's gap makes that position 3 for k = 6), in
-    chunks of at most chunk_size positions (plus one (K, H) call for the K tokens after a gap)."""
+    from the one predicting token k (k - 1; 0 for k = 0, where row 0's first scored token is 3 but
+    row 1's is 1), in chunks of at most chunk_size positions."""
     ids, mask = padded_batch()
     seen = []
     hook = tiny_model.lm_head.register_forward_hook(
         lambda mod, inp, out: seen.append(inp[0].shape[:-1]))
     with torch.no_grad():
         want_logp, want_entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True)
-        for first, kept in [(0, 9), (1, 9), (3, 7), (6, 6), (8, 2)]:
+        for first, kept in [(0, 9), (1, 9), (3, 7), (6, 4), (8, 2)]:
             seen.clear()
             logp, entropy = token_logprobs(tiny_model, ids, mask, with_entropy=True, chunk_size=2,
                                            first=first)
-            widths = [s[1] for s in seen if len(s) == 2]  # (B, c) chunk calls
+            widths = [s[1] for s in seen]  # (B, c) chunk calls
             assert sum(widths) == kept and max(widths) <= 2, (first, seen)
             assert_close(logp[:, first:], want_logp[:, first:], atol=1e-6, rtol=1e-6)
             assert_close(entropy[:, first:], want_entropy[:, first:], atol=1e-6, rtol=1e-6)
@@ -321,21 +322,25 @@ def test_token_logprobs_gradients_do_not_depend_on_chunking(tiny_model):
 
 
 def full_logits_reference(model, ids, mask, first=0):
-    """The previous token_logprobs: the whole model forward, (B, T, V) logits, float32
-    log-softmax."""
-    B, T = ids.shape
-    t_idx = torch.arange(T).expand(B, T)
-    prev = torch.nn.functional.pad(torch.where(mask > 0, t_idx, -1).cummax(1).values[:, :-1],
-                                   (1, 0), value=-1)
-    scored = (mask > 0) & (prev >= 0) & (t_idx >= first)  # (B, T)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    lsm = model(input_ids=ids, attention_mask=mask, position_ids=pos,
-                use_cache=False).logits.float().log_softmax(-1)
-    src = prev.clamp(min=0)  # (B, T) the position that predicts each token, gaps included
-    pred = lsm.gather(1, src[..., None].expand(-1, -1, lsm.shape[-1]))  # (B, T, V)
-    logp = pred.gather(-1, ids[..., None]).squeeze(-1)
-    entropy = -(pred.exp() * pred).sum(-1).detach()
-    return torch.where(scored, logp, 0.0), torch.where(scored, entropy, 0.0)
+    """loss.token_logprobs_reference (the whole (B, T, V) logits), 0 before `first`."""
+    logp, entropy = token_logprobs_reference(model, ids, mask)  # (B, T), (B, T)
+    kept = torch.arange(ids.shape[1]) >= first  # (T,)
+    return logp * kept, entropy * kept
+
+
+def test_the_plain_reference_is_the_naive_per_row_computation(tiny_model):
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        for got, want in zip(token_logprobs_reference(tiny_model, ids, mask),
+                             naive(tiny_model, ids, mask)):
+            assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_gap_of_padding_inside_a_row_stops_with_the_fix(tiny_model):
+    ids, mask = padded_batch()
+    mask[2] = torch.tensor([0, 1, 1, 1, 0, 0, 1, 1, 1])
+    with pytest.raises(ValueError, match="padding between real tokens"):
+        token_logprobs(tiny_model, ids, mask)
 
 
 def lora_model(model):
@@ -385,7 +390,7 @@ def test_chunked_head_equals_full_logits_in_value_and_gradient(tiny_model, wrap,
         assert all("lora_" in n for n in grads)
     for name in grads:
         assert_close(grads[name], ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
-    # chunks of <= 2 (or the K = 1 gap row), each run again in backward: autograd kept no logits
+    # chunks of <= 2, each run again in backward: autograd kept no logits
     assert max(widths) <= 2 and len(widths) == 2 * n_forward
 
 
