@@ -125,8 +125,9 @@ class Config:
         "help": "[tau] branch threshold.", "min": 0, "max": 1})
     gamma: float = field(default=0.2, metadata={"help": "[gamma] weight of the entropy change."})
     beta: float = field(default=0.5, metadata={"help": "[beta] pre-monitoring sigmoid slope."})
-    penalty: float = field(default=0.05, metadata={
-        "help": "Consecutive-branch penalty per step l.", "min": 0})
+    branch_penalty_rate: float = field(default=0.05, metadata={
+        "help": "[penalty] of the consecutive-branch penalty: c = max(0, 1 - penalty * l), l the "
+                "path's streak of branching steps.", "min": 0})
     entropy_window: int = field(default=20, metadata={
         "help": "[w] tokens in a segment entropy.", "min": 1})
     call_limit: int = field(default=3, metadata={

@@ -334,3 +334,8 @@ def token_logprobs(
     entropy = torch.cat([h for _, h in chunks], dim=1)  # (B, T - keep)
     entropy = torch.nn.functional.pad(entropy[:, :-1], (keep + 1, 0))  # (B, T)
     return logp, torch.where(scored, entropy, 0.0)  # (B, T), (B, T)
+
+
+# What token_logprobs runs: train.cached_sft hashes their source (an edit to them renews the SFT
+# start; an edit to the RL losses above does not)
+TOKEN_LOGPROBS_CODE = (token_logprobs, _chunk_logp, _head_logp, _final_states, entropy_of_logp)

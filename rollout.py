@@ -127,7 +127,7 @@ def n_children(delta_h: float, l: int, room: int, cfg: Config, rng: random.Rando
         if n >= room:
             break
         u = rng.random()
-        n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.penalty)
+        n += (aepo_should_branch(u, delta_h, cfg.tau, cfg.gamma, l, cfg.branch_penalty_rate)
               if cfg.branch_penalty else arpo_should_branch(u, delta_h, cfg.tau, cfg.gamma))
     return n
     # <<< solution

@@ -39,7 +39,6 @@ from tqdm import tqdm
 import cli
 import data
 import loaders
-import loss as L
 import memory
 import policy
 import report
@@ -49,6 +48,8 @@ import world
 from aepo import Config, save_config
 from checkpoint import atomic_save, interrupted, resume, save_checkpoint
 from eval import evaluate
+from loss import (TOKEN_LOGPROBS_CODE, entropy_aware_advantages, group_advantages, kl_k3,
+                  policy_loss, reinforce_pp_advantages, token_logprobs)
 from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
 from tools import BM25Search, describe_isolation, take_search_stats
@@ -106,7 +107,7 @@ def sft(cfg: Config, run: Path) -> Path:
             ids = pad_right([r[0] for r in batch], tok.pad_token_id).to(device)        # (B, T)
             mask = pad_right([r[1] for r in batch], 0).to(device).float()               # (B, T)
             attn = pad_right([[1] * len(r[0]) for r in batch], 0).to(device)            # (B, T)
-            logp = L.token_logprobs(model, ids, attn)
+            logp = token_logprobs(model, ids, attn)
             nll = -(logp * mask).sum() / mask.sum()
             opt.zero_grad(set_to_none=True)
             nll.backward()
@@ -152,8 +153,7 @@ def cached_sft() -> Path:
         "model", "sft_steps", "sft_batch", "sft_lr", "sft_demos", "sft_bad_fraction", "seed",
         "top_k", "snippet_chars", "system_prompt", "weight_decay", "grad_clip")}
     # the SFT loss's functions (not all of loss.py: a student editing the RL losses keeps the cache)
-    sources = [inspect.getsource(f) for f in (sft, L.token_logprobs, L._chunk_logp, L._head_logp,
-                                              L._final_states, L.entropy_of_logp)]
+    sources = [inspect.getsource(f) for f in (sft, *TOKEN_LOGPROBS_CODE)]
     key = tiny.code_hash(*sources, f"recipe = {recipe!r}", f"data = {sft_data_digest(base)!r}")
     folder = tiny.CACHE_DIR / f"sft-{key}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,7 @@ def token_advantages(adv: torch.Tensor, tensors: dict, cfg: Config) -> torch.Ten
     update does not depend on how the batch is split into mini- and micro-batches."""
     mask = tensors["loss_mask"]                                                         # (B, T)
     if cfg.entropy_adv_alpha > 0:
-        return L.entropy_aware_advantages(adv, tensors["entropy"], mask, cfg.entropy_adv_alpha)
+        return entropy_aware_advantages(adv, tensors["entropy"], mask, cfg.entropy_adv_alpha)
     return adv[:, None] * mask                                                          # (B, T)
 
 
@@ -226,7 +226,7 @@ def recompute_old_logp(model, tensors: dict, n: int) -> torch.Tensor:
     for micro, t in micro_batches(tensors, by_length, n):
         # the first sampled column: no logits before
         first = int(t["loss_mask"].any(0).int().argmax())
-        old_logp[micro, :t["ids"].shape[1]] = L.token_logprobs(model, t["ids"], t["attn"],
+        old_logp[micro, :t["ids"].shape[1]] = token_logprobs(model, t["ids"], t["attn"],
                                                                first=first)
     return old_logp
 
@@ -236,16 +236,16 @@ def micro_batch_loss(model, t: dict, cfg: Config, accelerator) -> tuple[torch.Te
     stats. t: trajectory_tensors rows (b, T) with "adv", their token advantages (b, T)."""
     # the first sampled column: no logits before
     first = int(t["loss_mask"].any(0).int().argmax())
-    logp, entropy = L.token_logprobs(model, t["ids"], t["attn"], with_entropy=True,
+    logp, entropy = token_logprobs(model, t["ids"], t["attn"], with_entropy=True,
                                      first=first)                                        # (b, T)
-    loss, stats = L.policy_loss(logp, t["old_logp"], t["adv"], t["loss_mask"],
+    loss, stats = policy_loss(logp, t["old_logp"], t["adv"], t["loss_mask"],
                                 clip_mode=cfg.clip_mode, eps_low=cfg.eps_low,
                                 eps_high=cfg.eps_high, dual_clip=cfg.dual_clip, entropy=entropy,
                                 high_entropy=t.get("high_entropy"))
     if cfg.kl_coef > 0:                      # reference policy: the same weights, adapters off
         with torch.no_grad(), accelerator.unwrap_model(model).disable_adapter():
-            ref = L.token_logprobs(model, t["ids"], t["attn"], first=first)
-        loss = loss + cfg.kl_coef * L.kl_k3(logp, ref, t["loss_mask"])
+            ref = token_logprobs(model, t["ids"], t["attn"], first=first)
+        loss = loss + cfg.kl_coef * kl_k3(logp, ref, t["loss_mask"])
     return loss, stats
 
 
@@ -279,7 +279,7 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
     golds = [batch[t.question_idx].golds for t in trajs]
     rewards = torch.tensor([data.reward(t.text, g) for t, g in zip(trajs, golds)])            # (B,)
     group = torch.tensor([t.question_idx for t in trajs])                                   # (B,)
-    adv_fn = L.group_advantages if cfg.adv_estimator == "grpo" else L.reinforce_pp_advantages
+    adv_fn = group_advantages if cfg.adv_estimator == "grpo" else reinforce_pp_advantages
     adv = adv_fn(rewards, group).to(device)                                                 # (B,)
     if not adv.any():                    # every group's rewards equal: no gradient to compute
         return {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,

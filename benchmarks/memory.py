@@ -84,7 +84,7 @@ def worker(size: dict, gc: bool, dtype: str, phases: list[str]) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    import loss as L
+    from loss import token_logprobs
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -127,13 +127,13 @@ def worker(size: dict, gc: bool, dtype: str, phases: list[str]) -> dict:
         t0 = time.time()
         _reset_peak()
         with torch.no_grad():
-            L.token_logprobs(model, ids, attn, first=T - SCORED)
+            token_logprobs(model, ids, attn, first=T - SCORED)
         out["recompute_mb"], out["recompute_s"] = _rss_mb()[1] - base, time.time() - t0
     if "update" in phases:
         model.train()
         t0 = time.time()
         _reset_peak()
-        logp, entropy = L.token_logprobs(model, ids, attn, with_entropy=True,
+        logp, entropy = token_logprobs(model, ids, attn, with_entropy=True,
                                          first=T - SCORED)  # (b, T)
         (-(logp * (1 + entropy)).sum() / (b * SCORED)).backward()
         opt.step()

@@ -47,7 +47,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import kvcache  # noqa: E402
-import loss as L  # noqa: E402
+from loss import group_advantages, reinforce_pp_advantages, token_logprobs  # noqa: E402
 import train  # noqa: E402
 import world  # noqa: E402
 from aepo import Config  # noqa: E402
@@ -116,7 +116,7 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
         rewards = torch.tensor([data.reward(t.text, g) for t, g in zip(trajs, golds)])  # (B,)
     with clock("advantages"):
         group = torch.tensor([t.question_idx for t in trajs])                           # (B,)
-        adv_fn = L.group_advantages if cfg.adv_estimator == "grpo" else L.reinforce_pp_advantages
+        adv_fn = group_advantages if cfg.adv_estimator == "grpo" else reinforce_pp_advantages
         adv = adv_fn(rewards, group)                                                    # (B,)
     with clock("tensorise"):
         tensors = train.trajectory_tensors(trajs, tok.pad_token_id, torch.device("cpu"))
@@ -124,7 +124,7 @@ def phased_step(model, tok, opt, examples, tools, cfg: Config, step: int, clock:
     with clock("old logp (reused)"):
         pass                                                    # cfg.recompute_old_logp=False
     with clock(EXTRA), torch.no_grad():
-        recomputed = L.token_logprobs(model, tensors["ids"], tensors["attn"])           # (B, T)
+        recomputed = token_logprobs(model, tensors["ids"], tensors["attn"])             # (B, T)
     gap = (recomputed - tensors["old_logp"])[tensors["loss_mask"] > 0].abs().max().item()
     log["logp_gap"] = max(log.get("logp_gap", 0.0), gap)
     if cfg.recompute_old_logp:

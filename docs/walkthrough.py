@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import aepo  # noqa: E402
 import cli  # noqa: E402
 import data  # noqa: E402
-import loss as L  # noqa: E402
+from loss import group_advantages, policy_loss, token_logprobs  # noqa: E402
 import rollout as R  # noqa: E402
 import train  # noqa: E402
 import world  # noqa: E402
@@ -60,7 +60,7 @@ def watch(trace: list[dict]):
 
     def n_children(delta_h, l, room, cfg, rng):
         n = children(delta_h, l, room, cfg, rng)
-        p = aepo.aepo_branch_probability(delta_h, cfg.tau, cfg.gamma, l, cfg.penalty)
+        p = aepo.aepo_branch_probability(delta_h, cfg.tau, cfg.gamma, l, cfg.branch_penalty_rate)
         trace.append(dict(rule="branching", delta_h=delta_h, l=l, room=room, p=p, n=n))
         return n
 
@@ -77,7 +77,7 @@ def gradient_weights(old_logp: torch.Tensor, adv: torch.Tensor, ratios: list[flo
     tokens whose ratio r = pi_theta / pi_old is set to `ratios`. old_logp, adv (N,)."""
     r = torch.tensor(ratios)                                            # (N,)
     logp = (old_logp + r.log()).requires_grad_()                        # (N,)
-    loss, _ = L.policy_loss(logp[None], old_logp[None], adv[None], torch.ones(1, len(ratios)),
+    loss, _ = policy_loss(logp[None], old_logp[None], adv[None], torch.ones(1, len(ratios)),
                             clip_mode=clip_mode)
     loss.backward()
     return [w + 0.0 for w in (-logp.grad * len(ratios) / adv).tolist()]  # (N,) + 0.0: no -0.00
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     model.eval()
     examples = world.load_examples("world:train")
     print(f"preset aepo: k={cfg.k} Z={cfg.branch_z} tau={cfg.tau} gamma={cfg.gamma} "
-          f"beta={cfg.beta} penalty={cfg.penalty} w={cfg.entropy_window} "
+          f"beta={cfg.beta} penalty={cfg.branch_penalty_rate} w={cfg.entropy_window} "
           f"alpha={cfg.entropy_adv_alpha} clip_mode={cfg.clip_mode}")
 
     # ---- 1. the rollout: pre-monitoring, then branching with the consecutive-branch penalty
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---- 2. rewards and group advantages
     rewards = torch.tensor([data.reward(t.text, example.golds) for t in trajs])              # (G,)
-    adv = L.group_advantages(rewards, torch.zeros(len(trajs), dtype=torch.long))             # (G,)
+    adv = group_advantages(rewards, torch.zeros(len(trajs), dtype=torch.long))               # (G,)
     print("\n== 3. Rewards and GRPO group advantages")
     print("id  parent  kind    calls  finish      reward   A")
     for t, r, a in zip(trajs, rewards, adv):
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     entropy = tensors["entropy"]                                                            # (G, T)
     adv_t = train.token_advantages(adv, tensors, cfg)                                       # (G, T)
     with torch.no_grad():
-        logp = L.token_logprobs(model, tensors["ids"], tensors["attn"])                     # (G, T)
+        logp = token_logprobs(model, tensors["ids"], tensors["attn"])                       # (G, T)
     b = int(adv.abs().argmax())
     sampled = tensors["loss_mask"][b].nonzero().squeeze(1)                                    # (n,)
     h = entropy[tensors["loss_mask"] > 0]

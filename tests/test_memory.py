@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import loss as L
+from loss import token_logprobs
 import memory
 import train
 from aepo import Config, Trajectory
@@ -109,7 +109,7 @@ def test_recompute_old_logp_runs_in_micro_batches_and_equals_one_forward():
     # rows by length (9, 12 | 15, 20 | 22, 37), each cut to its longest
     assert [r[1] for r in rows] == [12, 20, 37]
     with torch.no_grad():
-        want = L.token_logprobs(model, tensors["ids"], tensors["attn"])
+        want = token_logprobs(model, tensors["ids"], tensors["attn"])
     mask = tensors["loss_mask"] > 0
     assert_close(old[mask], want[mask], atol=1e-5, rtol=1e-5)
 

@@ -151,8 +151,8 @@ def streak_run(tok, segment_tokens):
     ps = [[p] * 4 for p in (0.99, 0.95, 0.9, 0.8, 0.7, 0.6)]
     model = ScriptedPolicy(tok, entropy_script(tok, ps))
     cfg = cfg_with(k=16, global_rollouts=1, branching=True, pre_monitor=False,
-                   branch_penalty=True, penalty=0.5, tau=1.0, gamma=1000.0, entropy_window=4,
-                   call_limit=6, max_rounds=64, max_response_tokens=1024,
+                   branch_penalty=True, branch_penalty_rate=0.5, tau=1.0, gamma=1000.0,
+                   entropy_window=4, call_limit=6, max_rounds=64, max_response_tokens=1024,
                    segment_tokens=segment_tokens)
     return ScriptedPolicy, model, cfg
 
@@ -221,7 +221,8 @@ def test_n_children_respects_z_minus_one_and_the_room_under_k():
     assert n_children(0.0, 0, room=2, cfg=always, rng=random.Random(0)) == 2
     never = cfg_with(branch_z=4, tau=0.0, gamma=0.0, branch_penalty=False)
     assert n_children(0.0, 0, room=10, cfg=never, rng=random.Random(0)) == 0
-    penalised = cfg_with(branch_z=4, tau=0.5, gamma=10.0, branch_penalty=True, penalty=0.05)
+    penalised = cfg_with(branch_z=4, tau=0.5, gamma=10.0, branch_penalty=True,
+                         branch_penalty_rate=0.05)
     assert n_children(1.0, 20, room=10, cfg=penalised, rng=random.Random(0)) == 0  # c = 0 at l = 20
     assert n_children(1.0, 0, room=10, cfg=penalised, rng=random.Random(0)) == 3
     for room in (0, -2):                                  # no room (or less): not one draw

@@ -213,8 +213,8 @@ def test_non_finite_loss_skips_the_update(monkeypatch, sft_start):
     model, tok = load_policy(str(sft_start), lora_r=4)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    real = L.policy_loss
-    monkeypatch.setattr(L, "policy_loss",
+    real = train.policy_loss
+    monkeypatch.setattr(train, "policy_loss",
                         lambda *a, **k: (real(*a, **k)[0] * float("nan"), real(*a, **k)[1]))
     rewards = iter(range(1000))                 # rewards that differ: the update must run
     monkeypatch.setattr(train.data, "reward", lambda text, golds: float(next(rewards)))
