@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -116,11 +117,16 @@ def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bo
         for module in model.modules():  # the AVX512-BF16 repacking trap (README); harmless on CUDA
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    if adapter:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
-    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
-                      task_type="CAUSAL_LM")
-    return get_peft_model(model, lora)
+    # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning in every
+    # run); silenced here, for this call only
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing",
+                                category=FutureWarning)
+        if adapter:
+            return PeftModel.from_pretrained(model, adapter, is_trainable=trainable)
+        lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")
+        return get_peft_model(model, lora)
 
 
 def _check_reachable(path: str) -> None:
