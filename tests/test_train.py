@@ -193,7 +193,8 @@ def test_accelerate_two_cpu_processes(tmp_path, sft_start):
     torchrun, and on a machine without CUDA the script's Accelerator runs them on the CPU with
     gloo.)"""
     run = tmp_path / "run"
-    out = subprocess.run(["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+    accelerate = Path(sys.executable).parent / "accelerate"   # this environment's, not PATH's
+    out = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2",
                           "--num_machines", "1", "--mixed_precision", "no",
                           "--dynamo_backend", "no", "train.py", "--preset", "smoke",
                           "--stage", "rl", "--init_from", str(sft_start),
