@@ -288,7 +288,13 @@ def main(argv: list[str] | None = None) -> None:
     (cfg,) = FlagParser(Config).parse_args_into_dataclasses(args=argv)
     explicit = explicit_flags(argv)
     cfg = resolve(dataclasses.replace(cfg, output_dir="unused"), explicit, device_check=False)
-    print(table(model_shape(cfg.model), cfg, gpus))
+    shape = model_shape(cfg.model)
+    if cfg.rollout_questions == 0:           # a run on a GPU picks it from the free memory
+        for g in gpus:
+            print(f"on {g:g} GB: {rollout_questions_line(cfg, g * GB, shape)}")
+        cfg = dataclasses.replace(cfg, rollout_questions=rollout_questions_for(
+            cfg, min(gpus) * GB, shape))
+    print(table(shape, cfg, gpus))
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ and the per-token gradient weight of the AEPO surrogate (from loss.py with autog
                                                        built (.cache/sft-*), else the demo's, else tiny
     python docs/walkthrough.py --model tiny --question 3 --seed 1
 
-Without --question it takes the first training question whose rollout has rewards that differ (an
-all-equal group has zero advantages, and every later section would print zeros).
+Without --question it takes the first of the first 20 training questions whose rollout has rewards
+that differ (an all-equal group has zero advantages, and every later section would print zeros).
 
 The sampler is not changed: its pure rules (rollout.budget_from_probe, rollout.n_children) are
 wrapped for the duration of the call, so we see their inputs and outputs exactly as the sampler used
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
           f"alpha={cfg.entropy_adv_alpha} clip_mode={cfg.clip_mode}")
 
     # ---- 1. the rollout: pre-monitoring, then branching with the consecutive-branch penalty
-    for q in [args.question] if args.question is not None else range(len(examples)):
+    for q in [args.question] if args.question is not None else range(20):   # 20 tries at most
         example, trace = examples[q], []
         undo = watch(trace)
         try:

@@ -1,6 +1,7 @@
 """The GPU recipe and its memory plan: which recipe a model gets, the CPU stop, the micro-batched
 old log-prob recompute, and memory.py's accounting against a real model's parameters and saved
 tensors."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -161,7 +162,12 @@ def test_layer_bytes_are_what_autograd_saves_per_layer(dtype, d):
 
 
 def qwen3_recipe():
-    return resolve(Config(model="Qwen3-1.7B", output_dir="x"), {"model"}, device_check=False)
+    """The Qwen3 recipe as a 24-39 GB GPU runs it: rollout_questions 0 picks 1 question there."""
+    cfg = resolve(Config(model="Qwen3-1.7B", output_dir="x"), {"model"}, device_check=False)
+    assert cfg.rollout_questions == 0
+    n = memory.rollout_questions_for(cfg, 24 * GB)
+    assert n == 1
+    return dataclasses.replace(cfg, rollout_questions=n)
 
 
 def test_the_gpu_recipe_fits_24gb_by_the_upper_bound_and_the_knobs_matter():
