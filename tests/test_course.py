@@ -131,7 +131,8 @@ def test_the_walkthrough_script_prints_every_number_it_talks_about():
     for heading in ("Entropy Pre-Monitoring", "Entropy-Balanced Adaptive Rollout",
                     "group advantages", "Entropy-aware advantage", "gradient weight"):
         assert heading in out, heading
-    h_root, h_tool, m = re.search(r"H_root = ([\d.]+)\s+H_tool = ([\d.]+) .* = (\d+)", out).groups()
+    h_root, h_tool, m = re.search(r"H_root = ([\d.]+)\s+H_tool = ([\d.]+) .*\) \+ 1 = (\d+)",
+                                  out).groups()
     assert int(m) == global_budget(2, float(h_root), float(h_tool), beta=0.5)
     weights = {line.split()[0]: re.findall(r"F=([\d.]+)", line) for line in out.splitlines()
                if line.startswith(("ppo ", "aepo "))}

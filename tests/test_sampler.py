@@ -15,6 +15,7 @@ from aepo import Config, global_budget
 from fakes import ScriptedPolicy, ids, qwen3_tokenizer, toy_tokenizer
 from rollout import (Question, QuestionStats, _Sampler, budget_from_probe, n_children, next_streak,
                      rollout, wants_restart)
+from tools import result_block
 
 TOOLS = {"search": lambda q: f"Page 1: {q} was born in Vantor.", "python": lambda c: "25"}
 CHAIN = dict(branching=False, pre_monitor=False, branch_penalty=False)
@@ -135,9 +136,11 @@ def test_branching_follows_the_entropy_after_the_tool_result(tok, where, checked
     assert [d[2] for d in s.decisions] == pytest.approx([d[2] for d in want], abs=1e-6)
     assert (s.n_branch, s.branches_after_first_call) == (1, int(node > 1))
     # the child is its parent up to the end of result `node`, then samples on its own
-    at = [i for i in range(len(root.response_ids))
-          if root.loss_mask[i] == 0 and (i + 1 == len(root.loss_mask) or root.loss_mask[i + 1])]
-    end = at[node - 1] + 1
+    end = 0
+    for _, _, output in root.tool_calls[:node]:     # the result blocks, found by their tokens
+        block = ids(tok, result_block(output))
+        end = next(i + len(block) for i in range(end, len(root.response_ids))
+                   if root.response_ids[i:i + len(block)] == block)
     assert child.response_ids[:end] == root.response_ids[:end]
     assert child.tool_calls[:node] == root.tool_calls[:node] and len(child.tool_calls) == 3
     assert child.rounds == root.rounds == 4 and child.finish == root.finish == "eos"

@@ -54,7 +54,8 @@ def test_smoke_run_writes_everything(tmp_path, algo):
     assert json.loads((run / "config.json").read_text())["algo"] == algo
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1]
-    assert all(math.isfinite(v) for r in rows for v in r.values())
+    assert all(math.isfinite(v) for r in rows for v in r.values() if not isinstance(v, list))
+    assert all(len(d) == 4 for r in rows for d in r["decisions"])   # [call, Delta H, l, children]
     if algo == "grpo":
         assert all(r["branches_per_q"] == 0 for r in rows)
     # report.py redraws it from the log
@@ -356,15 +357,24 @@ def test_report_to_a_missing_package_stops_in_one_line(monkeypatch, capsys):
         cli.train_config(["--report_to", "wandb", "--output_dir", "x"])
 
 
-def test_cached_sft_is_renewed_when_the_world_it_was_trained_on_changes(tmp_path, monkeypatch):
+def test_cached_sft_is_renewed_when_what_it_trains_on_changes(tmp_path, monkeypatch):
+    """The start's key is what the SFT trains on (the demonstrations' ids and masks, the starting
+    weights), the recipe and the SFT's code. A new version of the world's code that makes the same
+    demonstrations keeps the start (its digest is computed again, once); one whose demonstrations
+    differ builds a new start."""
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
     monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
                         (run / "sft" / "config.json").write_text("{}"))
+    rows = [([1, 2, 3], [0, 1, 1])]
+    monkeypatch.setattr(train, "sft_rows", lambda cfg, tok: rows)
     first = train.cached_sft()
-    edited = tmp_path / "world.py"                     # a world whose code differs by one number
-    edited.write_text(Path(world.__file__).read_text().replace("n_people: int = 200",
-                                                              "n_people: int = 201"))
+    edited = tmp_path / "world.py"                     # new code, the same demonstrations
+    edited.write_text(Path(world.__file__).read_text() + "\nUNUSED = 1\n")
     monkeypatch.setattr(world, "__file__", str(edited))
+    assert train.cached_sft() == first
+    assert len(json.loads((tmp_path / "sft-digests.json").read_text())) == 2
+    edited.write_text(edited.read_text() + "UNUSED_TOO = 2\n")     # and demonstrations that differ
+    rows[0] = ([1, 2, 4], [0, 1, 1])
     assert train.cached_sft() != first
 
 
