@@ -442,7 +442,8 @@ def job(cfg: Config) -> None:
     if main_process:                          # one writer; under accelerate the others wait for it
         run.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run / "config.json")
-        print(json.dumps(vars(cfg), indent=1))
+        print(f"run: {cfg.algo} on {cfg.model}, {cfg.stage}, seed {cfg.seed} -> {run} "
+              f"(every setting: {run / 'config.json'})")
         print(describe_isolation(cfg.unsafe_python))
         if (cfg.stage in ("sft", "all") and cfg.sft_dataset
                 and not (cfg.resume and (run / "sft").exists())):
