@@ -211,7 +211,7 @@ class Config:
 
 PRESETS: dict[str, dict] = {
     "tiny": {},
-    # A lab session: RL only, from the cached SFT start, about 6 minutes on 2 CPU cores (README: the
+    # A lab session: RL only, from the cached SFT start, 7-10 minutes on 2 CPU cores (README: the
     # class)
     # Off-policy updates where clipping acts: 8 mini-batches (the paper's ratio) x 3 epochs per
     # rollout batch at half the demo's lr. One epoch clips about 0.2% of the tokens here, 3 epochs
