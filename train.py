@@ -261,6 +261,38 @@ def accumulate(model, tensors: dict, rows: torch.Tensor, cfg: Config, accelerato
     return stats
 
 
+def update(model, opt, trajs, adv: torch.Tensor, tok, cfg: Config, step: int,
+           accelerator) -> tuple[list[dict], int, float]:
+    """cfg.epochs passes of mini-batch updates over the step's trajectories (adv (B,): their group
+    advantages); returns the loss stats per micro-batch, the updates skipped for a non-finite
+    gradient, and the last gradient norm."""
+    device = accelerator.device
+    tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
+    tensors["adv"] = token_advantages(adv, tensors, cfg)                                    # (B, T)
+    sampled = tensors["entropy"][tensors["loss_mask"] > 0]                                  # (N,)
+    top20 = sampled.quantile(0.8) if sampled.numel() else 0.0    # for the clip-fraction stats
+    tensors["high_entropy"] = (tensors["entropy"] > top20) & (tensors["loss_mask"] > 0)     # (B, T)
+    if cfg.recompute_old_logp:
+        tensors["old_logp"] = recompute_old_logp(model, tensors, cfg.mini_batches * cfg.grad_accum)
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    batches = [mb for _ in range(cfg.epochs)
+               for mb in torch.randperm(len(trajs), generator=gen).chunk(cfg.mini_batches)]
+    stats, skipped, grad_norm = [], 0, 0.0
+    for mb in batches:                  # each epoch in a new random order of mini-batches
+        opt.zero_grad(set_to_none=True)
+        stats += accumulate(model, tensors, mb, cfg, accelerator)
+        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
+        if torch.isfinite(grad_norm):
+            opt.step()
+        else:                                            # never write a poisoned adapter
+            skipped += 1
+        opt.zero_grad(set_to_none=True)
+    return stats, skipped, float(grad_norm)
+
+
 def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
             accelerator) -> tuple[dict, list]:
     """`accelerator` is the accelerate.Accelerator: with N processes each rolls out its share of the
@@ -281,39 +313,15 @@ def rl_step(model, tok, opt, examples, tools, cfg: Config, step: int,
     group = torch.tensor([t.question_idx for t in trajs])                                   # (B,)
     adv_fn = group_advantages if cfg.adv_estimator == "grpo" else reinforce_pp_advantages
     adv = adv_fn(rewards, group).to(device)                                                 # (B,)
-    if not adv.any():                    # every group's rewards equal: no gradient to compute
-        return {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,
-                                                    rewards.tolist(), [], cfg.entropy_window),
-                "zero_adv_step": 1, "grad_norm": 0.0, "skipped": 0, "rollout_s": t_rollout,
-                "step_s": time.time() - t0, "processes": accelerator.num_processes}, []
-    tensors = trajectory_tensors(trajs, tok.pad_token_id, device)
-    tensors["adv"] = token_advantages(adv, tensors, cfg)                                    # (B, T)
-    sampled = tensors["entropy"][tensors["loss_mask"] > 0]                                  # (N,)
-    top20 = sampled.quantile(0.8) if sampled.numel() else 0.0    # for the clip-fraction stats
-    tensors["high_entropy"] = (tensors["entropy"] > top20) & (tensors["loss_mask"] > 0)     # (B, T)
-    if cfg.recompute_old_logp:
-        tensors["old_logp"] = recompute_old_logp(model, tensors, cfg.mini_batches * cfg.grad_accum)
-
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    gen = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-    batches = [mb for _ in range(cfg.epochs)
-               for mb in torch.randperm(len(trajs), generator=gen).chunk(cfg.mini_batches)]
-    stats, skipped = [], 0
-    for mb in batches:                  # each epoch in a new random order of mini-batches
-        opt.zero_grad(set_to_none=True)
-        stats += accumulate(model, tensors, mb, cfg, accelerator)
-        grad_norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
-        if torch.isfinite(grad_norm):
-            opt.step()
-        else:                                            # never write a poisoned adapter
-            skipped += 1
-        opt.zero_grad(set_to_none=True)
+    # every group's rewards equal on every process (DDP updates them together): nothing to learn
+    zero = accelerator.reduce(adv.any().float().reshape(1), "sum").item() == 0
+    stats, skipped, grad_norm = ([], 0, 0.0) if zero else update(model, opt, trajs, adv, tok,
+                                                                 cfg, step, accelerator)
 
     metrics = {"step": step, **report.step_metrics([batch[t.question_idx] for t in trajs], res,
                                                    rewards.tolist(), stats, cfg.entropy_window),
                **{f"search_{k}": v for k, v in take_search_stats(tools).items() if k != "calls"},
-               "zero_adv_step": 0, "grad_norm": float(grad_norm), "skipped": skipped,
+               "zero_adv_step": int(zero), "grad_norm": float(grad_norm), "skipped": skipped,
                "rollout_s": t_rollout,
                "step_s": time.time() - t0, "processes": accelerator.num_processes}
     # the mean over processes (per-kind rates: the main process's own)
