@@ -17,10 +17,11 @@ snippets: "Page 1: ...\\nPage 2: ...") and int counters `calls`, `errors` (`Cach
     Page 1: Ada Lovelace
     Page 2: Born 1815.
 
-`run_python` lives in sandbox.py (isolation, limits; `describe_isolation()` says which isolation
-holds). Search failures are bounded and counted: a web query never takes longer than
-`query_timeout_s` in all (every engine and retry included), and `take_search_stats(tools)` gives the
-calls, errors, cache hits and misses since it was last called, which train.py logs per step.
+`run_python` lives in the sandbox package (sandbox/: isolation, limits; `describe_isolation()`
+says which isolation holds). Search failures are bounded and counted: a web query never takes
+longer than `query_timeout_s` in all (every engine and retry included), and
+`take_search_stats(tools)` gives the calls, errors, cache hits and misses since it was last called,
+which train.py logs per step.
 """
 import atexit
 import fcntl

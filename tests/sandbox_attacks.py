@@ -99,7 +99,7 @@ ATTACKS = [
            "open('$CHECKOUT/tools.py', 'w').write('import os')",
            lambda o: denied(o), ("checkout_unchanged",), modes=FILE_MODES),
     Attack("filesystem", "rewrite the sandbox's own start",
-           "open('$CHECKOUT/sandbox_setup.py', 'a').write('#')",
+           "open('$CHECKOUT/sandbox/start.py', 'a').write('#')",
            lambda o: denied(o), ("checkout_unchanged",), modes=FILE_MODES),
     Attack("filesystem", "new module in the checkout",
            "open('$CHECKOUT/$MARK.py', 'w').write('x = 1')",
@@ -251,7 +251,7 @@ def plant_key(name: str, secret: str) -> dict:
     import ctypes
     import platform
 
-    from sandbox_seccomp import SYSCALLS
+    from sandbox.seccomp import SYSCALLS
 
     numbers = SYSCALLS[platform.machine()]
     libc = ctypes.CDLL(None, use_errno=True)

@@ -1,4 +1,4 @@
-"""Tests of sandbox.py: ordinary code, the isolation modes, and the attack suite of
+"""Tests of the sandbox package: ordinary code, the isolation modes, and the attack suite of
 tests/sandbox_attacks.py.
 
 The attack suite runs every hostile snippet as root (when the tests run as root) and as an ordinary
@@ -29,19 +29,15 @@ from pathlib import Path
 import pytest
 
 import sandbox
-import sandbox_landlock
-import sandbox_paths
-from sandbox import run_python
+from sandbox import landlock, paths, run_python
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sandbox_attacks import ATTACKS, LATER  # noqa: E402
 
-ROOT = Path(sandbox.__file__).resolve().parent
+ROOT = Path(sandbox.__file__).resolve().parents[1]
 IS_ROOT = os.getuid() == 0
 TEST_USER = "aepo-sandbox-test"
 SYSTEM_PYTHON = "/usr/bin/python3"
-SANDBOX_FILES = ("sandbox.py", "sandbox_setup.py", "sandbox_paths.py", "sandbox_seccomp.py",
-                 "sandbox_landlock.py")
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -50,7 +46,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 
 def test_docstring_examples():
     assert doctest.testmod(sandbox).failed == 0
-    assert doctest.testmod(sandbox_paths).failed == 0
+    assert doctest.testmod(paths).failed == 0
 
 
 @pytest.mark.parametrize("code, expected", [
@@ -126,10 +122,10 @@ def test_no_isolation_is_refused_unless_unsafe():
 
 
 def test_landlock_rights_follow_the_abi():
-    assert sandbox_landlock.handled_fs(1) == (1 << 13) - 1
-    assert (sandbox_landlock.handled_fs(3) == (1 << 15) - 1
-            and sandbox_landlock.handled_fs(5) == (1 << 16) - 1)
-    assert ctypes.sizeof(sandbox_landlock.PathBeneath) == 12  # packed, as the kernel's struct
+    assert landlock.handled_fs(1) == (1 << 13) - 1
+    assert (landlock.handled_fs(3) == (1 << 15) - 1
+            and landlock.handled_fs(5) == (1 << 16) - 1)
+    assert ctypes.sizeof(landlock.PathBeneath) == 12  # packed, as the kernel's struct
 
 
 def test_make_tools_refuses_without_isolation(monkeypatch):
@@ -173,7 +169,7 @@ def test_a_mode_that_fails_is_named_with_its_cause(monkeypatch):
 def test_unsafe_python_as_root_runs_as_it_says(monkeypatch):
     """Without isolation, root runs the code as the throwaway uid only where that uid can reach the
     interpreter (else as root, and says so); Landlock names the folder it cannot pass."""
-    reachable = sandbox.setup.throwaway_uid_can_run()
+    reachable = paths.throwaway_uid_can_run()
     uid = run_python("import os\nos.getuid()", isolation="none", unsafe=True)
     assert uid.isdigit() and (int(uid) >= sandbox.SANDBOX_UID_BASE if reachable else uid == "0")
     monkeypatch.setattr(sandbox, "probe", lambda: ("none", ()))
@@ -244,8 +240,7 @@ def test_a_venv_under_tmp_gets_the_same_isolation(who):
     code = Path(tempfile.mkdtemp(prefix="aepo-code-"))
     venv = Path("/tmp") / f"aepo-venv-{uuid.uuid4().hex[:8]}"
     try:
-        for name in SANDBOX_FILES:
-            shutil.copy(ROOT / name, code)
+        copy_sandbox(code)
         code.chmod(0o755)
         subprocess.run([base, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)],
                        check=True, cwd="/", **ids)
@@ -366,6 +361,12 @@ def victim_home(folder: Path, owner: int | None) -> Path:
     return folder
 
 
+def copy_sandbox(code: Path) -> None:
+    """The sandbox package into `code`, for a user who may not read the checkout."""
+    shutil.copytree(ROOT / "sandbox", code / "sandbox", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+
 def ordinary_user() -> pwd.struct_passwd:
     try:
         return pwd.getpwnam(TEST_USER)
@@ -377,7 +378,7 @@ def ordinary_user() -> pwd.struct_passwd:
 
 CONTEXTS = ([("root", None)] if IS_ROOT else []) + [("user", None)]
 CONTEXTS += [("user", "bwrap")] if shutil.which("bwrap") else []
-CONTEXTS += [("user", "landlock")] if sandbox_landlock.abi_version() >= 1 else []
+CONTEXTS += [("user", "landlock")] if landlock.abi_version() >= 1 else []
 OUTCOMES: dict = {}
 
 
@@ -390,8 +391,8 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
     if who == "user" and IS_ROOT:
         user, code = ordinary_user(), host["base"] / "code"
         code.mkdir(exist_ok=True)
-        for name in (*SANDBOX_FILES, "tests/sandbox_attacks.py"):
-            shutil.copy(ROOT / name, code)
+        copy_sandbox(code)
+        shutil.copy(ROOT / "tests" / "sandbox_attacks.py", code)
         python = next((p for p in (sys.executable, SYSTEM_PYTHON) if runs_as(user, p)), None)
         if python is None:
             pytest.skip(f"no Python >= 3.10 that {TEST_USER} may run ({sys.executable}, "
@@ -402,7 +403,7 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
               "WW_DIRS": json.dumps(host["ww"]), "TCP_PORT": host["listeners"].tcp.getsockname()[1],
               "UDP_PORT": host["listeners"].udp.getsockname()[1],
               "UNIX_SOCKET": host["listeners"].unix_path, "SHM_KEY": host["key"]}
-    before = {"home": snapshot(home), "setup": (ROOT / "sandbox_setup.py").read_bytes()}
+    before = {"home": snapshot(home), "setup": (ROOT / "sandbox" / "start.py").read_bytes()}
     start = time.monotonic()
     driver = code / "sandbox_attacks.py" if user else ROOT / "tests" / "sandbox_attacks.py"
     done = subprocess.run([python, "-I", str(driver),
@@ -423,7 +424,7 @@ def outcome(host: dict, who: str, mode: str | None, everything: bool = False) ->
     results["_facts"] = {
         "trainer_alive": done.returncode == 0,
         "home_unchanged": snapshot(home) == before["home"],
-        "checkout_unchanged": (ROOT / "sandbox_setup.py").read_bytes() == before["setup"]
+        "checkout_unchanged": (ROOT / "sandbox" / "start.py").read_bytes() == before["setup"]
                               and "def parse_tool_call" in (ROOT / "tools.py").read_text(),
         "no_marked_files": not any(mark in name for d in marked_dirs if os.path.isdir(d)
                                    for name in os.listdir(d)),
@@ -480,7 +481,7 @@ CASES = [pytest.param(who, mode, attack,
 def test_attack_is_contained(host, who, mode, attack):
     results = outcome(host, who, mode)
     if results["_mode"] not in attack.modes:  # only where the machine offers nothing stronger
-        pytest.skip(f"the {results['_mode']} mode does not contain this, as sandbox.py says; "
+        pytest.skip(f"the {results['_mode']} mode does not contain this, as sandbox/ says; "
                     "no stronger mode here")
     output, seconds = results[attack.name]
     assert attack.contained(output), output

@@ -4,7 +4,7 @@ as text.
     >>> run_python("1987 - 1962")
     '25'
 
-    python sandbox.py     # which isolation holds here, in one line
+    python -m sandbox     # which isolation holds here, in one line
 
 Each call runs a new interpreter (`-I`) with an environment holding nothing of the caller's, rlimits
 on CPU time, address space, file size, open files and core files, no_new_privs, and a wall-clock
@@ -31,6 +31,11 @@ line):
 - "none": rlimits and the process group only. Refused unless the caller passes `unsafe=True`
   (`--unsafe_python`).
 Kernel exploits are out of scope: against hostile users rather than a confused model, use a VM.
+
+This package: __init__.py (here: pick, describe, run), start.py (run as a script in the fresh
+interpreter: the isolation, limits, code), paths.py (what the new root holds), seccomp.py (the
+system calls refused in every mode), landlock.py (the Landlock mode). docs/sandbox.md has the
+attack suite and its results.
 """
 import atexit
 import contextlib
@@ -47,12 +52,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import sandbox_setup as setup
+from sandbox import paths
+from sandbox import start
 
 MODES = ("namespaces", "bwrap", "landlock", "none")  # strongest first
-SANDBOX_UID_BASE = setup.SANDBOX_UID_BASE
-_THIS_DIR = os.path.dirname(os.path.abspath(__file__))
-_SETUP_FILE = os.path.join(_THIS_DIR, "sandbox_setup.py")
+SANDBOX_UID_BASE = start.SANDBOX_UID_BASE
+_START_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "start.py")
 
 
 def run_python(code: str, timeout_s: float = 5.0, max_output_chars: int = 2000,
@@ -77,10 +82,10 @@ def run_python(code: str, timeout_s: float = 5.0, max_output_chars: int = 2000,
         config = {"code": code, "work": work, "cpu_s": math.ceil(timeout_s) + 1,
                   "memory_mb": memory_mb, "mode": mode, "cgroups": groups,
                   "bwrap": shutil.which("bwrap") or ""}
-        try:  # sandbox_setup.py, run as a script, builds the isolation, then runs the code
-            proc = subprocess.Popen([sys.executable, "-I", _SETUP_FILE, json.dumps(config)],
+        try:  # start.py, run as a script, builds the isolation, then runs the code
+            proc = subprocess.Popen([sys.executable, "-I", _START_FILE, json.dumps(config)],
                                     cwd=work, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, env=setup.SANDBOX_ENV,
+                                    stderr=subprocess.STDOUT, env=start.SANDBOX_ENV,
                                     start_new_session=True)
         except (OSError, ValueError) as error:
             # e.g. code over the kernel's limit of 128 KiB for one argument
@@ -132,7 +137,7 @@ def describe_isolation(unsafe: bool = False) -> str:
                         "no TCP); LEFT OPEN: UDP, Unix sockets on disk, SysV IPC, daemons that "
                         "call setsid(), the disk in its folder, the call's total memory",
             "none": "Python sandbox: NO isolation (rlimits only): model-written code runs as "
-                    + ("a throwaway uid" if root and setup.throwaway_uid_can_run() else
+                    + ("a throwaway uid" if root and paths.throwaway_uid_can_run() else
                        "root" if root else "you")
                     + (" (--unsafe_python)" if unsafe else "; refused unless --unsafe_python")}
     reasons = "; ".join(f"{m}: {why}" for m, why in probe()[1])
@@ -144,7 +149,7 @@ def check_python_tool(unsafe: bool = False) -> str:
     and the fix. Call it before training starts, not when RL first calls the tool."""
     line = describe_isolation(unsafe)
     if best_isolation() == "none" and not unsafe:
-        raise SystemExit(f"error: {line}. Fix what stops the namespaces mode (python sandbox.py "
+        raise SystemExit(f"error: {line}. Fix what stops the namespaces mode (python -m sandbox "
                          "says it again), or pass --unsafe_python to run model-written code "
                          "unprotected")
     return line
@@ -303,11 +308,3 @@ def sweep_cgroups(root: str) -> None:
 @atexit.register
 def _remove_left_cgroups() -> None:
     remove_cgroups(sorted(_LEFT))
-
-
-def _probe_main() -> None:  # python sandbox.py: print the isolation in force
-    print(describe_isolation())
-
-
-if __name__ == "__main__":
-    _probe_main()

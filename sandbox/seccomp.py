@@ -1,5 +1,5 @@
 """The system calls no sandbox mode needs, refused in every mode by a seccomp filter (standard
-library only; sandbox_setup.py installs it just before it runs the code).
+library only; start.py installs it just before it runs the code).
 
 `restrict()` limits the calling process and everything it starts, for good (no_new_privs must be
 set). Refused, with EPERM unless said otherwise:

@@ -1,7 +1,7 @@
 """The start of one sandboxed Python call, run as a script by sandbox.run_python: isolation, limits,
 code.
 
-    python -I sandbox_setup.py '{"code": "6 * 7", "work": "/tmp/x", "mode": "namespaces", ...}'
+    python -I sandbox/start.py '{"code": "6 * 7", "work": "/tmp/x", "mode": "namespaces", ...}'
 
 Standard library only: this runs in a fresh interpreter, as the caller, before any limit is set.
 1. Stage 1 (the caller's pid): join the call's cgroups (as root), set rlimits, then by mode:
@@ -14,10 +14,9 @@ Standard library only: this runs in a fresh interpreter, as the caller, before a
    forks the runner and watches the call's memory until the runner ends; when PID 1 exits, the
    kernel kills every process left in its namespace.
 3. The runner switches to the sandbox uid (exec then leaves it no capability), joins a new session
-   keyring, installs the seccomp filter of sandbox_seccomp.py (every mode) and execs the
+   keyring, installs the seccomp filter of seccomp.py (every mode) and execs the
    interpreter.
-Where the new root holds the interpreter (a venv under /tmp runs from /run/python):
-sandbox_paths.py.
+Where the new root holds the interpreter (a venv under /tmp runs from /run/python): paths.py.
 """
 import ctypes
 import json
@@ -28,10 +27,13 @@ import select
 import signal
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I left this folder out
-import sandbox_seccomp  # noqa: E402
-from sandbox_paths import (RO_PATHS, inside, inside_python, mount_points,  # noqa: E402
-                           python_paths, throwaway_uid_can_run, venv_config)
+if __package__:  # imported as sandbox.start: the package reads the constants below
+    from sandbox import landlock, paths, seccomp
+else:  # run as a script by path, in a fresh interpreter whose -I left this folder off sys.path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import landlock
+    import paths
+    import seccomp
 
 # as root the code runs as uid SANDBOX_UID_BASE + pid: unused, unique while it lives
 SANDBOX_UID_BASE = 2**30
@@ -96,7 +98,7 @@ def main(config: dict) -> None:
         limit = MAX_PROCESSES + 2
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
         supervise(fork_runner(config, None, None), config["memory_mb"])
-    config["python"] = inside_python()  # the interpreter as the new root holds it
+    config["python"] = paths.inside_python()  # the interpreter as the new root holds it
     for group in config["cgroups"]:  # first: every process of the call is charged to them
         _write(os.path.join(group, "cgroup.procs"), str(os.getpid()))
     uid = SANDBOX_UID_BASE + os.getpid() if root else os.getuid()
@@ -105,11 +107,12 @@ def main(config: dict) -> None:
     if mode == "namespaces":
         namespaces(config, uid, gid)
     work, env = config["work"], {**SANDBOX_ENV, "HOME": config["work"], "TMPDIR": config["work"]}
-    if root and mode in ("bwrap", "landlock") and not throwaway_uid_can_run():
+    if root and mode in ("bwrap", "landlock") and not paths.throwaway_uid_can_run():
         raise OSError(f"the throwaway uid cannot reach the interpreter {sys.executable} (a folder "
                       "above it is closed to other users, e.g. /root): only the namespaces mode "
                       "can run it; or install Python where other users may read it")
-    if root and (mode != "none" or throwaway_uid_can_run()):  # else none runs as root, as it says
+    # else none runs as root, as it says
+    if root and (mode != "none" or paths.throwaway_uid_can_run()):
         os.chown(work, uid, gid)
         os.setgroups([])
         os.setgid(gid)
@@ -125,9 +128,8 @@ def main(config: dict) -> None:
     processes = MAX_PROCESSES + (0 if root else count_threads(uid))
     resource.setrlimit(resource.RLIMIT_NPROC, (processes, processes))
     if mode == "landlock":
-        import sandbox_landlock  # only this mode needs it
-        sandbox_landlock.restrict([*RO_PATHS, *python_paths()], [f"/dev/{d}" for d in DEVICES],
-                                  work)
+        landlock.restrict([*paths.RO_PATHS, *paths.python_paths()],
+                          [f"/dev/{d}" for d in DEVICES], work)
     run_code(config["code"], work, env)
 
 
@@ -145,8 +147,8 @@ def run_code(code: str, work: str, env: dict, python: tuple = (sys.executable,) 
     """Exec python = (binary, argv[0]) on the code (a venv's Python finds its pyvenv.cfg from
     argv[0])."""
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)  # setuid programs gain no privileges
-    sandbox_seccomp.join_new_session_keyring()
-    sandbox_seccomp.restrict()
+    seccomp.join_new_session_keyring()
+    seccomp.restrict()
     os.chdir(work)
     os.execve(python[0], [python[1], "-I", "-u", "-c", RUNNER, code], env)
 
@@ -166,22 +168,22 @@ def count_threads(uid: int) -> int:
 def bwrap_argv(config: dict) -> list[str]:
     argv = [config["bwrap"], "--unshare-all", "--unshare-user", "--disable-userns",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    for path in RO_PATHS:
+    for path in paths.RO_PATHS:
         if os.path.islink(path):
             argv += ["--symlink", os.readlink(path), path]
         elif os.path.exists(path):
             argv += ["--ro-bind", path, path]
-    for path in python_paths():
-        argv += ["--ro-bind", path, inside(path)]
-    if moved := venv_config():
+    for path in paths.python_paths():
+        argv += ["--ro-bind", path, paths.inside(path)]
+    if moved := paths.venv_config():
         _write(os.path.join(config["work"], "pyvenv.cfg"), moved[1])
-        argv += ["--ro-bind", os.path.join(config["work"], "pyvenv.cfg"), inside(moved[0])]
+        argv += ["--ro-bind", os.path.join(config["work"], "pyvenv.cfg"), paths.inside(moved[0])]
     here = os.path.dirname(os.path.abspath(__file__))  # these files, to watch the call from inside
-    for name in ("sandbox_setup.py", "sandbox_seccomp.py", "sandbox_paths.py"):
+    for name in ("start.py", "seccomp.py", "landlock.py", "paths.py"):
         argv += ["--ro-bind", os.path.join(here, name), f"/run/aepo/{name}"]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(SCRATCH_MB << 20), "--tmpfs", "/tmp",
              "--remount-ro", "/", "--chdir", "/tmp"]
-    return argv + ["--", config["python"][0], "-I", "/run/aepo/sandbox_setup.py",
+    return argv + ["--", config["python"][0], "-I", "/run/aepo/start.py",
                    json.dumps({**config, "mode": "bwrap-inside", "cgroups": []})]
 
 
@@ -321,28 +323,29 @@ def build_root(new_root: str, uid: int, gid: int) -> None:
     inside cannot)."""
     os.umask(0o022)
     sources = {path: os.open(path, os.O_PATH | os.O_CLOEXEC)
-               for path in [*RO_PATHS, *python_paths()]
+               for path in [*paths.RO_PATHS, *paths.python_paths()]
                if os.path.isdir(path) and not os.path.islink(path)}
-    moved = venv_config()
+    moved = paths.venv_config()
     libc.setfsgid(gid)
     libc.setfsuid(uid)
     mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
     mount("tmpfs", new_root, "tmpfs", MS_NOSUID | MS_NODEV, f"size=1m,mode=755,uid={uid},gid={gid}")
-    for path in [*RO_PATHS, *python_paths()]:
-        target = new_root + inside(path)
+    for path in [*paths.RO_PATHS, *paths.python_paths()]:
+        target = new_root + paths.inside(path)
         if os.path.islink(path):  # merged /usr: /bin -> usr/bin
             os.makedirs(os.path.dirname(target), exist_ok=True)
             os.symlink(os.readlink(path), target)
         elif path in sources:
             os.makedirs(target, exist_ok=True)
             mount(f"/proc/self/fd/{sources[path]}", target, None, MS_BIND | MS_REC)
-            for point in mount_points(target):  # each submount too; keep the flags the kernel locks
+            # each submount too; keep the flags the kernel locks
+            for point in paths.mount_points(target):
                 flags = mount_flags(point)
                 mount(None, point, None,
                       MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | flags)
     if moved:  # the venv's pyvenv.cfg, naming its base interpreter where it moved
         _write(new_root + "/run/pyvenv.cfg", moved[1])
-        mount(new_root + "/run/pyvenv.cfg", new_root + inside(moved[0]), None, MS_BIND)
+        mount(new_root + "/run/pyvenv.cfg", new_root + paths.inside(moved[0]), None, MS_BIND)
     for path in ("/tmp", "/dev/shm"):
         os.makedirs(new_root + path)
         mount("tmpfs", new_root + path, "tmpfs", MS_NOSUID | MS_NODEV,

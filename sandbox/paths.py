@@ -1,5 +1,5 @@
-"""Which folders the sandbox's new root holds, and where (standard library only; used by
-sandbox_setup.py, before any isolation, and by sandbox.py).
+"""Which folders the sandbox's new root holds, and where (standard library only; used by start.py,
+before any isolation, and by the package).
 
 The new root binds RO_PATHS and the interpreter's folders (`python_paths`: a venv and its base)
 read-only at their own paths, except below the folders the sandbox mounts its own (/tmp, /dev,
