@@ -2,9 +2,9 @@
 entropy and branching rules of AEPO (arXiv 2510.14545: "Entropy Pre-Monitoring" and
 "Entropy-Balanced Adaptive Rollout") and of ARPO (arXiv 2507.19849: entropy-based adaptive rollout).
 Imports nothing of the project. Each Config field declares its type (Literal[...] for a choice),
-default, help and bounds ({"min": 1}, {"max": 1}, {"positive": True}); cli.py builds the command
-line from them, checks them, and applies the recipe (`python cli.py --preset tiny` prints the
-resolved configuration).
+default, help and bounds ({"min": 1}, {"max": 1}, {"positive": True}); support/cli.py builds the
+command line from them, checks them, and applies the recipe (`python -m support.cli --preset tiny`
+prints the resolved configuration).
 
     from aepo import Config, global_budget
     cfg = Config(model="tiny")
@@ -230,7 +230,7 @@ PRESETS: dict[str, dict] = {
                        questions_per_step=4, mini_batches=4, grad_accum=4,
                        gradient_checkpointing=True, lr=1e-5, lora_r=32, lora_alpha=64,
                        steps=200, eval_temperature=0.6, eval_top_p=0.95, eval_runs=5,
-                       # memory (python memory.py): rollout_questions 0 rolls out as many
+                       # memory (python -m support.memory): rollout_questions 0 rolls out as many
                        # questions together as the upper bound fits in the free GPU memory (1 on
                        # 24-39 GB); old log-probs recomputed (bf16 gap: README)
                        rollout_questions=0, recompute_old_logp=True),

@@ -84,8 +84,8 @@ CONTROLS = (  # tests that touch no solution region: the student version must pa
     LOSS + "test_table_values_and_gradient_weights[cispo]",
     LOSS + "test_kl_k3", LOSS + "test_entropy_with_minus_inf_logits",
     "tests/test_data.py::test_reward_values", "tests/test_data.py::test_extract_answer")
-MODULES = ("aepo", "loss", "rollout", "engine", "kvcache", "tools", "data", "world", "policy",
-           "train", "eval", "report")
+MODULES = ("aepo", "loss", "rollout", "engine", "kvcache", "tools", "train", "eval", "support.data",
+           "support.world", "support.policy", "support.report")
 
 OPEN = re.compile(r"^(\s*)# >>> solution (A\d+)\s*$")
 CLOSE = re.compile(r"^\s*# <<< solution\s*$")

@@ -5,7 +5,8 @@ EM, F1, reward, format failures, tool calls and response length, per dataset.
     python eval.py --model tiny --dataset path/to/bamboogle/test.jsonl --limit 8 --runs 2
     python eval.py --preset qwen3-1.7b --model Qwen3-1.7B --adapter runs/x/checkpoint-40 --runs 5 \
         --dataset path/to/hotpotqa/test.jsonl --dataset path/to/gsm8k/test.jsonl
-    (the eval-only flags are cli.EvalArgs; every Config flag applies too: python cli.py --help)
+    (the eval-only flags are cli.EvalArgs; every Config flag applies too:
+    python -m support.cli --help)
 
 In and out: `evaluate(...)` (train.py calls it too) samples with the training rollout, branching off
 (k = runs global chains per question), grades every response and returns the metrics below. With an
@@ -14,7 +15,7 @@ golds, and per run the full trajectory text, answer, grades, tool calls, finish)
 summary.json; run it again on the same folder and it skips the questions already there (resume).
 
 What "correct" means (Pass@1 and Pass@k use it; EM, F1 and reward are always computed as in
-data.py):
+support/data.py):
   1. QA (every other source): data.exact_match, i.e. equal after SQuAD normalisation to some gold.
   2. Math: the source is gsm8k, math500 or aime24, or the kind is "math" (the verl `ability`, the
      world's arithmetic questions). `math_equal`: both sides go through `normalize_math` (drop `$`,
@@ -37,7 +38,7 @@ response_tokens (tool results included); by_source: the same per source.
 from __future__ import annotations
 
 if __name__ == "__main__":   # the command line is checked before the imports below (seconds of
-    import cli               # torch): a bad one stops in a line, then this module runs main()
+    from support import cli  # torch): a bad one stops in a line, then this module runs main()
     cli.run_script("eval", cli.eval_config)
 
 import dataclasses
@@ -53,13 +54,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-import cli
-import data
 from aepo import Config
-# the flags, parsed and checked in cli.py
-from cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401 (re-exported: eval.parse_args)
-from policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from rollout import rollout
+from support import cli, data
+# the flags, parsed and checked in support/cli.py (re-exported: eval.parse_args)
+from support.cli import EvalArgs, parse_eval_args as parse_args  # noqa: F401
+from support.policy import load_policy, make_tools, prompt_ids, system_prompt_for
 from tools import describe_isolation
 
 Judge = Callable[[str, tuple, str], bool]   # (question, golds, predicted answer) -> correct?

@@ -45,8 +45,8 @@ from aepo import (Config, Tools, Trajectory, aepo_should_branch, arpo_should_bra
                   segment_entropy)
 from engine import CLOSING_TAGS, ReencodeEngine, Sampling, Segment
 from kvcache import CachedEngine
-from policy import prompt_ids
 from rollout_types import QuestionStats, RolloutResult, merge_chunks
+from support.policy import prompt_ids
 from tools import parse_tool_call, result_block
 
 ENGINES = {"cached": CachedEngine, "reencode": ReencodeEngine,

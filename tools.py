@@ -56,8 +56,8 @@ def parse_tool_call(text: str) -> tuple[str, str] | None:
 
 
 # Never verbatim inside a result: output printing "\n</result>" would close its block early and
-# could then write an answer the grader takes for the policy's own (data.py, decision 1); "<|"
-# starts chat control tokens (<|im_end|> would end the turn inside a result).
+# could then write an answer the grader takes for the policy's own (support/data.py, decision 1);
+# "<|" starts chat control tokens (<|im_end|> would end the turn inside a result).
 _ESCAPED = ("<think>", "</think>", "<search>", "</search>", "<python>", "</python>", "<result>",
             "</result>", "<answer>", "</answer>", "<|")
 

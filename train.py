@@ -8,8 +8,9 @@
     python train.py --preset class --algo arpo        # a lab: RL from the cached SFT start, ~6 min
 
 Data flows one way: questions -> rollout.py (tree sampler with tools) -> data.reward -> loss.py
-advantages -> old log-probs -> one epoch of mini-batch updates -> logs and plots (report.py),
-checkpoints (checkpoint.py: a kill never leaves a broken one) -> eval.py.
+advantages -> old log-probs -> one epoch of mini-batch updates -> logs and plots
+(support/report.py), checkpoints (support/checkpoint.py: a kill never leaves a broken one) ->
+eval.py.
 Everything a run writes goes into its folder (`--output_dir`): config.json, metrics.jsonl,
 curves.png, samples.jsonl, checkpoint-<step>/ (LoRA adapter + optimizer + RNG), sft/, eval-*/ and
 report.md.
@@ -17,7 +18,7 @@ report.md.
 from __future__ import annotations
 
 if __name__ == "__main__":   # the command line is checked before the imports below (seconds of
-    import cli               # torch): a bad one stops in a line, then this module runs main()
+    from support import cli  # torch): a bad one stops in a line, then this module runs main()
     cli.run_script("train", cli.train_config)
 
 import dataclasses
@@ -36,22 +37,15 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-import cli
-import data
-import loaders
-import memory
-import policy
-import report
-import tiny
 import tools
-import world
 from aepo import Config, save_config
-from checkpoint import atomic_save, interrupted, resume, save_checkpoint
 from eval import evaluate
 from loss import (TOKEN_LOGPROBS_CODE, entropy_aware_advantages, group_advantages, kl_k3,
                   policy_loss, reinforce_pp_advantages, token_logprobs)
-from policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from rollout import rollout
+from support import cli, data, loaders, memory, policy, report, tiny, world
+from support.checkpoint import atomic_save, interrupted, resume, save_checkpoint
+from support.policy import load_policy, make_tools, pick_device, prompt_ids, system_prompt_for
 from tools import BM25Search, describe_isolation, take_search_stats
 
 # --------------------------------------------------------------------------------------------------
@@ -417,8 +411,8 @@ def evaluate_policy(model, tok, cfg: Config, run: Path, name: str) -> dict:
 
 
 def choose_rollout_questions(cfg: Config) -> Config:
-    """On a GPU, as many questions rolled out together as memory.py's upper bound fits in the free
-    memory (said in one line); unchanged when the model's shape is unknown offline."""
+    """On a GPU, as many questions rolled out together as support/memory.py's upper bound fits in the
+    free memory (said in one line); unchanged when the model's shape is unknown offline."""
     free = torch.cuda.mem_get_info()[0]
     try:
         print(memory.rollout_questions_line(cfg, free))

@@ -101,8 +101,8 @@ def host_reads(model, rows: int, tokens: int) -> tuple[float, float]:
         from qwen_offline import qwen_tokenizer
         tok = qwen_tokenizer()
     except (ImportError, SystemExit):
-        from policy import load_policy
-        from tiny import build_tiny
+        from support.policy import load_policy
+        from support.tiny import build_tiny
         tok = load_policy(str(build_tiny()), lora_r=0, trainable=False)[1]
 
     class Reads(TorchFunctionMode):

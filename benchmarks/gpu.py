@@ -1,6 +1,6 @@
 """The qwen3-1.7b recipe on one CUDA GPU, phase by phase, at the recipe's budgets: rollout
-throughput of three engines, one RL step, peak GPU memory beside memory.py's estimate and upper
-bound, and the old log-prob gap of 4-bit and bf16. A Qwen3-1.7B-shaped model with random weights
+throughput of three engines, one RL step, peak GPU memory beside support/memory.py's estimate and
+upper bound, and the old log-prob gap of 4-bit and bf16. A Qwen3-1.7B-shaped model with random weights
 and the real Qwen tokenizer, both built offline; neither the sandbox nor the hub is used.
 
     bash benchmarks/gpu.sh                      # on the GPU machine: carried wheels, 8 minutes
@@ -24,8 +24,8 @@ those of an AEPO step at the recipe's budgets. Phases, each written to --out as 
   update   one update (mini_batches x grad_accum micro-batches, gradient checkpointing) on the
            rollout, with random +-1 advantages (random weights earn no reward): seconds, peak
   bf16     the same weights in bf16: one question's rollout and its old log-prob gap
-Peak memory per phase: torch.cuda.max_memory_allocated and max_memory_reserved, beside memory.py's
-typical estimate and upper bound for the same config.
+Peak memory per phase: torch.cuda.max_memory_allocated and max_memory_reserved, beside
+support/memory.py's typical estimate and upper bound for the same config.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ class Phase:
         self.reserved = gib(torch.cuda.max_memory_reserved()) if self.cuda else 0.0
 
     def memory(self, e: dict, phase: str) -> str:
-        return (f"{self.alloc:.2f} allocated / {self.reserved:.2f} reserved GiB; memory.py "
+        return (f"{self.alloc:.2f} allocated / {self.reserved:.2f} reserved GiB; support/memory.py "
                 f"{gib(e[f'peak_{phase}']):.2f} typical, {gib(e[f'bound_{phase}']):.2f} bound GiB")
 
 
@@ -189,14 +189,14 @@ def main() -> None:
     args = p.parse_args()
     deadline = time.perf_counter() + args.deadline_s
 
-    import memory
+    from support import memory
     import train
     import rollout as R
-    from cli import parse_config
+    from support.cli import parse_config
     from common import machine
     from engine import ReencodeEngine
     from kvcache import CachedEngine
-    from policy import load_policy, prompt_ids, system_prompt_for
+    from support.policy import load_policy, prompt_ids, system_prompt_for
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.small:

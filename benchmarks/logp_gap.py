@@ -29,11 +29,11 @@ sys.path.insert(0, str(ROOT))
 
 
 def gap(model_name: str, dtype: str, seed: int = 0) -> dict:
-    import world
+    from support import world
     import train
     from aepo import Config
-    from cli import resolve
-    from policy import load_policy, make_tools, system_prompt_for
+    from support.cli import resolve
+    from support.policy import load_policy, make_tools, system_prompt_for
     from rollout import rollout
 
     cfg = resolve(Config(model=model_name, algo="grpo", output_dir="unused", preset="tiny"),

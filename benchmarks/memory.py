@@ -21,7 +21,7 @@ matmuls repack the 0.6 GB LM-head weight on every call (a CPU artefact) and run 
 adds a check of the bf16 accounting (peft's float32 adapter-input copies) where that artefact
 cancels: the per-token, per-layer growth of the update's peak from 1 to 2 layers, without
 checkpointing.
-Writes benchmarks/results/memory.md (with memory.py's GPU table for Qwen3-1.7B) and the raw
+Writes benchmarks/results/memory.md (with support/memory.py's GPU table for Qwen3-1.7B) and the raw
 measurements to memory.json beside it.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))             # first: `memory` is the estimator, not this file
 
-import memory  # noqa: E402
+from support import memory  # noqa: E402
 
 # (layers, update rows b, tokens T, rollout rows R, tokens fed at once): tokens T = prompt +
 # response.
@@ -205,7 +205,7 @@ def measure(sizes: list[int], bf16: bool) -> dict:
 
 def report(runs: dict) -> str:
     from aepo import Config
-    from cli import resolve
+    from support.cli import resolve
 
     lines = ["| size | phase (seconds) | measured MB | estimated MB | ratio "
              "| above state: measured / estimated MB | ratio |", "|---|---|---|---|---|---|---|"]
@@ -214,13 +214,13 @@ def report(runs: dict) -> str:
     notes = bf16_layer_check(*runs["bf16"], BF16_SIZE) if "bf16" in runs else []
     gpu = resolve(Config(model="Qwen3-1.7B", output_dir="unused"), {"model"}, device_check=False)
     return "\n".join([
-        "# Peak memory: memory.py's estimate against measurements on CPU", "",
+        "# Peak memory: support/memory.py's estimate against measurements on CPU", "",
         f"Machine: {runs['machine']} (no GPU lent); measured {runs['date']}", "",
         "Qwen3-1.7B layer shape with fewer layers, float32, LoRA r=32, gradient checkpointing, one "
         "thread; peak resident memory above the process before the model existed "
         "(benchmarks/memory.py; raw numbers in memory.json).", "", *lines, "", *notes,
-        "- How far to trust the fit: memory.py was revised twice against the first three sizes: "
-        "after the first (the logits chunk's float32 temporaries, peft's float32 adapter sum in "
+        "- How far to trust the fit: support/memory.py was revised twice against the first three "
+        "sizes: after the first (the logits chunk's float32 temporaries, peft's float32 adapter sum in "
         "the MLP), then after all three (a third residual-width tensor in a layer forward, one "
         "layer's K and V copied as the cache grows, a fifth float32 copy in a logits chunk's "
         "backward), before which it under-estimated the part above the state by 5-18% (totals "

@@ -47,7 +47,7 @@ def qwen_tokenizer():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    from tiny import TINY_CHAT_TEMPLATE
+    from support.tiny import TINY_CHAT_TEMPLATE
 
     ranks = Path(qt.__file__).parent / "resources" / "qwen.tiktoken"
     backend = TikTokenConverter(vocab_file=str(ranks), pattern=qt.PAT_STR).converted()

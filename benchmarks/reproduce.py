@@ -37,7 +37,7 @@ from common import fresh_run, machine, run_minutes  # noqa: E402  (benchmarks/co
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import report  # noqa: E402
+from support import report  # noqa: E402
 
 ALGOS = ("grpo", "arpo", "aepo")
 ABLATIONS = ("aepo_no_pre_monitor", "aepo_no_penalty", "aepo_ppo_clip", "aepo_no_entropy_adv")

@@ -116,10 +116,10 @@ def status_mb(key: str) -> float:
 def worker(args) -> dict:
     import torch
 
-    import world
+    from support import world
     from aepo import Config
-    from cli import resolve
-    from policy import load_policy, make_tools, system_prompt_for
+    from support.cli import resolve
+    from support.policy import load_policy, make_tools, system_prompt_for
     from rollout import rollout
 
     torch.set_num_threads(args.threads)

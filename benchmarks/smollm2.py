@@ -27,7 +27,7 @@ from common import fresh_run, machine, run_minutes  # noqa: E402  (benchmarks/co
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
+from support import data  # noqa: E402
 
 # The short system prompt: the paper's (~270 SmolLM2 tokens) would make prompts 7x longer, and the
 # SFT teaches the format anyway. One search page per call (--top_k 1) keeps the longest

@@ -28,20 +28,20 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import aepo  # noqa: E402
-import cli  # noqa: E402
-import data  # noqa: E402
+from support import cli  # noqa: E402
+from support import data  # noqa: E402
 from loss import group_advantages, policy_loss, token_logprobs  # noqa: E402
 import rollout as R  # noqa: E402
 import train  # noqa: E402
-import world  # noqa: E402
-from policy import load_policy, make_tools, system_prompt_for  # noqa: E402
+from support import world  # noqa: E402
+from support.policy import load_policy, make_tools, system_prompt_for  # noqa: E402
 
 DEMO_SFT = ROOT / "runs" / "demo" / "seed-0" / "sft"
 
 
 def default_model() -> str:
     """The newest built SFT start (the class preset's cache, then the demo's), else tiny."""
-    import tiny
+    from support import tiny
     built = sorted(tiny.CACHE_DIR.glob("sft-*/sft/config.json"), key=lambda p: p.stat().st_mtime)
     if built:
         return str(built[-1].parent)

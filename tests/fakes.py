@@ -19,8 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerFast
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from data import AGENT_TAGS
-from tiny import TINY_CHAT_TEMPLATE
+from support.data import AGENT_TAGS
+from support.tiny import TINY_CHAT_TEMPLATE
 
 _CORPUS = ["Where was Mira Quell born? Mira Quell was born in Vantor.",
            "The final answer is \\boxed{ x }", "Page 1: some text about a city. Page 2: nothing",

@@ -1,7 +1,8 @@
-"""Tests of checkpoint.py: what --resume keeps of a run's logs, and the line Ctrl-C prints."""
+"""Tests of support/checkpoint.py: what --resume keeps of a run's logs, and the line Ctrl-C
+prints."""
 import json
 
-import checkpoint
+from support import checkpoint
 
 
 def write_log(run, steps):

@@ -1,6 +1,6 @@
-"""cli.py: every bad command line of train.py and eval.py stops before any work, in a subprocess as
-a user runs it: one line on stderr, exit status 1, no traceback, little CPU time, torch never
-imported, and nothing written (neither in the working folder nor in the model cache)."""
+"""support/cli.py: every bad command line of train.py and eval.py stops before any work, in a
+subprocess as a user runs it: one line on stderr, exit status 1, no traceback, little CPU time, torch
+never imported, and nothing written (neither in the working folder nor in the model cache)."""
 import dataclasses
 import json
 import os
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from support import cli
 from aepo import ALGOS, PRESETS, Config
-from cli import field_errors
+from support.cli import field_errors
 
-ROOT = Path(cli.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 ROW = json.dumps({"question": "q", "answer": "a"}) + "\n"
 FILES = {  # prepared in every case's working folder
     "afile": "not a folder\n", "empty.jsonl": "", "ok.jsonl": ROW,

@@ -1,5 +1,5 @@
-"""Tests for data.py: grading by hand-computed cases and properties, forged tool output, linear-time
-parsing, the system prompts, loaders and their errors."""
+"""Tests for support/data.py: grading by hand-computed cases and properties, forged tool output,
+linear-time parsing, the system prompts, loaders and their errors."""
 import ast
 import json
 import re
@@ -13,13 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import data
-from data import (Example, exact_match, extract_answer, f1_score, format_error, normalize_answer,
-                  reward, split_response, tool_counts)
-from loaders import load_demos, load_examples
+from support import data
+from support.data import (Example, exact_match, extract_answer, f1_score, format_error,
+                          normalize_answer, reward, split_response, tool_counts)
+from support.loaders import load_demos, load_examples
 from tools import result_block
 
-ROOT = Path(data.__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def result(output: str) -> str:
@@ -441,17 +441,17 @@ def test_limit_must_be_positive(tmp_path):
 
 
 def test_data_imports_nothing_of_the_project():
-    project = {p.stem for p in ROOT.glob("*.py")}
-    tree = ast.parse((ROOT / "data.py").read_text())
+    project = {p.stem for p in ROOT.glob("*.py")} | {p.parent.name for p in ROOT.glob("*/*.py")}
+    tree = ast.parse((ROOT / "support" / "data.py").read_text())
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom)}
-    assert "world" in project and not imported & project
+    assert {"aepo", "support"} <= project and not imported & project
     loaded = subprocess.run([sys.executable, "-c",
-                             "import sys, loaders; print(sorted(sys.modules))"],
+                             "import sys, support.loaders; print(sorted(sys.modules))"],
                             cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert "'world'" not in loaded and "'pandas'" not in loaded and "'torch'" not in loaded
+    assert "'support.world'" not in loaded and "'pandas'" not in loaded and "'torch'" not in loaded
 
 
 def test_an_infinite_gold_and_a_non_text_response_are_named(tmp_path):

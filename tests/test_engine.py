@@ -19,7 +19,7 @@ from aepo import Config
 from engine import ReencodeEngine, Sampling, sample_segments
 from fakes import ScriptedPolicy, ids, qwen3_tokenizer, toy_tokenizer
 from kvcache import CachedEngine
-from policy import prompt_ids
+from support.policy import prompt_ids
 from rollout import rollout   # before qwen3_tokenizer puts benchmarks/ (rollout.py) on the path
 
 ENGINES = {"cached": CachedEngine, "reencode": ReencodeEngine}

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import data
-import loaders
+from support import data
+from support import loaders
 from aepo import Config
-from policy import load_policy
-from data import Example
+from support.policy import load_policy
+from support.data import Example
 from eval import evaluate, make_judge, math_equal, pass_at_k
 from fakes import ScriptedPolicy, ids, toy_tokenizer
 

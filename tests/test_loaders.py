@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from data import Example
-from loaders import load_examples
+from support.data import Example
+from support.loaders import load_examples
 
 
 @pytest.fixture

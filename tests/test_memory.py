@@ -1,6 +1,6 @@
 """The GPU recipe and its memory plan: which recipe a model gets, the CPU stop, the micro-batched
-old log-prob recompute, and memory.py's accounting against a real model's parameters and saved
-tensors."""
+old log-prob recompute, and support/memory.py's accounting against a real model's parameters and
+saved tensors."""
 import dataclasses
 import os
 import subprocess
@@ -12,10 +12,10 @@ import torch
 from torch.testing import assert_close
 
 from loss import token_logprobs
-import memory
+from support import memory
 import train
 from aepo import Config, Trajectory
-from cli import parse_config, resolve
+from support.cli import parse_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 GB = 1e9
@@ -50,7 +50,7 @@ def test_an_explicit_preset_or_another_model_keeps_its_recipe(cuda, capsys):
 
 def test_train_and_eval_pick_the_same_recipe_and_prompt(cuda):
     import eval as ev
-    from policy import system_prompt_for
+    from support.policy import system_prompt_for
 
     _, ecfg = ev.parse_args(["--dataset", "world:heldout", "--model", "Qwen3-1.7B"])
     tcfg = parse_config(["--model", "Qwen3-1.7B", "--output_dir", "x"])
@@ -116,7 +116,7 @@ def test_recompute_old_logp_runs_in_micro_batches_and_equals_one_forward():
 
 
 # --------------------------------------------------------------------------------------------------
-# memory.py's accounting
+# support/memory.py's accounting
 
 
 SMALL = memory.Shape(layers=2, hidden=64, intermediate=192, heads=4, kv_heads=2, head_dim=32,

@@ -1,5 +1,5 @@
-"""aepo.py and cli.py: the config and its presets, the tiny policy, hub-model errors, and the
-4-bit LoRA trap."""
+"""aepo.py and support/cli.py: the config and its presets, the tiny policy, hub-model errors, and
+the 4-bit LoRA trap."""
 import json
 import time
 import warnings
@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import aepo
-import policy
-import tiny
+from support import policy
+from support import tiny
 from aepo import Config
-from cli import parse_config
+from support.cli import parse_config
 from engine import Sampling
-from policy import load_policy, prompt_ids
-from data import AGENT_TAGS
+from support.policy import load_policy, prompt_ids
+from support.data import AGENT_TAGS
 
 
 def test_presets_algos_and_explicit_flags():

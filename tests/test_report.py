@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import report
+from support import report
 from aepo import Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,8 +58,8 @@ def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path, monkeypatch):
             _fake_run(tmp_path / "g1", "grpo", [0.3, 0.2, 0.5])]
     assert report.group_runs(runs) == {"grpo": [runs[0], runs[2]], "aepo": [runs[1]]}
     out = tmp_path / "cmp.png"
-    cli = subprocess.run([sys.executable, "report.py", *map(str, runs), "--out", str(out), "--x",
-                          "sampled_tokens_total"], cwd=ROOT, capture_output=True, text=True,
+    cli = subprocess.run([sys.executable, "-m", "support.report", *map(str, runs), "--out", str(out),
+                          "--x", "sampled_tokens_total"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -71,8 +71,8 @@ def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path, monkeypatch):
     # grpo's reward: the means of 0.1|0.3, 0.2|0.2 and 0.5
     reward = panels[0].lines[0].get_ydata().tolist()
     assert reward == pytest.approx([0.2, 0.2, 0.5])
-    bad = subprocess.run([sys.executable, "report.py", str(runs[0]), str(tmp_path / "nothing")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, "-m", "support.report", str(runs[0]),
+                          str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "nothing" in bad.stderr and "metrics.jsonl" in bad.stderr
 
 

@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from aepo import Config
-from policy import prompt_ids
+from support.policy import prompt_ids
 from fakes import ScriptedPolicy, checked_rollout, ids, toy_tokenizer
 from tools import result_block
 

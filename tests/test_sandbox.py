@@ -130,7 +130,7 @@ def test_landlock_rights_follow_the_abi():
 
 def test_make_tools_refuses_without_isolation(monkeypatch):
     import aepo
-    import policy
+    from support import policy
 
     monkeypatch.setattr(sandbox, "best_isolation", lambda: "none")
     with pytest.raises(SystemExit, match="NO isolation.*unsafe_python"):
@@ -142,7 +142,7 @@ def test_make_tools_refuses_without_isolation(monkeypatch):
 def test_a_mode_that_fails_is_named_with_its_cause(monkeypatch):
     """The start-of-run line says why no stronger mode holds, and a run that would refuse every
     Python call stops before training, with the cause."""
-    import cli
+    from support import cli
 
     failures = {"namespaces": "Python sandbox could not start: [Errno 17] File exists: '/x/tmp'",
                 "bwrap": "Python sandbox could not start: bwrap is not installed",

@@ -16,14 +16,14 @@ import json
 import pytest
 import torch
 
-import data
-import loaders
+from support import data
+from support import loaders
 from engine import Sampling
 import eval as eval_cli
-import policy
+from support import policy
 import train
-import world
-from cli import parse_config
+from support import world
+from support.cli import parse_config
 from tools import BM25Search
 
 needs_package = pytest.mark.skipif(

@@ -346,7 +346,7 @@ def test_search_stats_are_taken_per_step(tmp_path):
 
 
 def test_log_line_says_when_searches_failed():
-    import report
+    from support import report
 
     row = {"step": 0, "reward": 0.5, "acc": 0.5, "entropy": 1.0, "clip_frac_low": 0.0,
            "clip_frac_high": 0.0, "search_calls": 1.0, "python_calls": 0.0, "branches_per_q": 0.0,
@@ -359,7 +359,7 @@ def test_log_line_says_when_searches_failed():
 # The tools' flags, checked with the others before torch loads (cli.train_config)
 
 def test_a_broken_search_cache_stops_the_flags_check(tmp_path):
-    import cli
+    from support import cli
 
     path = tmp_path / "corrupt.json"
     path.write_text('{"q": "Page 1')
@@ -370,7 +370,7 @@ def test_a_broken_search_cache_stops_the_flags_check(tmp_path):
 
 
 def test_an_uncached_hub_model_offline_stops_the_flags_check(tmp_path, monkeypatch):
-    import cli
+    from support import cli
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(SystemExit, match="bogus-org/bogus-model: not in the Hugging Face cache"):

@@ -16,15 +16,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoint
-import data
+from support import checkpoint
+from support import data
 import loss as L
 import train
-import tiny
-import world
+from support import tiny
+from support import world
 from aepo import Config
-from cli import parse_config, resolve
-from policy import load_policy, make_tools
+from support.cli import parse_config, resolve
+from support.policy import load_policy, make_tools
 from rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_smoke_run_writes_everything(tmp_path, algo):
         assert all(r["branches_per_q"] == 0 for r in rows)
     # report.py redraws it from the log
     (run / "curves.png").unlink()
-    out = subprocess.run([sys.executable, "report.py", str(run)], cwd=ROOT, env=ENV,
+    out = subprocess.run([sys.executable, "-m", "support.report", str(run)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and (run / "curves.png").stat().st_size > 0, out.stderr[-2000:]
 
@@ -94,7 +94,7 @@ def test_sigkill_during_save_leaves_only_loadable_checkpoints(tmp_path):
         import time, torch
         from pathlib import Path
         import train
-        from policy import load_policy
+        from support.policy import load_policy
         torch.manual_seed(0)
         model, tok = load_policy("tiny", lora_r=4)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
@@ -347,7 +347,7 @@ def test_class_preset_is_rl_from_the_cached_sft_with_a_token_budget():
 def test_report_to_a_missing_package_stops_in_one_line(monkeypatch, capsys):
     import importlib.util
 
-    import cli
+    from support import cli
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "wandb" else real(name, *a))
@@ -379,7 +379,7 @@ def test_cached_sft_is_renewed_when_what_it_trains_on_changes(tmp_path, monkeypa
 
 
 def test_a_new_run_does_not_write_into_an_old_runs_log(tmp_path):
-    import cli
+    from support import cli
 
     (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
     with pytest.raises(SystemExit, match="already holds an RL run .* pass --resume to continue it"):

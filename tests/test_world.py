@@ -1,17 +1,17 @@
-"""Tests for world.py: the lexicons, the world and its questions, splits, demonstrations, the
-tokenizer corpus, and world.load_examples (world names here, everything else through data.py's
-loaders)."""
+"""Tests for support/world.py: the lexicons, the world and its questions, splits, demonstrations,
+the tokenizer corpus, and world.load_examples (world names here, everything else through
+support/loaders.py)."""
 import json
 import re
 from collections import Counter
 
 import pytest
 
-import world
-import loaders
-from data import Demo, Example, format_error, reward, tool_counts
-from loaders import load_demos, save_jsonl
-from world import build_world, demonstrations, load_examples, world_questions, world_splits
+from support import world
+from support import loaders
+from support.data import Demo, Example, format_error, reward, tool_counts
+from support.loaders import load_demos, save_jsonl
+from support.world import build_world, demonstrations, load_examples, world_questions, world_splits
 
 
 # ----------------------------------------------------------------------------------- built-in world

@@ -3,7 +3,7 @@ BPE tokenizer trained on the built-in world's text (world.tokenizer_corpus), who
 single tokens. Built once per machine into the cache folder (`.cache/`, or $AEPO_CACHE), named
 after a hash of the code that makes it; `policy.load_policy("tiny")` loads it.
 
-    python tiny.py      # build (or find) it and print its folder
+    python -m support.tiny      # build (or find) it and print its folder
 """
 import ast
 import hashlib
@@ -11,12 +11,11 @@ import os
 import textwrap
 from pathlib import Path
 
-import data
-import world
-from data import AGENT_TAGS
+from support import data, world
+from support.data import AGENT_TAGS
 
 
-CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parent / ".cache"))
+CACHE_DIR = Path(os.environ.get("AEPO_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
 TINY_VOCAB = 3072
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

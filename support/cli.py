@@ -2,7 +2,7 @@
 
     $ python train.py --k 0
     error: --k 0: must be at least 1 ([k] trajectories per question (group size))
-    $ python cli.py --preset class --algo arpo        # prints the resolved Config as JSON
+    $ python -m support.cli --preset class --algo arpo        # prints the resolved Config as JSON
 
 The flags are generated from the dataclasses (aepo.Config, EvalArgs below): a field's type
 (Literal[...] for a choice), default, help and bounds ({"min": 1}, {"max": 1}, {"positive": True}
@@ -40,13 +40,11 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from transformers import HfArgumentParser   # no torch: a bad flag still stops in about a second
 
-import data
-import loaders
 import sandbox
 import tools
-import world
-from checkpoint import checkpoints
 from aepo import ALGOS, PRESETS, Config
+from support import data, loaders, world
+from support.checkpoint import checkpoints
 
 # --------------------------------------------------------------------------------------------------
 # Config's flags: parse, check every value, pick the recipe
@@ -58,6 +56,9 @@ class FlagParser(HfArgumentParser):
     keys, so here they move into the flag's help (--help shows them) and `field_errors` checks
     them once the recipe is applied. A bad flag stops with one line and exit status 1, not a usage
     block and exit status 2."""
+
+    def __init__(self, dataclass_types, **kwargs):
+        super().__init__(dataclass_types, **{"prog": command_name(), **kwargs})
 
     @staticmethod
     def _parse_dataclass_field(parser, f: dataclasses.Field):
@@ -74,6 +75,13 @@ class FlagParser(HfArgumentParser):
 
 
 BOUNDS = ("min", "max", "positive")    # the metadata keys of a field's bounds
+
+
+def command_name() -> str:
+    """This process's command as typed after `python`: `train.py`, or `-m support.memory` for a
+    module run with -m (argparse would say `memory.py`, a file that is not at the root)."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    return f"-m {spec.name.removesuffix('.__main__')}" if spec else os.path.basename(sys.argv[0])
 
 
 def bounds_text(bounds: dict) -> str:
@@ -171,8 +179,8 @@ def resolve(cfg: Config, explicit: set[str] = frozenset(), device_check: bool = 
     print(f"recipe: {preset} ({why})")
     if device_check and cfg.load_in_4bit and not _cuda():
         raise SystemExit(f"recipe {preset} needs a CUDA GPU (it loads {cfg.model} in 4-bit; "
-                         f"memory: python memory.py --preset {preset}) and this machine has none: "
-                         "on CPU run python train.py --preset tiny (the built-in world) or "
+                         f"memory: python -m support.memory --preset {preset}) and this machine "
+                         "has none: on CPU run python train.py --preset tiny (the built-in world) or "
                          "--model smollm2-135m (a real 135M LM)")
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.algo}"
@@ -324,14 +332,14 @@ def parse_eval_args(argv: list[str] | None = None) -> tuple[EvalArgs, Config]:
     """EvalArgs flags first; the remaining flags are Config's (preset < algo < explicit flags)."""
     argv = sys.argv[1:] if argv is None else argv
     parser = FlagParser(
-        EvalArgs, allow_abbrev=False, epilog="Every Config flag (python cli.py --help) also "
-        "applies: --preset, --search, --top_k, --call_limit, ...")
+        EvalArgs, allow_abbrev=False, epilog="Every Config flag (python -m support.cli --help) "
+        "also applies: --preset, --search, --top_k, --call_limit, ...")
     args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     cfg, unknown = (FlagParser(Config, allow_abbrev=False)
                     .parse_args_into_dataclasses(args=rest, return_remaining_strings=True))
     if unknown:
         fail(f"unknown arguments {' '.join(unknown)}: "
-             "see python eval.py --help and python cli.py --help")
+             "see python eval.py --help and python -m support.cli --help")
     problems = field_errors(args)
     if not args.dataset:
         problems.append("give at least one --dataset "
@@ -360,5 +368,5 @@ def eval_config(argv: list[str] | None = None) -> tuple[EvalArgs, Config, list[d
     return args, cfg, examples
 
 
-if __name__ == "__main__":      # python cli.py --preset tiny: the resolved configuration
+if __name__ == "__main__":      # python -m support.cli --preset tiny: the resolved configuration
     print(json.dumps(dataclasses.asdict(parse_config()), indent=2))

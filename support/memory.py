@@ -1,9 +1,9 @@
 """Peak GPU memory of a training recipe, estimated from the model's shape and the config:
 will a run fit?
 
-    python memory.py                          # Qwen3-1.7B, qwen3-1.7b recipe: 24, 16, 12 GB GPUs
-    python memory.py --model Qwen3-4B --rollout_questions 1 --gpu_gb 24
-    python memory.py --max_response_tokens 8192 --grad_accum 8   # any Config flag works
+    python -m support.memory               # Qwen3-1.7B, qwen3-1.7b recipe: 24, 16, 12 GB GPUs
+    python -m support.memory --model Qwen3-4B --rollout_questions 1 --gpu_gb 24
+    python -m support.memory --max_response_tokens 8192 --grad_accum 8   # any Config flag works
 
 In: a Shape (layers, widths, vocabulary; known for the Qwen3 aliases, else read from a folder's
 config.json) and a Config. Out: bytes per component and the peak of each phase of an RL step:
@@ -274,7 +274,7 @@ def rollout_questions_line(cfg, free_bytes: float, shape: Shape | None = None) -
 
 def main(argv: list[str] | None = None) -> None:
     from aepo import Config
-    from cli import FlagParser, explicit_flags, resolve
+    from support.cli import FlagParser, explicit_flags, resolve
 
     argv = sys.argv[1:] if argv is None else argv
     gpus = [24.0, 16.0, 12.0]

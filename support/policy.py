@@ -3,7 +3,7 @@ hub id or a folder) with LoRA adapters, build its chat prompt and stop tokens, a
 and Python tools. The glue between `aepo.Config` and the libraries; no algorithm lives here.
 
     from aepo import Config, Tools
-    from policy import load_policy, make_tools, system_prompt_for
+    from support.policy import load_policy, make_tools, system_prompt_for
     cfg = Config(model="tiny")
     model, tokenizer = load_policy(cfg.model, lora_r=cfg.lora_r)
     tools = make_tools(cfg)          # {"search": ..., "python": ...}
@@ -21,11 +21,9 @@ from huggingface_hub import try_to_load_from_cache
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-import data
-import tiny
 import tools as tool_lib
-import world
 from aepo import Config, Tools
+from support import data, tiny, world
 
 # --------------------------------------------------------------------------------------------------
 # The policy: the tiny offline model or a hub model, with LoRA adapters

@@ -3,7 +3,7 @@ parquet, a jsonl file or a hub dataset id into `data.Example`s; `load_demos(path
 demonstrations (`data.Demo`s) from jsonl; `save_jsonl` writes them back. Named built-in datasets are
 their owner's business (world.load_examples answers "world:*" and passes every other name here).
 
-    python loaders.py path/to/valid.parquet   # counts and first examples
+    python -m support.loaders path/to/valid.parquet   # counts and first examples
 
 Decisions worth knowing:
 1. A GSM8K-style gold ("... #### 18") is cut to its final answer ("18"); the parquet `ability` is
@@ -25,7 +25,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from data import Demo, Example
+from support.data import Demo, Example
 
 QUESTION_FIELDS = ("question", "Question", "problem")
 ANSWER_FIELDS = ("answer", "Answer", "golds", "solution")
@@ -286,7 +286,7 @@ def save_jsonl(rows: Iterable, path: str | Path) -> None:
 if __name__ == "__main__":
     import sys
 
-    # python loaders.py FILE.parquet | FILE.jsonl | owner/name[:split]
+    # python -m support.loaders FILE.parquet | FILE.jsonl | owner/name[:split]
     examples = load_examples(sys.argv[1])
     print(f"{len(examples)} examples from {sys.argv[1]}; kinds "
           f"{dict(Counter(ex.kind for ex in examples))}")

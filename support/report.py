@@ -3,8 +3,8 @@ metrics.jsonl), optionally live TensorBoard or Weights & Biases curves (--report
 the held-out table of the SFT start against the policy after RL. Several runs side by side: one
 curve per algorithm, the mean over its seeds with a band from the lowest to the highest seed.
 
-    python report.py runs/x  # redraw runs/x/curves.png while the run goes on
-    python report.py runs/reproduce/* --out cmp.png  # overlay runs, grouped by their --algo
+    python -m support.report runs/x  # redraw runs/x/curves.png while the run goes on
+    python -m support.report runs/reproduce/* --out cmp.png  # overlay runs, grouped by their --algo
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-import data
+from support import data
 
 # matplotlib (a second of start-up), TensorBoard and W&B (optional packages: --report_to) are
 # imported where they are used, so `import report` stays light and works without them

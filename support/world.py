@@ -14,7 +14,7 @@ In and out:
   (a file, a hub id) to `loaders.load_examples`, which knows no particular world.
 
 Example:
-    python world.py   # split sizes, a few questions, three demonstrations
+    python -m support.world   # split sizes, a few questions, three demonstrations
 
 Decisions worth knowing:
 1. Content spans start with a space (`<search> Mirel Quell </search>`, `\\boxed{ Vantor}`), so a
@@ -28,8 +28,8 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
-import loaders
-from data import SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Demo, Example
+from support import loaders
+from support.data import SHORT_SYSTEM_PROMPT, SYSTEM_PROMPT, Demo, Example
 
 # ----------------------------------------------------------------------------------- built-in world
 # Invented one-word names, distinct across lexicons. Every world recombines the same words, so a
