@@ -58,9 +58,9 @@ def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path, monkeypatch):
             _fake_run(tmp_path / "g1", "grpo", [0.3, 0.2, 0.5])]
     assert report.group_runs(runs) == {"grpo": [runs[0], runs[2]], "aepo": [runs[1]]}
     out = tmp_path / "cmp.png"
-    cli = subprocess.run([sys.executable, "-m", "support.report", *map(str, runs), "--out", str(out),
-                          "--x", "sampled_tokens_total"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cli = subprocess.run([sys.executable, "-m", "support.report", *map(str, runs), "--out",
+                          str(out), "--x", "sampled_tokens_total"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert cli.returncode == 0, cli.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     drawn = []
@@ -72,7 +72,8 @@ def test_runs_are_grouped_by_algorithm_and_overlaid(tmp_path, monkeypatch):
     reward = panels[0].lines[0].get_ydata().tolist()
     assert reward == pytest.approx([0.2, 0.2, 0.5])
     bad = subprocess.run([sys.executable, "-m", "support.report", str(runs[0]),
-                          str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                          str(tmp_path / "nothing")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 1 and "nothing" in bad.stderr and "metrics.jsonl" in bad.stderr
 
 
@@ -80,7 +81,7 @@ def test_rule_metrics_by_hand():
     """Step entropy by tool call over the global trajectories (first w sampled tokens after each
     result), Delta H at decisions, the streak, m and distinct tool paths, computed by hand."""
     from aepo import Trajectory
-    from rollout_types import QuestionStats
+    from rollout import QuestionStats
 
     g = Trajectory(question_idx=0, prompt_ids=[1], loss_mask=[1, 1, 1, 0, 0, 1, 1, 0, 1],
                    entropy=[1.0, 2.0, 9.0, 0, 0, 4.0, 6.0, 0, 3.0],
