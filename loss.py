@@ -128,14 +128,8 @@ def policy_loss(
 
     logp (B, T) with gradient; old_logp, adv (per token), loss_mask (B, T); entropy (B, T) and
     high_entropy (B, T) bool (the step's 20% highest-entropy tokens) optional, for stats only.
-    Returns (loss, stats): loss = sum of L_t over mask-1 tokens / their count.
-    stats: clip_frac_low, clip_frac_high (share of sampled tokens whose clipped branch is active;
-    cispo: whose weight is clipped), clip_kept_frac (share of clipped tokens that keep a gradient),
-    clip_grad_share (share of the gradient's weight sum_t |A_t| F_t that sits on clipped tokens:
-    0 for ppo, what stop-gradient clipping keeps for aepo), dual_clip_frac, ratio_mean, approx_kl
-    (k3 estimate of KL(pi_old || pi_theta) on tokens sampled from pi_old: (r - 1) - log r),
-    entropy_mean (if entropy is given), clip_frac_top20 and clip_frac_rest (if high_entropy is
-    given: the clipped share among the high-entropy tokens and among the others)."""
+    Returns (loss, stats): loss = sum of L_t over mask-1 tokens / their count; stats: what the
+    clipping did (surrogate_stats)."""
     if clip_mode not in CLIP_MODES:
         raise ValueError(f"clip_mode={clip_mode!r}; choose one of {CLIP_MODES}")
     keeps_low = clip_mode in ("gppo", "cispo")  # a token clipped below keeps its gradient
@@ -169,35 +163,65 @@ def policy_loss(
             loss_t = torch.where(dual, -adv * dual_clip, loss_t)  # (B, T) constant: no gradient
         # <<< solution
     loss = torch.where(valid, loss_t, 0.0).sum() / n_tokens  # ()
-
-    with torch.no_grad():
-        clipped = clipped_low | clipped_high  # (B, T)
-        kept = (clipped_low & keeps_low) | (clipped_high & keeps_high)  # (B, T)
-        n = n_tokens.float()
-        # F_t, the per-token gradient weight (the table in the docstring)
-        if clip_mode == "cispo":
-            weight = ratio.clamp(lo, hi)  # (B, T)
-        else:
-            weight = torch.where(clipped_high, hi if keeps_high else 0.0,
-                                 torch.where(clipped_low, lo if keeps_low else 0.0, ratio))
-            weight = torch.where(dual, 0.0, weight)  # (B, T)
-        mass = torch.where(valid, adv.abs() * weight, 0.0)  # (B, T)
-        stats = {
-            "clip_frac_low": (clipped_low.sum() / n).item(),
-            "clip_frac_high": (clipped_high.sum() / n).item(),
-            "clip_kept_frac": (kept.sum() / clipped.sum().clamp(min=1)).item(),
-            "clip_grad_share": (mass[clipped].sum() / mass.sum().clamp(min=1e-12)).item(),
-            "dual_clip_frac": (dual.sum() / n).item(),
-            "ratio_mean": (torch.where(valid, ratio, 0.0).sum() / n).item(),
-            "approx_kl": (torch.where(valid, ratio - 1 - log_ratio, 0.0).sum() / n).item(),
-        }
-        if entropy is not None:
-            stats["entropy_mean"] = (torch.where(valid, entropy, 0.0).sum() / n).item()
-        if high_entropy is not None:
-            top, rest = valid & high_entropy, valid & ~high_entropy  # (B, T) each
-            stats["clip_frac_top20"] = ((clipped & top).sum() / top.sum().clamp(min=1)).item()
-            stats["clip_frac_rest"] = ((clipped & rest).sum() / rest.sum().clamp(min=1)).item()
+    stats = surrogate_stats(valid, adv, ratio, log_ratio, clipped_low, clipped_high, dual, lo=lo,
+                            hi=hi, keeps_low=keeps_low, keeps_high=keeps_high, entropy=entropy,
+                            high_entropy=high_entropy)
     return loss, stats
+
+
+@torch.no_grad()
+def surrogate_stats(
+    valid: Tensor,
+    adv: Tensor,
+    ratio: Tensor,
+    log_ratio: Tensor,
+    clipped_low: Tensor,
+    clipped_high: Tensor,
+    dual: Tensor,
+    *,
+    lo: float,
+    hi: float,
+    keeps_low: bool,
+    keeps_high: bool,
+    entropy: Tensor | None = None,
+    high_entropy: Tensor | None = None,
+) -> dict[str, float]:
+    """What policy_loss's clipping did to the sampled tokens (`valid`); each tensor is the (B, T)
+    one of the same name there, lo / hi the clip range, keeps_low / keeps_high whether a token
+    clipped below / above keeps its gradient.
+
+    clip_frac_low, clip_frac_high (share of sampled tokens whose clipped branch is active; cispo:
+    whose weight is clipped), clip_kept_frac (share of clipped tokens that keep a gradient),
+    clip_grad_share (share of the gradient's weight sum_t |A_t| F_t that sits on clipped tokens:
+    0 for ppo, what stop-gradient clipping keeps for aepo), dual_clip_frac, ratio_mean, approx_kl
+    (k3 estimate of KL(pi_old || pi_theta) on tokens sampled from pi_old: (r - 1) - log r),
+    entropy_mean (if entropy is given), clip_frac_top20 and clip_frac_rest (if high_entropy is
+    given: the clipped share among the high-entropy tokens and among the others)."""
+    clipped = clipped_low | clipped_high  # (B, T)
+    kept = (clipped_low & keeps_low) | (clipped_high & keeps_high)  # (B, T)
+    n = valid.sum().clamp(min=1).float()  # ()
+    # F_t, the per-token gradient weight (the table in policy_loss's docstring); for cispo, which
+    # keeps every token's gradient and clips r outside [lo, hi], it is sg(clip(r, lo, hi))
+    weight = torch.where(clipped_high, hi if keeps_high else 0.0,
+                         torch.where(clipped_low, lo if keeps_low else 0.0, ratio))  # (B, T)
+    weight = torch.where(dual, 0.0, weight)  # (B, T)
+    mass = torch.where(valid, adv.abs() * weight, 0.0)  # (B, T)
+    stats = {
+        "clip_frac_low": (clipped_low.sum() / n).item(),
+        "clip_frac_high": (clipped_high.sum() / n).item(),
+        "clip_kept_frac": (kept.sum() / clipped.sum().clamp(min=1)).item(),
+        "clip_grad_share": (mass[clipped].sum() / mass.sum().clamp(min=1e-12)).item(),
+        "dual_clip_frac": (dual.sum() / n).item(),
+        "ratio_mean": (torch.where(valid, ratio, 0.0).sum() / n).item(),
+        "approx_kl": (torch.where(valid, ratio - 1 - log_ratio, 0.0).sum() / n).item(),
+    }
+    if entropy is not None:
+        stats["entropy_mean"] = (torch.where(valid, entropy, 0.0).sum() / n).item()
+    if high_entropy is not None:
+        top, rest = valid & high_entropy, valid & ~high_entropy  # (B, T) each
+        stats["clip_frac_top20"] = ((clipped & top).sum() / top.sum().clamp(min=1)).item()
+        stats["clip_frac_rest"] = ((clipped & rest).sum() / rest.sum().clamp(min=1)).item()
+    return stats
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor, loss_mask: Tensor) -> Tensor:
