@@ -360,6 +360,6 @@ def token_logprobs(
     return logp, torch.where(scored, entropy, 0.0)  # (B, T), (B, T)
 
 
-# What token_logprobs runs: train.cached_sft hashes their source (an edit to them renews the SFT
-# start; an edit to the RL losses above does not)
+# What token_logprobs runs: support/sft.py's cached_sft hashes their source (an edit to them renews
+# the SFT start; an edit to the RL losses above does not)
 TOKEN_LOGPROBS_CODE = (token_logprobs, _chunk_logp, _head_logp, _final_states, entropy_of_logp)

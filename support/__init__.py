@@ -7,6 +7,7 @@ modules feed it data, load the model, check the command line and keep the run's 
     world.py       the built-in fictional world: questions, splits, SFT demonstrations
     tiny.py        the tiny offline policy, built once into the cache folder
     policy.py      load_policy (LoRA, 4-bit), the chat prompt, make_tools
+    sft.py         the cold-start SFT stage and the cached SFT start of the class preset
     cli.py         the command lines of train.py and eval.py, checked before torch is imported
     checkpoint.py  checkpoints a kill cannot break; --resume
     report.py      the step log line, curves.png, report.md, overlays of several runs
@@ -18,4 +19,5 @@ Those with a command of their own run as modules from the repository's root:
     python -m support.memory --gpu_gb 24 16 12          # will a recipe fit?
     python -m support.report runs/x                     # redraw runs/x/curves.png
     python -m support.world                             # the built-in world, a few questions
+    python -m support.sft                               # build (or find) the cached SFT start
 """

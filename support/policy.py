@@ -143,7 +143,7 @@ def _check_reachable(path: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Prompts
+# Prompts and padded batches
 
 
 def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:
@@ -151,6 +151,13 @@ def prompt_ids(tokenizer, question: str, system_prompt: str) -> list[int]:
     messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def pad_right(rows: list[list], value) -> torch.Tensor:
+    """Rows of different lengths (token ids, masks, log-probs) as one (B, T) tensor, padded on the
+    right with `value`: each row stays contiguous, as loss.token_logprobs expects."""
+    T = max(map(len, rows))
+    return torch.tensor([r + [value] * (T - len(r)) for r in rows])                # (B, T)
 
 
 def system_prompt_for(cfg: Config) -> str:

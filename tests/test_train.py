@@ -16,16 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import checkpoint
-from support import data
-import loss as L
+import loss
 import train
-from support import tiny
-from support import world
 from aepo import Config
+from loss import policy_loss, token_logprobs
+from rollout import rollout
+from support import checkpoint, data, sft, tiny, world
 from support.cli import parse_config, resolve
 from support.policy import load_policy, make_tools
-from rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
@@ -163,8 +161,8 @@ def test_every_lora_parameter_gets_a_correct_gradient_after_a_rollout():
     grads = []
     for m in (model, twin):
         m.train()
-        logp = L.token_logprobs(m, t["ids"], t["attn"])
-        loss, _ = L.policy_loss(logp, t["old_logp"], adv, t["loss_mask"], clip_mode="aepo")
+        logp = token_logprobs(m, t["ids"], t["attn"])
+        loss, _ = policy_loss(logp, t["old_logp"], adv, t["loss_mask"], clip_mode="aepo")
         loss.backward()
         grads.append({n: p.grad for n, p in m.named_parameters() if "lora_" in n})
     assert grads[0] and grads[0].keys() == grads[1].keys()
@@ -180,7 +178,7 @@ def test_demo_tensors_mask_tool_results():
                 + " <think> y </think> <answer> The final answer is \\boxed{ Vantor} </answer>")
     demo = world.Demo(question="Q?", response=response, golds=("Vantor",), kind="1hop",
                       quality="good")
-    ids, mask = train.demo_tensors(tok, demo, "sys")
+    ids, mask = sft.demo_tensors(tok, demo, "sys")
     assert len(ids) == len(mask) and ids[-1] == tok.eos_token_id and mask[-1] == 1
     decoded_masked = tok.decode([i for i, m in zip(ids, mask) if m == 0], skip_special_tokens=False)
     assert result_block("Page 1: hi") in decoded_masked
@@ -320,14 +318,14 @@ def test_cached_sft_is_built_once_and_renewed_when_its_code_changes(tmp_path, mo
         return run / "sft"
 
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(train, "sft", fake_sft)
+    monkeypatch.setattr(sft, "sft", fake_sft)
     cfg = Config(init_from="cached-sft")
-    first = train.cached_sft()
+    first = sft.cached_sft()
     assert train.rl_start(cfg, tmp_path / "run") == str(first) and len(built) == 1
     assert first.parent.name.startswith("sft-") and first.parent.parent == tmp_path
     # another recipe: another folder
-    monkeypatch.setattr(train, "Config", lambda: Config(sft_steps=7))
-    assert train.cached_sft() != first and len(built) == 2
+    monkeypatch.setattr(sft, "Config", lambda: Config(sft_steps=7))
+    assert sft.cached_sft() != first and len(built) == 2
 
 
 def test_code_hash_ignores_layout_but_not_code():
@@ -363,19 +361,19 @@ def test_cached_sft_is_renewed_when_what_it_trains_on_changes(tmp_path, monkeypa
     demonstrations keeps the start (its digest is computed again, once); one whose demonstrations
     differ builds a new start."""
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
+    monkeypatch.setattr(sft, "sft", lambda cfg, run: (run / "sft").mkdir() or
                         (run / "sft" / "config.json").write_text("{}"))
     rows = [([1, 2, 3], [0, 1, 1])]
-    monkeypatch.setattr(train, "sft_rows", lambda cfg, tok: rows)
-    first = train.cached_sft()
+    monkeypatch.setattr(sft, "sft_rows", lambda cfg, tok: rows)
+    first = sft.cached_sft()
     edited = tmp_path / "world.py"                     # new code, the same demonstrations
     edited.write_text(Path(world.__file__).read_text() + "\nUNUSED = 1\n")
     monkeypatch.setattr(world, "__file__", str(edited))
-    assert train.cached_sft() == first
+    assert sft.cached_sft() == first
     assert len(json.loads((tmp_path / "sft-digests.json").read_text())) == 2
     edited.write_text(edited.read_text() + "UNUSED_TOO = 2\n")     # and demonstrations that differ
     rows[0] = ([1, 2, 4], [0, 1, 1])
-    assert train.cached_sft() != first
+    assert sft.cached_sft() != first
 
 
 def test_a_new_run_does_not_write_into_an_old_runs_log(tmp_path):
@@ -393,14 +391,14 @@ def test_cached_sft_survives_edits_to_the_rl_losses(tmp_path, monkeypatch):
     """Students implement advantages and surrogates in loss.py: that must not rebuild the SFT
     start."""
     monkeypatch.setattr(tiny, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(train, "sft", lambda cfg, run: (run / "sft").mkdir() or
+    monkeypatch.setattr(sft, "sft", lambda cfg, run: (run / "sft").mkdir() or
                         (run / "sft" / "config.json").write_text("{}"))
-    first = train.cached_sft()
+    first = sft.cached_sft()
     edited = tmp_path / "loss.py"                      # loss.py with an RL loss rewritten
-    edited.write_text(Path(L.__file__).read_text().replace("return centred / (std + eps)",
+    edited.write_text(Path(loss.__file__).read_text().replace("return centred / (std + eps)",
                                                            "return centred"))
-    monkeypatch.setattr(L, "__file__", str(edited))
-    assert train.cached_sft() == first
+    monkeypatch.setattr(loss, "__file__", str(edited))
+    assert sft.cached_sft() == first
 
 
 @pytest.mark.parametrize("algo", ["aepo", "grpo"])
