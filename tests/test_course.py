@@ -1,4 +1,4 @@
-"""The course kit (course.py): the reference passes every assignment's tests; the student version
+"""The course kit (course/): the reference passes every assignment's tests; the student version
 imports, fails exactly the tests of its blanked functions and its planted bug, and passes the rest.
 Three pytest subprocesses over ~60 selected tests (about a minute on 2 cores), plus the stub and bug
 mechanics."""
@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # split so this file holds no marker itself
 OPEN, CLOSE = "# >>> " + "solution", "# <<< " + "solution"
 ALL_TESTS = [t for a in course.ASSIGNMENTS for t in a.tests]
+RULES = "tests/test_rules.py::"
 
 
 def outcomes_of(checkout: Path, selectors: list[str]) -> dict[str, set[str]]:
-    outcomes = course.run_tests(checkout, selectors)
-    assert outcomes, f"pytest produced no report in {checkout}"
-    return {s: set(course.select(outcomes, s).values()) for s in selectors}
+    return results_of(course.run_tests(checkout, selectors), selectors)
+
+
+def results_of(outcomes: dict, selectors: list[str]) -> dict[str, set[str]]:
+    assert outcomes, "pytest produced no report"
+    return {s: {o.result for o in course.select(outcomes, s).values()} for s in selectors}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,19 +64,39 @@ def test_every_assignment_has_a_handout_and_code_to_write_or_a_bug():
                for line in (ROOT / f).read_text().splitlines() if line.strip().startswith(OPEN)}
     bugs = {key for key, *_ in course.BUGS}
     for a in course.ASSIGNMENTS:
-        assert (ROOT / "docs" / "assignments" / a.handout).is_file(), a.handout
+        assert (ROOT / "course" / "assignments" / a.handout).is_file(), a.handout
         assert (a.key in regions) != (a.key in bugs), a.key
     for name in course.HANDOUTS_ONLY:
-        assert (ROOT / "docs" / "assignments" / name).is_file()
+        assert (ROOT / "course" / "assignments" / name).is_file()
     assert regions | bugs == {a.key for a in course.ASSIGNMENTS}
 
 
-def test_the_student_copy_of_course_py_holds_no_bug_table(tmp_path):
-    text = course.drop_instructor_block((ROOT / "course.py").read_text())
+def test_every_handout_gives_the_pytest_command_of_its_tests():
+    for a in course.ASSIGNMENTS:
+        handout = (ROOT / "course" / "assignments" / a.handout).read_text()
+        assert textwrap.indent(course.pytest_command(a), "    ") in handout, a.handout
+
+
+def test_grade_names_the_first_failure_of_each_unfinished_assignment(capsys):
+    scores = {a.key: course.Score(len(a.tests), 0, 0) for a in course.ASSIGNMENTS}
+    failure = "tests/test_loss.py::test_eps_is_added_to_the_std: AssertionError: assert 1.0 == 0.5"
+    scores["A2"] = course.Score(8, 1, 0, failure)
+    assert course.print_scores(scores) is False
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "first failure" in line] == [f"    first failure: {failure}"]
+    assert lines[lines.index(f"    first failure: {failure}") - 1].startswith("A2    8/9 ")
+    assert course.first_line("AssertionError: assert 1 == 2\n +  where 1 = f()") == (
+        "AssertionError: assert 1 == 2")
+    assert len(course.first_line("x" * 500)) == 200
+
+
+def test_the_student_copy_of_the_kit_holds_no_bug_table(tmp_path):
+    text = course.drop_instructor_block((ROOT / "course" / "__init__.py").read_text())
     assert "BUGS = (" not in text
     for *_, buggy in course.BUGS:
         assert buggy not in text
-    (tmp_path / "course.py").write_text(text)
+    (tmp_path / "course").mkdir()
+    (tmp_path / "course" / "__init__.py").write_text(text)
     check = subprocess.run([sys.executable, "-c",
                             "import course; assert course.BUGS == (), course.BUGS"],
                            cwd=tmp_path, capture_output=True, text=True)
@@ -99,13 +124,18 @@ def test_the_student_version_imports_and_fails_exactly_the_blanked_tests(student
     assert ("A5 rollout.py: bug planted" in done
             and any(d.startswith("A3 loss.py:policy_loss") for d in done))
     assert not (out / "tests" / "test_course.py").exists()
-    for handout in (ROOT / "docs" / "assignments").glob("*.md"):
-        assert (out / "docs" / "assignments" / handout.name).is_file()
+    for handout in (ROOT / "course" / "assignments").glob("*.md"):
+        assert (out / "course" / "assignments" / handout.name).is_file()
     imports = subprocess.run([sys.executable, "-c", "import " + ", ".join(course.MODULES)], cwd=out,
                              capture_output=True, text=True)
     assert imports.returncode == 0, imports.stderr[-2000:]
-    results = outcomes_of(out, ALL_TESTS + list(course.CONTROLS))
+    outcomes = course.run_tests(out, ALL_TESTS + list(course.CONTROLS))
+    results = results_of(outcomes, ALL_TESTS + list(course.CONTROLS))
     assert {s: o for s, o in results.items() if s in ALL_TESTS and o != {"failed"}} == {}
+    # what grade shows under A1: the test, then the stub's line naming the function and handout
+    assert outcomes[RULES + "test_global_budget_released_formula"].reason == (
+        "NotImplementedError: A1: implement global_budget "
+        "(course/assignments/01-entropy-and-branching.md)")
     assert {s: o for s, o in results.items() if s in course.CONTROLS and o != {"passed"}} == {}
 
 
@@ -146,6 +176,6 @@ def test_every_function_and_test_the_walkthrough_names_exists():
     assert len(named) >= 15
     for file, name in named:
         assert f"def {name}(" in (ROOT / file).read_text(), f"{file}::{name}"
-    for file, name in re.findall(r"`(\w+\.py):(\w+)`", text):            # a function or a table
+    for file, name in re.findall(r"`((?:\w+/)?\w+\.py):(\w+)`", text):  # a function or a table
         assert re.search(rf"^\s*(def {name}\(|{name}\b.*=)",
                          (ROOT / file).read_text(), re.M), f"{file}:{name}"

@@ -1,10 +1,11 @@
-"""The course kit: the student version of this repository and its autograder (docs/assignments/).
+"""The course kit: the student version of this repository and its autograder.
+Its handouts are course/assignments/.
 
-    python course.py student OUT_DIR            # solution regions -> NotImplementedError stubs,
+    python -m course student OUT_DIR            # solution regions -> NotImplementedError stubs,
                                                 # bugs planted
-    python course.py student OUT_DIR --only A2  # blank one assignment only
-    python course.py grade [CHECKOUT]           # run each assignment's tests there, print a score
-                                                # per assignment
+    python -m course student OUT_DIR --only A2  # blank one assignment only
+    python -m course grade [CHECKOUT]           # run each assignment's tests there, print a score
+                                                # per assignment and its first failing test
                                                 # (exit status 0 iff every assignment passes)
 
 A solution region is the lines between `# >>> solution An` and `# <<< solution` (aepo.py, loss.py,
@@ -27,14 +28,16 @@ import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+HANDOUTS = "course/assignments"
 
 
 @dataclass(frozen=True)
 class Assignment:
     key: str                      # A1 ... : the tag of its solution regions or planted bug
-    handout: str                  # docs/assignments/<handout>
+    handout: str                  # course/assignments/<handout>
     title: str
     tests: tuple[str, ...]        # pytest node ids: the autograder of this assignment
     needs: tuple[str, ...] = ()   # assignments whose code these tests also run
@@ -130,7 +133,7 @@ def stub_regions(text: str, where: str, only: set[str] | None = None) -> tuple[s
         what = func if len(indent) <= def_indent + 4 else f"the marked block of {func}"
         handout = next((a.handout for a in ASSIGNMENTS if a.key == key), "")
         out.append(f'{indent}raise NotImplementedError("{key}: implement {what} '
-                   f'(docs/assignments/{handout})")\n')
+                   f'({HANDOUTS}/{handout})")\n')
         blanked.append(f"{key} {where}:{func}")
     return "".join(out), blanked
 
@@ -148,7 +151,8 @@ def plant_bug(text: str, where: str, reference: str, buggy: str) -> str:
     n = text.count(reference)
     if n != 1:
         raise SystemExit(f"{where}: the planted bug's reference snippet occurs {n} times (want 1); "
-                         f"update BUGS in course.py to the current code: {reference.strip()!r}")
+                         "update BUGS in course/__init__.py to the current code: "
+                         f"{reference.strip()!r}")
     return text.replace(reference, buggy)
 
 
@@ -190,7 +194,7 @@ def write_student(out: Path, only: set[str] | None = None, root: Path = ROOT) ->
             shutil.copy2(src, dst)
             continue
         text = src.read_text()
-        if rel == "course.py":
+        if rel == "course/__init__.py":
             text = drop_instructor_block(text)
         elif "# >>> solution" in text:
             text, blanked = stub_regions(text, rel, only)
@@ -200,7 +204,7 @@ def write_student(out: Path, only: set[str] | None = None, root: Path = ROOT) ->
             done.append(f"{key} {rel}: bug planted")
         dst.write_text(text)
     if bugs:
-        raise SystemExit(f"course.py BUGS names files not in the repository: {sorted(bugs)}")
+        raise SystemExit(f"course BUGS names files not in the repository: {sorted(bugs)}")
     return done
 
 
@@ -208,10 +212,21 @@ def write_student(out: Path, only: set[str] | None = None, root: Path = ROOT) ->
 # The autograder
 
 
-def run_tests(checkout: Path, node_ids: list[str], timeout_s: float = 900) -> dict[str, str]:
-    """Run the node ids in one pytest process in `checkout`. Returns node id ->
-    passed | failed | skipped (an id that did not run, e.g. a test file missing from the checkout,
-    counts as failed)."""
+class Outcome(NamedTuple):
+    result: str           # passed | failed | skipped
+    reason: str = ""      # a failure's exception and message, its first line
+
+
+class Score(NamedTuple):
+    passed: int
+    failed: int
+    skipped: int
+    first_failure: str = ""   # "node id: reason" of the assignment's first failing test
+
+
+def run_tests(checkout: Path, node_ids: list[str], timeout_s: float = 900) -> dict[str, Outcome]:
+    """Run the node ids in one pytest process in `checkout`. Returns node id -> its Outcome (an id
+    that did not run, e.g. a test file missing from the checkout, counts as failed: `select`)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -223,48 +238,67 @@ def run_tests(checkout: Path, node_ids: list[str], timeout_s: float = 900) -> di
         outcomes = {}
         for case in ET.parse(report).iter("testcase"):
             node = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "")
-            kinds = {child.tag for child in case}
-            outcomes[node] = ("failed" if kinds & {"failure", "error"} else
-                              "skipped" if "skipped" in kinds else "passed")
+            failure = next((c for c in case if c.tag in ("failure", "error")), None)
+            outcomes[node] = (Outcome("failed", first_line(failure.get("message", "")))
+                              if failure is not None else
+                              Outcome("skipped" if case.find("skipped") is not None else "passed"))
         return outcomes
 
 
-def select(outcomes: dict[str, str], selector: str) -> dict[str, str]:
+def first_line(message: str, cap: int = 200) -> str:
+    """A failure's message as one line: pytest's assertion messages go on with the values."""
+    line = next((line.strip() for line in message.splitlines() if line.strip()), "no message")
+    return line if len(line) <= cap else line[:cap - 3] + "..."
+
+
+def select(outcomes: dict[str, Outcome], selector: str) -> dict[str, Outcome]:
     """The outcomes of one selector: the node itself, or every parametrisation of a test
     function."""
     picked = {n: o for n, o in outcomes.items() if n == selector or n.startswith(selector + "[")}
-    return picked or {selector: "failed"}
+    return picked or {selector: Outcome("failed", "did not run (not in this checkout?)")}
 
 
-def grade(checkout: Path) -> dict[str, tuple[int, int, int]]:
-    """Assignment key -> (passed, failed, skipped) over its tests, run in one pytest process."""
+def grade(checkout: Path) -> dict[str, Score]:
+    """Assignment key -> its Score over its tests, all run in one pytest process."""
     outcomes = run_tests(checkout, [t for a in ASSIGNMENTS for t in a.tests])
     scores = {}
     for a in ASSIGNMENTS:
-        picked = [o for t in a.tests for o in select(outcomes, t).values()]
-        scores[a.key] = (picked.count("passed"), picked.count("failed"), picked.count("skipped"))
+        picked = {n: o for t in a.tests for n, o in select(outcomes, t).items()}
+        results = [o.result for o in picked.values()]
+        failed = [f"{n}: {o.reason}" for n, o in picked.items() if o.result == "failed"]
+        scores[a.key] = Score(results.count("passed"), len(failed), results.count("skipped"),
+                              failed[0] if failed else "")
     return scores
 
 
-def print_scores(scores: dict[str, tuple[int, int, int]]) -> bool:
+def print_scores(scores: dict[str, Score]) -> bool:
+    """One line per assignment, and under an unfinished one its first failing test and why."""
     complete = True
     for a in ASSIGNMENTS:
-        passed, failed, skipped = scores[a.key]
+        passed, failed, skipped, first_failure = scores[a.key]
         total = passed + failed
         complete &= failed == 0
-        unfinished = [n for n in a.needs if scores[n][1]]
+        unfinished = [n for n in a.needs if scores[n].failed]
         needs = (f"  (its tests also run your unfinished {', '.join(unfinished)})"
                  if unfinished and failed else "")
         skip = f", {skipped} skipped" if skipped else ""
         print(f"{a.key}  {passed:3d}/{total:<3d} {100 * passed / max(total, 1):5.0f}%  "
               f"{a.title}{skip}{needs}")
+        if first_failure:
+            print(f"    first failure: {first_failure}")
     for name in HANDOUTS_ONLY:
-        print(f"--  docs/assignments/{name}: a written report, graded by hand")
+        print(f"--  {HANDOUTS}/{name}: a written report, graded by hand")
     return complete
 
 
+def pytest_command(a: Assignment) -> str:
+    """The command that runs one assignment's tests alone, as its handout gives it."""
+    ids = [f'"{t}"' if "[" in t else t for t in a.tests]
+    return " \\\n    ".join(["python -m pytest -q", *ids])
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="course.py", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m course", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("student", help="write the student version of the repository")
     s.add_argument("out_dir", type=Path)
@@ -280,14 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                              f"{', '.join(a.key for a in ASSIGNMENTS)}")
         for line in write_student(args.out_dir, only):
             print(line)
-        print(f"student version written to {args.out_dir} (handouts: docs/assignments/; grade: "
-              f"python course.py grade {args.out_dir})")
+        print(f"student version written to {args.out_dir} (handouts: {HANDOUTS}/; grade: "
+              f"python -m course grade {args.out_dir})")
         return 0
     if not (args.checkout / "tests").is_dir():
         raise SystemExit(f"{args.checkout} has no tests/ folder; give the root of a checkout of "
                          "this repository")
     return 0 if print_scores(grade(args.checkout.resolve())) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
