@@ -1,5 +1,5 @@
-"""Shared test setup: offline hub, the repository root on sys.path, and the paper's data (if
-present)."""
+"""Shared test setup: offline hub, no progress bars, the repository root on sys.path, and the
+paper's data (if present)."""
 import os
 import sys
 from pathlib import Path
@@ -8,6 +8,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# no tqdm bars, in this process and the runs it starts: a failure shows its reason and traceback,
+# not a screen of progress updates before them (tqdm reads TQDM_* when it is first imported)
+os.environ.setdefault("TQDM_DISABLE", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
