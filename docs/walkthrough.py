@@ -28,12 +28,10 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import aepo  # noqa: E402
-from support import cli  # noqa: E402
-from support import data  # noqa: E402
-from loss import group_advantages, policy_loss, token_logprobs  # noqa: E402
-import rollout as R  # noqa: E402
+import rollout  # noqa: E402
 import train  # noqa: E402
-from support import world  # noqa: E402
+from loss import group_advantages, policy_loss, token_logprobs  # noqa: E402
+from support import cli, data, tiny, world  # noqa: E402
 from support.policy import load_policy, make_tools, system_prompt_for  # noqa: E402
 
 DEMO_SFT = ROOT / "runs" / "demo" / "seed-0" / "sft"
@@ -41,7 +39,6 @@ DEMO_SFT = ROOT / "runs" / "demo" / "seed-0" / "sft"
 
 def default_model() -> str:
     """The newest built SFT start (the class preset's cache, then the demo's), else tiny."""
-    from support import tiny
     built = sorted(tiny.CACHE_DIR.glob("sft-*/sft/config.json"), key=lambda p: p.stat().st_mtime)
     if built:
         return str(built[-1].parent)
@@ -50,7 +47,7 @@ def default_model() -> str:
 
 def watch(trace: list[dict]):
     """Wrap the sampler's two entropy rules so each call is recorded in `trace`; returns an undo."""
-    budget, children = R.budget_from_probe, R.n_children
+    budget, children = rollout.budget_from_probe, rollout.n_children
 
     def budget_from_probe(seg_entropies, k, beta):
         m, h_root, h_tool = budget(seg_entropies, k, beta)
@@ -64,10 +61,10 @@ def watch(trace: list[dict]):
         trace.append(dict(rule="branching", delta_h=delta_h, l=l, room=room, p=p, n=n))
         return n
 
-    R.budget_from_probe, R.n_children = budget_from_probe, n_children
+    rollout.budget_from_probe, rollout.n_children = budget_from_probe, n_children
 
     def undo():
-        R.budget_from_probe, R.n_children = budget, children
+        rollout.budget_from_probe, rollout.n_children = budget, children
     return undo
 
 
@@ -111,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
         example, trace = examples[q], []
         undo = watch(trace)
         try:
-            res = R.rollout(model, tok, [example.question], make_tools(cfg), cfg, seed=args.seed,
-                            system_prompt=system_prompt_for(cfg))
+            res = rollout.rollout(model, tok, [example.question], make_tools(cfg), cfg,
+                                  seed=args.seed, system_prompt=system_prompt_for(cfg))
         finally:
             undo()
         if len({data.reward(t.text, example.golds) for t in res.trajectories}) > 1:

@@ -18,7 +18,7 @@ from pathlib import Path
 from support import data
 
 # matplotlib (a second of start-up), TensorBoard and W&B (optional packages: --report_to) are
-# imported where they are used, so `import report` stays light and works without them
+# imported where they are used, so `from support import report` stays light and works without them
 
 
 def log_line(m: dict, steps: int) -> str:
