@@ -45,15 +45,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")     # the Python sandbo
 
 import torch  # noqa: E402
 
-from support import data  # noqa: E402
 import kvcache  # noqa: E402
-from loss import group_advantages, reinforce_pp_advantages, token_logprobs  # noqa: E402
 import train  # noqa: E402
-from support import world  # noqa: E402
 from aepo import Config  # noqa: E402
+from loss import group_advantages, reinforce_pp_advantages, token_logprobs  # noqa: E402
+from rollout import rollout  # noqa: E402
+from support import data, world  # noqa: E402
 from support.cli import resolve  # noqa: E402
 from support.policy import make_tools, system_prompt_for  # noqa: E402
-from rollout import rollout  # noqa: E402
 from common import machine, busy_seconds  # noqa: E402  (benchmarks/common.py)
 
 PHASES = ["rollout", "rewards", "advantages", "tensorise", "old logp (reused)", "forward+loss",

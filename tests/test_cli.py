@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from support import cli
 from aepo import ALGOS, PRESETS, Config
+from support import cli
 from support.cli import field_errors
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,8 +19,8 @@ from aepo import Config
 from engine import ReencodeEngine, Sampling, sample_segments
 from fakes import ScriptedPolicy, ids, qwen3_tokenizer, toy_tokenizer
 from kvcache import CachedEngine
-from support.policy import prompt_ids
 from rollout import rollout   # before qwen3_tokenizer puts benchmarks/ (rollout.py) on the path
+from support.policy import prompt_ids
 
 ENGINES = {"cached": CachedEngine, "reencode": ReencodeEngine}
 

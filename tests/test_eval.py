@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import data
-from support import loaders
 from aepo import Config
-from support.policy import load_policy
-from support.data import Example
 from eval import evaluate, make_judge, math_equal, pass_at_k
 from fakes import ScriptedPolicy, ids, toy_tokenizer
+from support import data, loaders
+from support.data import Example
+from support.policy import load_policy
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from loss import token_logprobs
-from support import memory
 import train
 from aepo import Config, Trajectory
+from loss import token_logprobs
+from support import memory
 from support.cli import parse_config, resolve
 
 ROOT = Path(__file__).resolve().parents[1]

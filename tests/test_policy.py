@@ -8,13 +8,12 @@ import pytest
 import torch
 
 import aepo
-from support import policy
-from support import tiny
 from aepo import Config
-from support.cli import parse_config
 from engine import Sampling
-from support.policy import load_policy, prompt_ids
+from support import policy, tiny
+from support.cli import parse_config
 from support.data import AGENT_TAGS
+from support.policy import load_policy, prompt_ids
 
 
 def test_presets_algos_and_explicit_flags():

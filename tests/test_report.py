@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from support import report
 from aepo import Trajectory
+from support import report
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from aepo import Config
-from support.policy import prompt_ids
 from fakes import ScriptedPolicy, checked_rollout, ids, toy_tokenizer
+from support.policy import prompt_ids
 from tools import result_block
 
 TOOLS = {"search": lambda q: f"Page 1: {q} was born in Vantor.", "python": lambda c: "25"}

@@ -7,8 +7,7 @@ from collections import Counter
 
 import pytest
 
-from support import world
-from support import loaders
+from support import loaders, world
 from support.data import Demo, Example, format_error, reward, tool_counts
 from support.loaders import load_demos, save_jsonl
 from support.world import build_world, demonstrations, load_examples, world_questions, world_splits
