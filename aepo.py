@@ -44,7 +44,7 @@ class Config:
 
     # --- run ---
     preset: str = field(default="tiny", metadata={
-        "help": "Named overrides: tiny | class | smoke | qwen3-1.7b."})
+        "help": "Named overrides: tiny | class | smoke | smollm2-135m | qwen3-1.7b."})
     algo: str = field(default="aepo", metadata={
         "help": "Algorithm preset (README table): " + " | ".join(
             ["grpo", "dapo", "reinforce_pp", "gppo", "cispo", "arpo", "aepo",
@@ -218,6 +218,13 @@ PRESETS: dict[str, dict] = {
     # about 1-2%; 16 x 2 at lr 1e-3 clipped more and collapsed GRPO within 12 steps.
     "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000,
                   save_every=40, sample_every=5, mini_batches=8, epochs=3, lr=5e-4),
+    # A real pretrained LM on a CPU (benchmarks/smollm2.py; README: a real LM): SmolLM2-135M-Instruct,
+    # a short LoRA SFT, then RL at a rate that keeps its format (1e-3 broke it within 2 steps), in
+    # about 45 minutes on 2 cores; one search page per call keeps responses under 384 tokens
+    "smollm2-135m": dict(model="smollm2-135m", system_prompt="short", top_k=1, sft_demos=400,
+                         sft_steps=32, sft_batch=4, sft_lr=3e-3, steps=12, questions_per_step=4,
+                         k=4, global_rollouts=2, max_response_tokens=384, segment_tokens=64,
+                         lr=3e-4, eval_limit=64, eval_runs=4, save_every=4, sample_every=2),
     "smoke": dict(sft_steps=30, sft_demos=200, steps=2, questions_per_step=2, k=4,
                   global_rollouts=2, save_every=1, sample_every=1, eval_limit=8, eval_runs=2,
                   max_response_tokens=128),

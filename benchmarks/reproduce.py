@@ -9,7 +9,8 @@ tokens, off-policy updates where clipping acts, then held-out evaluation).
     python benchmarks/reproduce.py -- --token_budget 30000          # flags after -- go to train.py
 
 A run whose eval-rl/summary.json exists is kept (so a crashed reproduction resumes where it stopped;
---fresh reruns everything); an unfinished run's folder is emptied and the run starts over.
+--fresh reruns everything); an unfinished run's folder is emptied and the run starts over. The runs of
+one seed share the held-out evaluation of their common SFT start (share_sft_eval).
 Writes benchmarks/results/reproduce.md (the table, with the machine and the paired differences),
 reproduce.png and reproduce-tokens.png (mean and min-max band over seeds per algorithm;
 report.plot_compare) and reproduce-rules.png (step entropy by tool call at the SFT start and after
@@ -27,6 +28,7 @@ concentration (top-1 and top-3 global chains) and consecutive branching.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -60,12 +62,23 @@ def run_all(runs: list[tuple[str, int, Path]], args) -> None:
         cmd = [sys.executable, "train.py", "--preset", "class", "--algo", algo, "--seed", str(seed),
                "--output_dir", str(run), "--threads", str(threads), *args.rest]
         fresh_run(run)                             # an unfinished or --fresh run starts over
+        share_sft_eval(run, seed, [r for _, s, r in runs if s == seed and r != run])
         log = open(run / "train.log", "w")
         print(f"[{i + 1}/{len(todo)}] {' '.join(cmd[1:])}  (log: {run / 'train.log'})", flush=True)
         active.append((subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT),
                        str(run)))
     while active:
         active = _reap(active)
+
+
+def share_sft_eval(run: Path, seed: int, siblings: list[Path]) -> None:
+    """Every run of one seed starts from the same cached SFT policy and evaluates it with the same
+    seed, so their eval-sft records are identical (byte for byte); a run takes a finished sibling's,
+    and train.py's evaluation, which resumes from examples.jsonl, only re-reads them."""
+    donor = next((r for r in siblings if (r / "eval-sft" / "summary.json").exists()), None)
+    if donor:
+        (run / "eval-sft").mkdir()
+        shutil.copy(donor / "eval-sft" / "examples.jsonl", run / "eval-sft" / "examples.jsonl")
 
 
 def _reap(active):

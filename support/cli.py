@@ -145,7 +145,7 @@ def field_errors(obj) -> list[str]:
 
 # The recipe a model gets when no --preset is given: model name prefix (lower case, hub owner
 # dropped) -> preset. Everything else keeps the default, the tiny CPU recipe.
-MODEL_PRESETS: dict[str, str] = {"qwen3-": "qwen3-1.7b"}
+MODEL_PRESETS: dict[str, str] = {"qwen3-": "qwen3-1.7b", "smollm2-": "smollm2-135m"}
 
 
 def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
@@ -159,7 +159,7 @@ def pick_preset(cfg: Config, explicit: set[str]) -> tuple[str, str]:
             family = cfg.model.split("/")[-1][:len(prefix) - 1]
             return preset, f"--model {cfg.model} is a {family} model and no --preset was given"
     return cfg.preset, (f"the default for --model {cfg.model}; Qwen3 models get qwen3-1.7b "
-                        "(one CUDA GPU)")
+                        "(one CUDA GPU), smollm2-135m gets smollm2-135m (CPU)")
 
 
 def resolve(cfg: Config, explicit: set[str] = frozenset(), device_check: bool = True) -> Config:

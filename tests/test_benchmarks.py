@@ -119,3 +119,22 @@ def test_decode_benchmark_runs_at_toy_size(tmp_path):
     assert "| in place, reserved up front" in report and "| concatenated |" in report
     assert "- in the stop check: 1.00 " in report and report.strip().split("\n")[-1].startswith(
         "write_us_per_token=")
+
+
+def test_runs_of_one_seed_share_the_sft_start_evaluation(tmp_path):
+    """The SFT start's held-out records of a finished run of the same seed are copied (train.py's
+    evaluation resumes from them); a seed with no finished run gets nothing."""
+    import reproduce
+
+    donor, other_seed = tmp_path / "grpo-seed0", tmp_path / "grpo-seed1"
+    _finished_run(donor, "grpo", 0.3, [0.2])
+    (donor / "eval-sft" / "examples.jsonl").write_text('{"idx": 0}\n')
+    unfinished = tmp_path / "arpo-seed0"                       # eval-sft not done yet: no donor
+    (unfinished / "eval-sft").mkdir(parents=True)
+    (unfinished / "eval-sft" / "examples.jsonl").write_text('{"idx": 9}\n')
+    new, lone = tmp_path / "aepo-seed0", tmp_path / "aepo-seed1"
+    new.mkdir(), lone.mkdir(), other_seed.mkdir()
+    reproduce.share_sft_eval(new, 0, [unfinished, donor])
+    assert (new / "eval-sft" / "examples.jsonl").read_text() == '{"idx": 0}\n'
+    reproduce.share_sft_eval(lone, 1, [other_seed])
+    assert not (lone / "eval-sft").exists()

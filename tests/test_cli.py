@@ -233,3 +233,12 @@ def test_a_choice_parses_and_a_preset_is_checked_against_it(monkeypatch):
     assert str(stop.value.code) == ("error: --k 0: must be at least 1 ([k] trajectories per "
                                     "question (group size)); --step_entropy middle: must be one "
                                     "of after_result | before_result")
+
+
+def test_smollm2_gets_its_cpu_recipe_and_explicit_flags_win(capsys):
+    cfg = cli.parse_config(["--model", "smollm2-135m", "--output_dir", "x"])
+    assert (cfg.preset, cfg.load_in_4bit, cfg.top_k, cfg.eval_limit, cfg.eval_runs) == (
+        "smollm2-135m", False, 1, 64, 4)
+    assert capsys.readouterr().out.splitlines()[0] == (
+        "recipe: smollm2-135m (--model smollm2-135m is a smollm2 model and no --preset was given)")
+    assert cli.parse_config(["--model", "smollm2-135m", "--lr", "1e-4", "--output_dir", "x"]).lr == 1e-4
