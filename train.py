@@ -323,6 +323,7 @@ def job(cfg: Config) -> None:
         print(describe_isolation(cfg.unsafe_python))
         if (cfg.stage in ("sft", "all") and cfg.sft_dataset
                 and not (cfg.resume and (run / "sft").exists())):
+            torch.manual_seed(cfg.seed)       # a seed gives the same SFT (LoRA's random start)
             sft(cfg, run)
     accelerator.wait_for_everyone()
     if cfg.stage in ("rl", "all"):

@@ -91,10 +91,14 @@ def run_seeds(args) -> None:
         cmd = [sys.executable, "train.py", "--model", "smollm2-135m", "--seed", str(seed),
                "--output_dir", str(run), *threads, *args.rest]
         print(f"seed {seed}: {' '.join(cmd[1:])} (log: {run / 'train.log'})", flush=True)
-        active.append(subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL,
-                                       stderr=subprocess.DEVNULL))
+        log = open(run / "train.log", "w")
+        active.append(subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
     for proc in active:
         proc.wait()
+    for seed in args.seeds:
+        run = ROOT / args.out / f"seed-{seed}"
+        if not (run / "eval-rl" / "summary.json").exists():
+            sys.exit(f"error: seed {seed} did not finish; its log: {run / 'train.log'}")
 
 
 def seed_lines(seed: int, run: Path) -> tuple[list[str], dict]:
