@@ -194,6 +194,7 @@ def main() -> None:
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)   # internal: one measurement
     p.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    shown = Path(os.path.abspath(args.model))      # as given (a link into .cache/ stays one)
     args.model = str(Path(args.model).resolve())
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"--model {args.model}: no model there. Run `python train.py "
@@ -248,7 +249,6 @@ def main() -> None:
                      "(branch children copy it with the parent's cache), and one re-fed token per "
                      "segment continued")
     head = "aepo" if "aepo" in args.settings else args.settings[0]
-    model = Path(args.model)
     report = [f"# Rollout throughput: naive vs batched vs tree (last line: {SETTINGS[head]})", "",
               f"Machine: {machine()}; torch threads {args.threads}; "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; code {code_version()}; "
@@ -256,7 +256,7 @@ def main() -> None:
               f"{os.cpu_count()} cores (above the core count, other jobs shared the CPU and the "
               "walls are slower and noisier; the ratios between modes of one run still compare)",
               "",
-              f"Model {model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}; "
+              f"Model {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}; "
               f"{args.questions} held-out world questions x k={args.k}; seed 0, greedy; "
               f"tiny Config budgets; median wall of {args.repeats} "
               f"timed runs; peak RSS by "
