@@ -4,7 +4,9 @@ The sampler (rollout.py) drives an engine through six verbs. It holds one row pe
 trajectory, in the sampler's order, and never sees a tensor:
 
     engine.add(prompts)             new rows, each starting from its prompt's token ids
-    engine.generate(n, tails)       sample up to n tokens for every row -> one Segment per row
+    engine.generate(n, tails, limits, until)   sample up to n tokens for every row, row b at
+                                    most limits[b] (0: none); the call ends early once the rows
+                                    marked in `until` have stopped -> one Segment per row
     engine.append(b, tokens)        tokens the policy did not sample (a tool result, a forced EOS)
     engine.select(index)            keep rows `index`, in that order; a repeated index copies a row
     engine.rewind(b, n)             forget row b's last n tokens (a branch child restarts at a node)
@@ -105,18 +107,24 @@ class _Recorder(LogitsProcessor):
 
 
 class _StopRecorder(StoppingCriteria):
-    """Stops each row at EOS or at a closing tag, and records the step and the reason.
+    """Stops each row at EOS, at a closing tag or at its own token limit, and records the step and
+    the reason (None for the limit). Once every row marked in `until` has stopped, the call ends:
+    the rows still going are cut there (their reason is None too).
 
     One host transfer per step for the whole batch: the column of tokens just sampled. The host
     keeps each row's last `tag_window` tokens (`tails`: its segment's tokens before this call, so
     that a tag split across two calls is still seen) and decodes them only when the new token may
     end a tag. After a row stops, `generate` fills it with the pad id; `stopped_at` tells the
     sampler where its real tokens end. `eos_token_id` is set so that `generate` does that filling
-    (it pads only when an EOS criterion is present).
+    (it pads only when an EOS criterion is present). A row whose limit is 0 samples nothing: the
+    token `generate` draws for it at the first step is filler.
     """
 
-    def __init__(self, sampling: Sampling, tails: list[list[int]], start: int):
+    def __init__(self, sampling: Sampling, tails: list[list[int]], start: int,
+                 limits: list[int] | None = None, until: list[bool] | None = None):
         self.s, self.start = sampling, start
+        self.limits = limits or [float("inf")] * len(tails)
+        self.until = [b for b, u in enumerate(until or []) if u]
         self.eos_token_id = sampling.eos_ids
         self.eos, self.tags = set(sampling.eos_ids), set(sampling.tag_ids)
         self.recent = [list(tail[-sampling.tag_window:]) for tail in tails]  # on the host, per row
@@ -131,17 +139,22 @@ class _StopRecorder(StoppingCriteria):
         for b, token in enumerate(last):
             if self.stopped_at[b] is not None:
                 continue
+            if step > self.limits[b]:                          # allowed no token at all
+                self.stopped_at[b], stopped = self.limits[b], True
+                continue
             recent = self.recent[b]
             recent.append(token)
             del recent[:-self.s.tag_window]
             reason = ("eos" if token in self.eos else "tag" if token in self.tags else
                       "tag" if (self.s.tag_strings and self.s.may_close(token)
                                 and self._ends_tag(recent)) else None)
-            if reason:
+            if reason or step == self.limits[b]:
                 self.stopped_at[b], self.reason[b], stopped = step, reason, True
         if stopped:                                             # to the device only when it changes
             self.done = torch.tensor([s is not None for s in self.stopped_at],
                                      device=input_ids.device)
+            if self.until and all(self.stopped_at[b] is not None for b in self.until):
+                return torch.ones_like(self.done)               # the call ends for every row
         return self.done
 
     def _ends_tag(self, recent: list[int]) -> bool:
@@ -153,12 +166,14 @@ class _StopRecorder(StoppingCriteria):
 
 
 def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new_tokens: int,
-                    sampling: Sampling, tails: list[list[int]]):
-    """Continue every row of (B, W) `ids` by up to max_new_tokens, each until its first stop.
-    `cache` holds keys and values of a prefix of the columns (or is None). Returns the full
-    (B, W + N) ids, the (B, N) mask of the new columns (0 after a row's stop), the cache, and one
-    Segment per row."""
-    recorder, stops = _Recorder(), _StopRecorder(sampling, tails, ids.shape[1])
+                    sampling: Sampling, tails: list[list[int]], limits: list[int] | None = None,
+                    until: list[bool] | None = None):
+    """Continue every row of (B, W) `ids` by up to max_new_tokens, each until its first stop (or
+    its limit, limits[b] tokens; or until the rows marked in `until` have all stopped). `cache`
+    holds keys and values of a prefix of the columns (or is None). Returns the full (B, W + N)
+    ids, the (B, N) mask of the new columns (0 after a row's stop), the cache, and one Segment
+    per row."""
+    recorder, stops = _Recorder(), _StopRecorder(sampling, tails, ids.shape[1], limits, until)
     out = model.generate(input_ids=ids, attention_mask=mask, cache=cache,
                          max_new_tokens=max_new_tokens, logits_processor=[recorder],
                          stopping_criteria=StoppingCriteriaList([stops]),
@@ -168,7 +183,7 @@ def sample_segments(model, ids: torch.Tensor, mask: torch.Tensor, cache, max_new
     new = seq[:, ids.shape[1]:]                                                 # (B, N)
     logp, entropy = recorder.finish(seq[:, -1])                                 # (B, N) each
     N = new.shape[1]
-    ends = [at or N for at in stops.stopped_at]                 # each row's real tokens: new[b, :n]
+    ends = [N if at is None else at for at in stops.stopped_at]    # row b's real tokens: new[b, :n]
     new_mask = (torch.arange(N, device=new.device)
                 < torch.tensor(ends, device=new.device)[:, None]).long()  # (B, N) 0 after a stop
     segments = [Segment(toks[:n], logp[b, :n].tolist(), entropy[b, :n].tolist(), stops.reason[b])
@@ -214,14 +229,24 @@ class ReencodeEngine:
     def release(self, prompt: list[int]) -> None:
         pass                                                 # nothing is kept between rounds
 
-    def generate(self, max_new_tokens: int, tails: list[list[int]]) -> list[Segment]:
+    def generate(self, max_new_tokens: int, tails: list[list[int]],
+                 limits: list[int] | None = None, until: list[bool] | None = None
+                 ) -> list[Segment]:
+        """Row b samples up to limits[b] tokens (default max_new_tokens); a call ends once its
+        rows marked in `until` have stopped (a call without one: once all have). A call whose rows
+        may all sample nothing is skipped (rows_per_call=1: a row that waits for a tool)."""
         n = self.rows_per_call or len(self.seqs)
+        limits = limits or [max_new_tokens] * len(self.seqs)
         segments = []
         for i in range(0, len(self.seqs), n):
             rows = self.seqs[i:i + n]
+            if not any(limits[i:i + n]):
+                segments += [Segment([], [], [], None) for _ in rows]
+                continue
             ids, mask = left_padded(rows, self.sampling.pad, self.device)      # (b, N)
             segments += sample_segments(self.model, ids, mask, None, max_new_tokens, self.sampling,
-                                        tails[i:i + n])[3]
+                                        tails[i:i + n], limits[i:i + n],
+                                        until and until[i:i + n])[3]
             self.prefill_tokens += sum(map(len, rows))
         for seq, seg in zip(self.seqs, segments):
             seq += seg.tokens

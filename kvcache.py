@@ -179,11 +179,16 @@ class CachedEngine:
     def release(self, prompt: list[int]) -> None:
         self.prompt_kv.pop(tuple(prompt), None)
 
-    def generate(self, max_new_tokens: int, tails: list[list[int]]) -> list[Segment]:
-        """Feed every row's unfed tokens and sample up to max_new_tokens for each row."""
+    def generate(self, max_new_tokens: int, tails: list[list[int]],
+                 limits: list[int] | None = None, until: list[bool] | None = None
+                 ) -> list[Segment]:
+        """Feed every row's unfed tokens and sample up to max_new_tokens for each row, row b at
+        most limits[b], until the rows marked in `until` have stopped (engine.py). A row whose
+        limit is 0 (it waits for a tool) is fed nothing: its query is filler and what is drawn for
+        it is dropped."""
         for b, unfed in enumerate(self.unfed):
-            if not unfed:                        # continuing a segment: re-feed its last token
-                unfed.append(self._pop_last(b))
+            if not unfed and (limits is None or limits[b]):   # continuing a segment: re-feed its
+                unfed.append(self._pop_last(b))               # last token
         self.prefill_tokens += sum(map(len, self.unfed))
         self._append_columns(self.unfed)
         self.unfed = [[] for _ in self.unfed]
@@ -192,7 +197,8 @@ class CachedEngine:
         for layer in self.cache.layers:           # room for every column this call can add
             layer.reserve(self.ids.shape[1] + max_new_tokens)
         seq, new_mask, self.cache, segments = sample_segments(
-            self.model, self.ids, self.mask, self.cache, max_new_tokens, self.sampling, tails)
+            self.model, self.ids, self.mask, self.cache, max_new_tokens, self.sampling, tails,
+            limits, until)
         self.ids, self.mask = seq, torch.cat([self.mask, new_mask], 1)           # (B, W + N)
         self.generated_tokens += sum(len(s.tokens) for s in segments)
         return segments

@@ -14,7 +14,11 @@ Every active trajectory of every question is one row of one batch. Each round do
        [branching]       ARPO/AEPO: a tool result is a node. Once the row has sampled the first w
                          tokens after it (the step entropy H_t, arXiv 2507.19849 sec. 3.1), it
                          decides with Delta H = H_t - H_init whether to spawn up to Z - 1 children,
-                         which sample again from the node;
+                         which sample again from the node. Where such a decision can create a
+                         child, step 1 stops the row right there (a per-row token limit) and ends
+                         the generate call when all such rows have stopped; after the decisions a
+                         second call finishes the round, the children included: they start in
+                         their parent's decision round, w tokens after the result;
        [branch penalty]  AEPO: the probability falls with l, the path's streak of branching steps;
        [pre-monitoring]  AEPO: when a question's probe ends, its entropies set the global budget m.
   4. Run the tool calls in parallel threads; append each result (loss mask 0): a new node.
@@ -253,20 +257,9 @@ class _Sampler:
         rows = self._start([q for q in range(len(prompts)) for _ in range(n_start)])
         while rows:
             res.rounds += 1
-            # 1. generate one segment for every row
-            t0 = time.perf_counter()
-            room = max(cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)
-            segments = self.engine.generate(max(1, min(cfg.segment_tokens, room)),
-                                            tails=[r.traj.response_ids[r.seg_start:] for r in rows])
-            res.generate_s += time.perf_counter() - t0
-            # 2. record the tokens; finish the row or queue its tool call
-            for row, segment in zip(rows, segments):
-                row.in_engine += len(segment.tokens)
-                self._record(row, segment)
-            # 3. [branching] a row whose first w tokens after its last tool result are in decides
-            #    there (paper); its children start again from right after that result
-            children = ({b: self._branch(row) for b, row in enumerate(rows) if self._ready(row)}
-                        if self.after_result else {})
+            # 1-3. every row samples one segment, recorded as it comes; the branch decisions due
+            #      are made after the first w tokens past the node, and children join at once
+            rows, children = self._sample_round(rows)
             # 4. run the tools in parallel; each result joins its trajectory with loss mask 0
             self._run_tools([row for row in rows if row.call])
             if not self.after_result:          # released order: decide as the result arrives
@@ -286,6 +279,57 @@ class _Sampler:
         res.prefill_tokens = self.engine.prefill_tokens
         res.generated_tokens = self.engine.generated_tokens
         return res
+
+    def _sample_round(self, rows: list[Row]) -> tuple[list[Row], dict[int, list[Row]]]:
+        """Steps 1-3: every row samples a segment of up to n tokens (fewer where it stops).
+        [branching] Under the paper's rule a decision at a node is due once the row has the first
+        w tokens after it. When a due decision can create children, the round is cut there: each
+        row at a node stops after those w tokens (or sooner, at its segment's end), and the call
+        ends when all of them have stopped, cutting the other rows there; the decisions are made
+        and the children join from their node; a second generate call samples the rest of the
+        round, each row up to its n tokens (a child: a whole segment). So a child starts in its
+        parent's decision round, not the round after. No row's tokens change, only the call they
+        come from. Returns the rows and the children of decisions made at the round's end."""
+        n = max(1, min(self.cfg.segment_tokens,
+                       max(self.cfg.max_response_tokens - len(r.traj.response_ids) for r in rows)))
+        for row in rows:
+            row.traj.rounds += 1
+        stops = [min(n, self._to_window(row)) for row in rows]          # n for a row at no node
+        cut = max((s for s, row in zip(stops, rows) if row.node), default=n)
+        used = {}                                       # id(row) -> tokens sampled this round
+        if self.after_result and cut < n and any(map(self._may_branch, rows)):
+            used = self._generate(rows, stops, until=[row.node is not None for row in rows])
+            children = self._decide(rows)
+            rows = self._keep(rows, children)
+            for child in (c for cs in children.values() for c in cs):
+                child.traj.rounds += 1                  # its first segment is in this round
+        left = [0 if row.call else n - used.get(id(row), 0) for row in rows]
+        if not any(left):
+            return rows, {}
+        self._generate(rows, left)
+        return rows, self._decide(rows)
+
+    def _generate(self, rows: list[Row], limits: list[int],
+                  until: list[bool] | None = None) -> dict[int, int]:
+        """1. One generate call: row b samples up to limits[b] tokens (0: none); the call ends once
+        the rows marked in `until` have stopped. 2. Record the tokens; finish the row or queue its
+        tool call. Returns the tokens each row sampled, by id(row)."""
+        t0 = time.perf_counter()
+        segments = self.engine.generate(max(limits), limits=limits, until=until,
+                                        tails=[r.traj.response_ids[r.seg_start:] for r in rows])
+        self.res.generate_s += time.perf_counter() - t0
+        for row, segment, limit in zip(rows, segments, limits):
+            row.in_engine += len(segment.tokens)
+            if limit:
+                self._record(row, segment)
+        return {id(row): len(segment.tokens) for row, segment in zip(rows, segments)}
+
+    def _decide(self, rows: list[Row]) -> dict[int, list[Row]]:
+        """3. [branching] Under the paper's rule, a row whose first w tokens after its last tool
+        result are in decides there; its children start again from right after that result."""
+        if not self.after_result:
+            return {}
+        return {b: self._branch(row) for b, row in enumerate(rows) if self._ready(row)}
 
     def _keep(self, rows: list[Row], children: dict[int, list[Row]]) -> list[Row]:
         """The engine keeps the live rows, each followed by its children (copies of its engine
@@ -307,7 +351,6 @@ class _Sampler:
     # -- 2. recording a segment --------------------------------------------------------------------
     def _record(self, row: Row, seg: Segment) -> None:
         cfg, t = self.cfg, row.traj
-        t.rounds += 1
         room = cfg.max_response_tokens - len(t.response_ids)
         cut = len(seg.tokens) > room
         n = min(room, len(seg.tokens))
@@ -397,6 +440,19 @@ class _Sampler:
                                                     self.cfg.beta)
         question.m, question.globals_due = s.m, s.m - 1
         question.opened = self.res.rounds
+
+    def _may_branch(self, row: Row) -> bool:
+        """Can the decision at the row's node create a child: branching, the budget known, room
+        under k?"""
+        q = self.questions[row.traj.question_idx]
+        return (row.node is not None and self.cfg.branching and self.cfg.branch_z > 1
+                and q.m is not None and q.started < self.cfg.k)
+
+    def _to_window(self, row: Row) -> float:
+        """Tokens the row samples before the decision at its node is due (inf: no node)."""
+        if row.node is None:
+            return float("inf")
+        return self.cfg.entropy_window - (len(row.traj.response_ids) - row.node.at)
 
     def _ready(self, row: Row) -> bool:
         """Is the decision at row.node due? The paper's rule (ARPO sec. 3.1): once the first w

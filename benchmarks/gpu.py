@@ -55,8 +55,9 @@ def gib(n_bytes: float) -> float:
 
 class ForcedCalls:
     """The engine verbs (engine.py) around another engine: a row's segment that did not stop ends
-    with a search call after at most n - len(call) sampled tokens (up to `calls` per row), and its
-    recorded entropies are scaled up with the row's calls so far (AEPO then branches)."""
+    with a search call after at most limit - len(call) sampled tokens (up to `calls` per row, the
+    limit being the row's token limit for the call), and its recorded entropies are scaled up with
+    the row's calls so far (AEPO then branches)."""
 
     def __init__(self, inner, tokenizer, calls: int):
         self.inner, self.calls, self.made = inner, calls, []
@@ -74,11 +75,13 @@ class ForcedCalls:
         self.made = [self.made[i] for i in index]
         self.inner.select(index)
 
-    def generate(self, n, tails):
-        segments = self.inner.generate(max(1, n - len(self.call)), tails)
+    def generate(self, n, tails, limits=None, until=None):
+        limits = limits or [n] * len(tails)
+        inner = [max(1, limit - len(self.call)) if limit else 0 for limit in limits]
+        segments = self.inner.generate(max(inner), tails, inner, until)
         for b, seg in enumerate(segments):
             seg.entropy = [h * (1 + self.made[b]) for h in seg.entropy]
-            if seg.stop is None and self.made[b] < self.calls and n > len(self.call):
+            if seg.stop is None and self.made[b] < self.calls and limits[b] > len(self.call):
                 seg.tokens += self.call
                 seg.logp += [0.0] * len(self.call)
                 seg.entropy += [0.0] * len(self.call)

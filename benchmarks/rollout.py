@@ -26,6 +26,9 @@ Columns:
                   batch included; counted by a forward hook) per sampled token
   tool s          time during which at least one tool call was running (calls run in parallel
                   threads)
+  rounds / calls  the sampler's rounds (every live row samples one segment per round) and the
+                  model's generate calls (naive: one per row and round; a round in which a branch
+                  decision is due takes two calls: up to the decision, then the rest)
   peak RSS        resident-set high-water mark of the timed rollout alone (kernel VmHWM, reset after
                   the warm-up via /proc/self/clear_refs; else getrusage's ru_maxrss); growth over
                   its start
@@ -131,6 +134,12 @@ def worker(args) -> dict:
     count = lambda module, args_, kwargs: positions.__setitem__(
         0, positions[0] + kwargs["input_ids"].numel())
     model.register_forward_pre_hook(count, with_kwargs=True)
+    calls, generate = [0], model.generate
+
+    def counted_generate(*a, **kw):
+        calls[0] += 1
+        return generate(*a, **kw)
+    model.generate = counted_generate
     heldout = world.load_examples("world:heldout")
     questions = [e.question for e in heldout[:args.questions]]
     warm = [e.question for e in heldout[args.questions:args.questions + 2]]
@@ -147,7 +156,7 @@ def worker(args) -> dict:
     walls = []
     for _ in range(args.repeats):            # identical greedy runs; the median wall is reported
         spans.clear()
-        positions[0] = 0
+        positions[0] = calls[0] = 0
         t0 = time.perf_counter()
         res = run(questions)
         walls.append(time.perf_counter() - t0)
@@ -157,6 +166,7 @@ def worker(args) -> dict:
     return {"wall_s": wall, "walls": walls, "generated": res.generated_tokens,
             "prefill": res.prefill_tokens,
             "positions": positions[0], "tool_calls": len(spans), "tool_s": busy_seconds(spans),
+            "rounds": res.rounds, "calls": calls[0],
             "peak_mb": peak, "rss_start_mb": rss_start,
             "peak_method": "VmHWM" if reset_ok else "ru_maxrss",
             "branches": sum(s.n_branch for s in res.stats),
@@ -184,6 +194,7 @@ def main() -> None:
     p.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)   # internal: one measurement
     p.add_argument("--setting", choices=list(SETTINGS), help=argparse.SUPPRESS)
     args = p.parse_args()
+    shown = Path(os.path.abspath(args.model))      # as given (a link into .cache/ stays one)
     args.model = str(Path(args.model).resolve())
     if not (Path(args.model) / "config.json").exists():
         sys.exit(f"--model {args.model}: no model there. Run `python train.py "
@@ -192,7 +203,7 @@ def main() -> None:
     if args.worker:
         return print(json.dumps(worker(args)))
 
-    results = {}
+    results, load = {}, [os.getloadavg()[0]]
     for setting in args.settings:
         for mode in MODES:
             cmd = [sys.executable, __file__, "--worker", mode, "--setting", setting,
@@ -207,9 +218,10 @@ def main() -> None:
             print(f"{setting}/{mode}: {tps(r):.0f} tok/s in {r['wall_s']:.1f}s", file=sys.stderr,
                   flush=True)
 
+    load.append(os.getloadavg()[0])
     rows = ["| setting | mode | generated | wall s (range) | gen tok/s | vs naive | prefill/gen "
-            "| positions/gen | branches | tool calls | tool s | peak RSS MB (growth) "
-            "| greedy = naive |", "|---" * 13 + "|"]
+            "| positions/gen | rounds / calls | branches | tool calls | tool s "
+            "| peak RSS MB (growth) | greedy = naive |", "|---" * 14 + "|"]
     notes = []
     for s in args.settings:
         R = {m: results[s, m] for m in MODES}
@@ -222,7 +234,8 @@ def main() -> None:
                         f"| {r['wall_s']:.2f} ({min(r['walls']):.2f}-{max(r['walls']):.2f}) "
                         f"| {tps(r):.0f} | {tps(r) / tps(R['naive']):.2f}x "
                         f"| {r['prefill'] / r['generated']:.2f} "
-                        f"| {r['positions'] / r['generated']:.2f} | {r['branches']} "
+                        f"| {r['positions'] / r['generated']:.2f} | {r['rounds']} / {r['calls']} "
+                        f"| {r['branches']} "
                         f"| {r['tool_calls']} | {r['tool_s']:.3f} "
                         f"| {r['peak_mb']:.0f} (+{r['peak_mb'] - r['rss_start_mb']:.0f}) "
                         f"| {same} |")
@@ -236,11 +249,14 @@ def main() -> None:
                      "(branch children copy it with the parent's cache), and one re-fed token per "
                      "segment continued")
     head = "aepo" if "aepo" in args.settings else args.settings[0]
-    model = Path(args.model)
     report = [f"# Rollout throughput: naive vs batched vs tree (last line: {SETTINGS[head]})", "",
               f"Machine: {machine()}; torch threads {args.threads}; "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; code {code_version()}", "",
-              f"Model {model.relative_to(ROOT) if model.is_relative_to(ROOT) else model}; "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; code {code_version()}; "
+              f"load average (1 min) {load[0]:.1f} at the start, {load[1]:.1f} at the end, on "
+              f"{os.cpu_count()} cores (above the core count, other jobs shared the CPU and the "
+              "walls are slower and noisier; the ratios between modes of one run still compare)",
+              "",
+              f"Model {shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown}; "
               f"{args.questions} held-out world questions x k={args.k}; seed 0, greedy; "
               f"tiny Config budgets; median wall of {args.repeats} "
               f"timed runs; peak RSS by "

@@ -24,8 +24,8 @@ def play(engine, script):
     """Apply a list of verbs; return every segment generated, as (tokens, logp, entropy) per row."""
     out = []
     for verb, *args in script:
-        if verb == "generate":
-            segs = engine.generate(args[0], tails=[[] for _ in range(engine_rows(engine))])
+        if verb == "generate":              # ("generate", n[, limits[, until]])
+            segs = engine.generate(*args[:1], [[] for _ in range(engine_rows(engine))], *args[1:])
             out.append([(s.tokens, s.logp, s.entropy) for s in segs])
         else:
             getattr(engine, verb)(*args)
@@ -63,6 +63,36 @@ def test_cached_engine_equals_reencoding_under_every_verb(monkeypatch, chunk):
             torch.testing.assert_close(torch.tensor(lp), torch.tensor(lp_ref), atol=1e-5, rtol=0)
             torch.testing.assert_close(torch.tensor(h), torch.tensor(h_ref), atol=1e-5, rtol=0)
     assert cached.prefill_tokens < reference.prefill_tokens
+
+
+@torch.no_grad()
+def test_cached_engine_equals_reencoding_when_rows_stop_at_their_own_limits():
+    """Rows of one call that stop at different steps by their own limits (0: a row that waits for
+    a tool is fed nothing), and a call that ends once a chosen row has stopped, cutting the others:
+    each row then goes on from where it really stopped, a branch copy too."""
+    tok = toy_tokenizer()
+    model = model_(len(tok))
+    sampling = Sampling.make(tok, greedy=True)
+    sampling.eos_ids, sampling.tag_ids, sampling.tag_strings = [], [], []
+    a, b, c = list(range(5, 12)), [12, 13, 14], list(range(15, 25))
+    script = [("add", [a, b, c]), ("generate", 6, [2, 6, 0]),
+              ("append", 2, [30, 31]),                        # row 2's tool result arrives
+              ("generate", 6, [6, 0, 4], [False, False, True]),   # row 2's stop ends the call
+              ("select", [0, 0, 1, 2]), ("rewind", 1, 3),     # row 0 branches 3 tokens back
+              ("generate", 5, [1, 5, 0, 3]), ("generate", 3)]
+    cached = CachedEngine(model, sampling)
+    got, want = play(cached, script), play(ReencodeEngine(model, sampling), script)
+    assert [[len(s[0]) for s in r] for r in got] == [[2, 6, 0], [4, 0, 4], [1, 5, 0, 3],
+                                                     [3, 3, 3, 3]]
+    # prompts but their last token (6 + 2 + 9), then per call what is fed: the last prompt tokens
+    # (3); a re-fed token and row 2's result (1 + 2); one re-fed token per row allowed to sample
+    # (3, then 4). A row waiting at limit 0 is fed nothing.
+    assert cached.prefill_tokens == 17 + 3 + 3 + 3 + 4
+    assert [[s[0] for s in r] for r in got] == [[s[0] for s in r] for r in want]
+    for round_got, round_want in zip(got, want):
+        for (_, lp, h), (_, lp_ref, h_ref) in zip(round_got, round_want):
+            torch.testing.assert_close(torch.tensor(lp), torch.tensor(lp_ref), atol=1e-5, rtol=0)
+            torch.testing.assert_close(torch.tensor(h), torch.tensor(h_ref), atol=1e-5, rtol=0)
 
 
 @torch.no_grad()

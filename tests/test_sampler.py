@@ -11,8 +11,10 @@ import random
 import pytest
 
 import fakes
+import rollout as rollout_module
 from aepo import Config, global_budget
 from fakes import ScriptedPolicy, ids, qwen3_tokenizer, toy_tokenizer
+from kvcache import CachedEngine
 from rollout import (Question, QuestionStats, _Sampler, budget_from_probe, n_children, next_streak,
                      rollout, wants_restart)
 from tools import result_block
@@ -110,8 +112,9 @@ def test_branching_follows_the_entropy_after_the_tool_result(tok, where, checked
     """ARPO with tau = 0 and a steep gamma: a decision branches iff Delta H > 0. The root is
     confident (E0), the segment after result 1 uncertain (E1 > E0), the rest confident again.
     The paper's rule measures H_t after result t: it branches at call 1 (Delta H = E1 - E0), the
-    child restarts right after result 1 and shares the root's H_init. The released order measures
-    the segment that made the call: Delta H = 0 at call 1 and E1 - E0 at call 2."""
+    child restarts right after result 1, in the same round, and shares the root's H_init; it then
+    keeps step with the root (their decisions at calls 2 and 3 come in pairs). The released order
+    measures the segment that made the call: Delta H = 0 at call 1 and E1 - E0 at call 2."""
     ps = [[0.97] * 4, [0.5] * 4, [0.97] * 4, [0.97] * 4]
     model = ScriptedPolicy(tok, entropy_script(tok, ps))
     cfg = cfg_with(k=8, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=False,
@@ -125,7 +128,7 @@ def test_branching_follows_the_entropy_after_the_tool_result(tok, where, checked
     # (source, call, Delta H, l, children) in the order made; l is the source path's streak
     if where == "after_result":
         want = [(root.traj_id, 1, e[1] - e[0], 0, 1), (root.traj_id, 2, 0.0, 1, 0),
-                (root.traj_id, 3, 0.0, 0, 0), (child.traj_id, 2, 0.0, 1, 0),
+                (child.traj_id, 2, 0.0, 1, 0), (root.traj_id, 3, 0.0, 0, 0),
                 (child.traj_id, 3, 0.0, 0, 0)]
         node = 1
     else:
@@ -146,6 +149,77 @@ def test_branching_follows_the_entropy_after_the_tool_result(tok, where, checked
     assert child.rounds == root.rounds == 4 and child.finish == root.finish == "eos"
     for t in real:
         assert t.seg_entropy == pytest.approx(e, abs=1e-6)
+
+
+class CallLog:
+    """An engine that records each generate call: (limits, until, tokens each row sampled)."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def generate(self, n, tails, limits=None, until=None):
+        segments = self.inner.generate(n, tails, limits, until)
+        self.calls.append((limits, until, [len(s.tokens) for s in segments]))
+        return segments
+
+
+def test_children_start_in_the_round_of_their_parents_decision(tok, checked_rollout,
+                                                                 monkeypatch):
+    """ARPO that always branches, w = 4, segments of n = 24 tokens. Round 1: Q1 and Q3 call a
+    tool, Q2 thinks on. Round 2: Q1 and Q3 are at a node. The first call stops each of them after
+    exactly w tokens (Q3 sooner where its next call is shorter: it then waits for its tool) and
+    ends when both have stopped, cutting Q2 at the same step; both branch; in a second call of the
+    same round each child samples a whole segment from its node while the others finish theirs
+    (n - w tokens)."""
+    logs = []
+    monkeypatch.setitem(rollout_module.ENGINES, "cached",
+                        lambda model, sampling: logs.append(CallLog(CachedEngine(model, sampling)))
+                        or logs[-1])
+    call, answer = ids(tok, "<search> x </search>"), ids(tok, " a" * 8 + " <answer> y </answer>")
+    think = ids(tok, " b" * 30 + " <search> z </search>")
+    model = ScriptedPolicy(tok, {"Q1": [call, answer], "Q2": [think, answer],
+                                 "Q3": [call, call, answer]})
+    cfg = cfg_with(k=2, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=False,
+                   tau=1.0, gamma=0.0, entropy_window=4, segment_tokens=24, max_rounds=12)
+    res = checked_rollout(model, ["Q1?", "Q2?", "Q3?"], cfg)
+    calls = logs[0].calls
+    assert calls[0] == ([24] * 3, None, [len(call), 24, len(call)])
+    q3 = min(4, len(call))                    # Q3's tokens in the first call of round 2
+    assert calls[1] == ([4, 24, 4], [True, False, True], [4, 4, q3])
+    q3_left = 0 if q3 == len(call) else 20    # its call came before w tokens: it samples no more
+    assert calls[2] == ([20, 24, 20, q3_left, 24], None,
+                        [min(20, len(answer) - 3), min(24, len(answer) + 1),    # Q1, its child
+                         min(20, len(think) - 28),                             # Q2
+                         min(q3_left, len(call) - q3), min(24, len(call))])    # Q3, its child
+    q1, child = [t for t in res.trajectories if t.question_idx == 0]
+    assert child.parent_id == q1.traj_id and not child.is_duplicate
+    assert child.response_ids == q1.response_ids and child.rounds == q1.rounds == 2
+    # where no decision can create a child (a GRPO chain; no room left under k), a round is one
+    # call: nothing is cut
+    for rules in (dict(CHAIN, k=1), dict(k=1)):
+        res = checked_rollout(model, ["Q1?", "Q2?", "Q3?"], dataclasses.replace(cfg, **rules))
+        assert len(logs[-1].calls) == res.rounds and all(c[1] is None for c in logs[-1].calls)
+
+
+def test_a_decision_is_due_w_tokens_after_the_node_across_rounds(monkeypatch):
+    """w = 6, segments of 4 tokens: round 2 samples 4 tokens after the result (no decision yet);
+    round 3 stops the row after 2 more, decides, and the child joins that round."""
+    tok = toy_tokenizer()
+    logs = []
+    monkeypatch.setitem(rollout_module.ENGINES, "cached",
+                        lambda model, sampling: logs.append(CallLog(CachedEngine(model, sampling)))
+                        or logs[-1])
+    call, answer = ids(tok, "<search> x </search>"), ids(tok, " a" * 8 + " <answer> y </answer>")
+    assert len(call) <= 4                    # the call is round 1's segment
+    cfg = cfg_with(k=2, global_rollouts=1, branching=True, pre_monitor=False, branch_penalty=False,
+                   tau=1.0, gamma=0.0, entropy_window=6, segment_tokens=4, max_rounds=12)
+    fakes.checked_rollout(ScriptedPolicy(tok, [call, answer]), tok, ["Q?"], TOOLS, cfg, seed=0,
+                          system_prompt="sys")
+    assert logs[0].calls[:4] == [([4], None, [len(call)]), ([4], None, [4]), ([2], [True], [2]),
+                                 ([2, 4], None, [2, 4])]
 
 
 def streak_run(tok, segment_tokens):
