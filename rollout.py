@@ -498,11 +498,12 @@ class _Sampler:
             question.globals_due = 0
         return new
 
-    def _start(self, qs: list[int]) -> list[Row]:
+    def _start(self, question_ids: list[int]) -> list[Row]:
+        """A new global trajectory for each question index (one per occurrence)."""
         rows = [Row(Trajectory(question_idx=q, prompt_ids=list(self.questions[q].prompt),
-                               traj_id=self._new_id())) for q in qs]
-        self.engine.add([self.questions[q].prompt for q in qs])
-        for q in qs:
+                               traj_id=self._new_id())) for q in question_ids]
+        self.engine.add([self.questions[q].prompt for q in question_ids])
+        for q in question_ids:
             self.res.stats[q].n_global += 1
             self._count_start(q)
         return rows
