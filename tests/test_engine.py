@@ -160,18 +160,23 @@ def three_rows(tok):
             [prompt(tok, q + "?") for q in scripts], scripts)
 
 
+def three_row_engine(name: str):
+    """(tokenizer, engine of kind `name` holding three_rows' prompts, the three scripts)."""
+    tok = toy_tokenizer(tags_are_tokens=False)
+    model, prompts, scripts = three_rows(tok)
+    rows_per_call = {"naive": 1}.get(name)
+    eng = (ReencodeEngine(model, Sampling.make(tok, greedy=True), rows_per_call)
+           if name != "cached" else CachedEngine(model, Sampling.make(tok, greedy=True)))
+    eng.add(prompts)
+    return tok, eng, list(scripts.values())
+
+
 @pytest.mark.parametrize("name", ["cached", "reencode", "naive"])
 def test_each_row_stops_at_its_own_limit_and_goes_on_in_the_next_call(name):
     """Per-row limits [2, 0, 60]: row 0 samples 2 tokens (no stop reason: its segment goes on),
     row 1 none at all (a row waiting for a tool), row 2 reaches its EOS first. The next call
     continues rows 0 and 1 exactly where they were, and samples nothing for row 2 (limit 0)."""
-    tok = toy_tokenizer(tags_are_tokens=False)
-    model, prompts, scripts = three_rows(tok)
-    q1, q2, q3 = scripts.values()
-    rows_per_call = {"naive": 1}.get(name)
-    eng = (ReencodeEngine(model, Sampling.make(tok, greedy=True), rows_per_call)
-           if name != "cached" else CachedEngine(model, Sampling.make(tok, greedy=True)))
-    eng.add(prompts)
+    tok, eng, (q1, q2, q3) = three_row_engine(name)
     first = eng.generate(60, tails=[[]] * 3, limits=[2, 0, 60])
     assert [(s.tokens, s.stop) for s in first] == [(q1[:2], None), ([], None),
                                                     (q3 + [tok.eos_token_id], "eos")]
@@ -186,13 +191,7 @@ def test_a_call_ends_once_the_rows_it_waits_for_have_stopped(name):
     """`until` marks row 0 (say, a row whose branch decision is due after 2 tokens): once it has
     stopped, the call ends and the other rows are cut at the same step. A call with no such row
     (each row alone, naive) runs every row to its own stop."""
-    tok = toy_tokenizer(tags_are_tokens=False)
-    model, prompts, scripts = three_rows(tok)
-    q1, q2, q3 = scripts.values()
-    rows_per_call = {"naive": 1}.get(name)
-    eng = (ReencodeEngine(model, Sampling.make(tok, greedy=True), rows_per_call)
-           if name != "cached" else CachedEngine(model, Sampling.make(tok, greedy=True)))
-    eng.add(prompts)
+    tok, eng, (q1, q2, q3) = three_row_engine(name)
     segs = eng.generate(60, tails=[[]] * 3, limits=[2, 60, 60], until=[True, False, False])
     if name == "naive":
         want = [(q1[:2], None), (q2, "tag"), (q3 + [tok.eos_token_id], "eos")]
