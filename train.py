@@ -338,4 +338,5 @@ def job(cfg: Config) -> None:
             print(report.before_after(before, after, cfg, run))
         accelerator.wait_for_everyone()
     if main_process:
-        print(f"run folder: {run}")
+        shown = [name for name in ("curves.png", "report.md") if (run / name).exists()]
+        print(f"run folder: {run}" + (f" ({', '.join(shown)})" if shown else ""))

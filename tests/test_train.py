@@ -45,6 +45,7 @@ def test_smoke_run_writes_everything(tmp_path, algo):
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 2/2 | reward" in out.stdout and "after RL" in out.stdout
+    assert out.stdout.splitlines()[-1] == f"run folder: {run} (curves.png, report.md)"
     for name in ("config.json", "metrics.jsonl", "curves.png", "samples.jsonl", "report.md",
                  "sft/model.safetensors", "checkpoint-1/adapter_model.safetensors",
                  "checkpoint-1/state.pt", "eval-sft/summary.json", "eval-rl/examples.jsonl"):
