@@ -219,8 +219,8 @@ PRESETS: dict[str, dict] = {
     "class": dict(init_from="cached-sft", sft_dataset="", steps=40, token_budget=60_000,
                   save_every=40, sample_every=5, mini_batches=8, epochs=3, lr=5e-4),
     # A real pretrained LM on a CPU (benchmarks/smollm2.py; README: a real LM): SmolLM2-135M-Instruct,
-    # a short LoRA SFT, then RL at a rate that keeps its format (1e-3 broke it within 2 steps); an
-    # estimated 45 min a seed on a free core (85-90 min measured with the cores shared); one search
+    # a short LoRA SFT, then RL at a rate that keeps its format (1e-3 broke it within 2 steps);
+    # 46-47 min a seed, two seeds at once on 2 cores (cores partly shared); one search
     # page per call keeps responses under 384 tokens
     "smollm2-135m": dict(model="smollm2-135m", system_prompt="short", top_k=1, sft_demos=400,
                          sft_steps=32, sft_batch=4, sft_lr=3e-3, steps=12, questions_per_step=4,
