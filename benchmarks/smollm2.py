@@ -66,12 +66,13 @@ def copies_name(answer: dict) -> bool:
     return bool(queries) and queries[0].strip() in answer["question"]
 
 
-def by_kind(folder: Path) -> dict[str, dict]:
-    """Per question kind: Pass@1, searched, copied name, Python (arithmetic only), answers."""
+def by_kind(graded: list[dict]) -> dict[str, dict]:
+    """Per question kind of graded answers (answers()): Pass@1, searched, copied name, Python
+    (arithmetic only), answers."""
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")
     out = {}
     for kind in KINDS:
-        rows = [a for a in answers(folder) if a["kind"] == kind]
+        rows = [a for a in graded if a["kind"] == kind]
         out[kind] = dict(n=len(rows), pass1=mean([a["correct"] for a in rows]),
                          searched=mean([a["search_calls"] > 0 for a in rows]),
                          copied=mean([copies_name(a) for a in rows]),
@@ -108,7 +109,8 @@ def seed_lines(seed: int, run: Path) -> tuple[list[str], dict]:
     before = json.loads((run / "eval-sft" / "summary.json").read_text())
     after = json.loads((run / "eval-rl" / "summary.json").read_text())
     rl_texts = [json.loads(line)["text"] for line in open(run / "samples.jsonl")]
-    kinds = {"SFT start": by_kind(run / "eval-sft"), "after RL": by_kind(run / "eval-rl")}
+    graded = {name: answers(run / f"eval-{name}") for name in ("sft", "rl")}
+    kinds = {"SFT start": by_kind(graded["sft"]), "after RL": by_kind(graded["rl"])}
     lines = [f"## Seed {seed}: {run_minutes(run):.1f} min from the first line to the held-out "
              f"table, SFT loss {sft[0]['loss']:.2f} -> {sft[-1]['loss']:.2f} over {len(sft)} steps",
              "", f"| held-out (n = {before['n']} x {before['runs']} runs) | Pass@1 | format failures"
@@ -125,9 +127,9 @@ def seed_lines(seed: int, run: Path) -> tuple[list[str], dict]:
             lines.append(f"| {kind} ({name}) | {k['n']} | {k['pass1']:.3f} | {k['searched']:.2f} "
                          f"| {k['copied']:.2f} | {py} | {k['format_fail']:.2f} |")
     lines += ["", "| responses | n | tool calls attempted | executed |", "|---|---|---|---|"]
-    for name, texts in (("held-out, SFT start", [a["text"] for a in answers(run / "eval-sft")]),
+    for name, texts in (("held-out, SFT start", [a["text"] for a in graded["sft"]]),
                         ("RL rollouts (samples.jsonl)", rl_texts),
-                        ("held-out, after RL", [a["text"] for a in answers(run / "eval-rl")])):
+                        ("held-out, after RL", [a["text"] for a in graded["rl"]])):
         count, attempted, executed = tally(texts)
         lines.append(f"| {name} | {count} | {attempted} | {executed} |")
     lines += ["", "| RL step | seconds | reward | acc | entropy | search calls | python calls |",
